@@ -1,0 +1,243 @@
+"""Configuration: ``agentkeel.toml``, validated with JSON Schema.
+
+Found, in order: the path given (``--config``), ``$AGENTKEEL_CONFIG``,
+``./agentkeel.toml``; otherwise the embedded defaults (``default_config.toml``),
+which define a ``demo`` principal so the demo runs offline out of the box.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import jsonschema
+import platformdirs
+
+from agentkeel.errors import ConfigError
+from agentkeel.types import ISOLATIONS, Principal
+
+CONFIG_FILENAME = "agentkeel.toml"
+
+_NUMBER = {"type": "number"}
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+CONFIG_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "home": {"type": "string"},
+        "principals": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["permissions"],
+                "properties": {
+                    "permissions": _STRINGS,
+                    "tools": _STRINGS,
+                    "constraints": {
+                        "type": "object",
+                        "additionalProperties": {"type": "object"},
+                    },
+                },
+            },
+        },
+        "models": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "base_url": {"type": "string"},
+                "timeout_s": _POSITIVE,
+                "tiers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "model"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "model": {"type": "string", "minLength": 1},
+                            "max_tokens": {"type": "integer", "minimum": 1},
+                            "temperature": _NUMBER,
+                        },
+                    },
+                },
+            },
+        },
+        "budget": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"default_usd": {"type": "number", "minimum": 0}},
+        },
+        "tools": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "timeout": _POSITIVE,
+                    "rate_limit": _POSITIVE,
+                    "isolation": {"enum": list(ISOLATIONS)},
+                },
+            },
+        },
+        "prices": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["input_per_mtok", "output_per_mtok"],
+                "properties": {
+                    "input_per_mtok": {"type": "number", "minimum": 0},
+                    "output_per_mtok": {"type": "number", "minimum": 0},
+                },
+            },
+        },
+        "breaker": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "failure_threshold": {"type": "integer", "minimum": 1},
+                "reset_after_s": _POSITIVE,
+            },
+        },
+        "retry": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_attempts": {"type": "integer", "minimum": 1},
+                "base_delay_s": {"type": "number", "minimum": 0},
+                "max_delay_s": {"type": "number", "minimum": 0},
+            },
+        },
+        "sandbox": {"type": "object"},
+        "plugins": {"type": "object", "additionalProperties": {"type": "object"}},
+    },
+}
+
+_VALIDATOR = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
+
+
+@attrs.frozen
+class ModelTier:
+    name: str
+    model: str
+    max_tokens: int = 1024
+    temperature: float = 0.0
+
+
+@attrs.frozen
+class Config:
+    """The validated configuration. ``raw`` keeps the parsed document for plugins."""
+
+    raw: Mapping[str, Any]
+    source: str
+    home: Path
+    principals: Mapping[str, Principal]
+    tiers: tuple[ModelTier, ...]
+    default_budget_usd: float
+    tool_overrides: Mapping[str, Mapping[str, Any]]
+    prices: Mapping[str, Mapping[str, float]]
+    base_url: str | None = None
+    llm_timeout_s: float = 60.0
+    failure_threshold: int = 5
+    reset_after_s: float = 30.0
+    max_attempts: int = 3
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    @property
+    def is_embedded_default(self) -> bool:
+        return self.source == "<embedded defaults>"
+
+    def section(self, *path: str) -> Mapping[str, Any]:
+        """A free-form section such as ``section("sandbox", "docker")`` ({} when absent)."""
+        node: Any = self.raw
+        for key in path:
+            node = node.get(key, {}) if isinstance(node, Mapping) else {}
+        return node if isinstance(node, Mapping) else {}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Config:
+        errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
+        if errors:
+            lines = [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
+            raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines))
+        principals = {
+            name: Principal(
+                name=name,
+                permissions=frozenset(p["permissions"]),
+                tools=frozenset(p["tools"]) if "tools" in p else None,
+                constraints=dict(p.get("constraints", {})),
+            )
+            for name, p in data.get("principals", {}).items()
+        }
+        for name, p in data.get("principals", {}).items():
+            for tool_name, props in p.get("constraints", {}).items():
+                try:
+                    jsonschema.Draft202012Validator.check_schema({"type": "object", "properties": props})
+                except jsonschema.SchemaError as exc:
+                    raise ConfigError(
+                        f"invalid configuration in {source}: principals.{name}.constraints.{tool_name}: {exc.message}"
+                    ) from exc
+        models = data.get("models", {})
+        tier_names = [t["name"] for t in models.get("tiers", [])]
+        if len(set(tier_names)) != len(tier_names):
+            raise ConfigError(f"invalid configuration in {source}: models.tiers: tier names must be unique")
+        breaker = data.get("breaker", {})
+        retry = data.get("retry", {})
+        return cls(
+            raw=data,
+            source=source,
+            home=_home(data),
+            principals=principals,
+            tiers=tuple(ModelTier(**t) for t in models.get("tiers", [])),
+            default_budget_usd=float(data.get("budget", {}).get("default_usd", 1.0)),
+            tool_overrides=data.get("tools", {}),
+            prices=data.get("prices", {}),
+            base_url=models.get("base_url"),
+            llm_timeout_s=float(models.get("timeout_s", 60.0)),
+            failure_threshold=breaker.get("failure_threshold", 5),
+            reset_after_s=float(breaker.get("reset_after_s", 30.0)),
+            max_attempts=retry.get("max_attempts", 3),
+            base_delay_s=float(retry.get("base_delay_s", 0.2)),
+            max_delay_s=float(retry.get("max_delay_s", 5.0)),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> Config:
+        """Load the configuration from ``path`` or the usual places (see module docs)."""
+        candidate = path or os.environ.get("AGENTKEEL_CONFIG")
+        if candidate:
+            file = Path(candidate)
+            if not file.is_file():
+                raise ConfigError(f"configuration file {file} does not exist")
+        elif Path(CONFIG_FILENAME).is_file():
+            file = Path(CONFIG_FILENAME)
+        else:
+            text = resources.files("agentkeel").joinpath("default_config.toml").read_text()
+            return cls.from_dict(tomllib.loads(text), "<embedded defaults>")
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data, str(file))
+
+
+def _where(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _home(data: Mapping[str, Any]) -> Path:
+    env = os.environ.get("AGENTKEEL_HOME")
+    if env:
+        return Path(env)
+    if "home" in data:
+        return Path(data["home"]).expanduser()
+    return Path(platformdirs.user_data_dir("agentkeel"))

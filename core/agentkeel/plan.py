@@ -1,0 +1,290 @@
+"""Plans: the wire format planners produce, references, conditions and templates.
+
+Wire format (what an LLM or a template emits)::
+
+    {"reasoning": "...",
+     "steps": [{"description": "...", "tool_name": "lookup_order",
+                "tool_args": {"order_id": "1001"}},
+               {"description": "...", "tool_name": "issue_refund",
+                "tool_args": {"order_id": "1001", "amount": {"$ref": "/1/total"}},
+                "when": {"ref": "/1/status", "op": "eq", "value": "shipped"},
+                "expect": {"required": ["refund_id"]}}]}
+
+Steps are numbered from 1 in order. ``{"$ref": "/N/a/b"}`` is a JSON Pointer
+into the result of step N (which must come earlier). ``when`` is a condition:
+``{"ref", "op", "value"}`` with op in eq, ne, in, not_in, gt, ge, lt, le,
+exists, truthy; or ``{"all": [...]}``, ``{"any": [...]}``, ``{"not": {...}}``.
+Conditions are data evaluated here, never code. ``expect`` is a JSON Schema
+the step's result must satisfy.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import jsonschema
+
+from agentkeel.errors import PlanRejectedError
+from agentkeel.types import Plan, PlanStep
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "lt": operator.lt,
+    "le": operator.le,
+    "in": lambda a, b: a in b,
+    "not_in": lambda a, b: a not in b,
+}
+UNARY_OPERATORS = ("exists", "truthy")
+
+POINTER_PATTERN = r"^/[1-9][0-9]*(/.*)?$"
+
+CONDITION_SCHEMA: dict[str, Any] = {
+    "$defs": {
+        "cond": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["ref", "op"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "ref": {"type": "string", "pattern": POINTER_PATTERN},
+                        "op": {"enum": [*OPERATORS, *UNARY_OPERATORS]},
+                        "value": {},
+                    },
+                },
+                {
+                    "type": "object",
+                    "required": ["all"],
+                    "additionalProperties": False,
+                    "properties": {"all": {"type": "array", "items": {"$ref": "#/$defs/cond"}}},
+                },
+                {
+                    "type": "object",
+                    "required": ["any"],
+                    "additionalProperties": False,
+                    "properties": {"any": {"type": "array", "items": {"$ref": "#/$defs/cond"}}},
+                },
+                {
+                    "type": "object",
+                    "required": ["not"],
+                    "additionalProperties": False,
+                    "properties": {"not": {"$ref": "#/$defs/cond"}},
+                },
+            ]
+        }
+    },
+    "$ref": "#/$defs/cond",
+}
+
+
+def plan_wire_schema(tool_names: Iterable[str] | None = None) -> dict[str, Any]:
+    """JSON Schema of the wire format; with ``tool_names``, ``tool_name`` is an enum."""
+    tool_name: dict[str, Any] = {"type": "string", "minLength": 1}
+    names = sorted(tool_names) if tool_names is not None else None
+    if names:
+        tool_name = {"enum": names}
+    return {
+        "type": "object",
+        "required": ["reasoning", "steps"],
+        "additionalProperties": False,
+        "properties": {
+            "reasoning": {"type": "string"},
+            "steps": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["description", "tool_name", "tool_args"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "description": {"type": "string"},
+                        "tool_name": tool_name,
+                        "tool_args": {"type": "object"},
+                        "when": CONDITION_SCHEMA["$defs"]["cond"],
+                        "expect": {"type": "object"},
+                    },
+                },
+            },
+        },
+        "$defs": CONDITION_SCHEMA["$defs"],
+    }
+
+
+_WIRE_VALIDATOR = jsonschema.Draft202012Validator(plan_wire_schema())
+
+
+class RefError(LookupError):
+    """A reference points at a value that does not exist."""
+
+
+def _where(path: Iterable[Any]) -> str:
+    parts = list(path)
+    if len(parts) >= 2 and parts[0] == "steps":
+        rest = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in parts[2:])
+        return f"steps[{parts[1]}]{rest} (step {int(parts[1]) + 1})"
+    return "".join(f".{p}" for p in parts).lstrip(".") or "plan"
+
+
+def wire_errors(data: Any) -> list[str]:
+    """Every way ``data`` breaks the wire format, each naming the field."""
+    return [f"{_where(e.absolute_path)}: {e.message}" for e in _WIRE_VALIDATOR.iter_errors(data)]
+
+
+def parse_plan(data: Any, planner: str = "") -> Plan:
+    """Validate wire-format ``data`` and build a ``Plan``. Raises ``PlanRejectedError``."""
+    errors = wire_errors(data)
+    if errors:
+        raise PlanRejectedError(errors)
+    steps = []
+    for index, raw in enumerate(data["steps"], start=1):
+        args = raw["tool_args"]
+        when = raw.get("when")
+        depends = set(refs_in_args(args))
+        if when is not None:
+            depends.update(refs_in_condition(when))
+        steps.append(
+            PlanStep(
+                step_id=index,
+                tool_name=raw["tool_name"],
+                tool_args=args,
+                description=raw.get("description", ""),
+                when=when,
+                expect=raw.get("expect"),
+                depends_on=frozenset(depends),
+            )
+        )
+    return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner)
+
+
+def _pointer_step(pointer: str) -> int:
+    return int(pointer.split("/", 2)[1])
+
+
+def refs_in_args(value: Any) -> Iterable[int]:
+    """Step ids referenced by ``{"$ref": ...}`` anywhere inside ``value``."""
+    if isinstance(value, Mapping):
+        ref = value.get("$ref")
+        if isinstance(ref, str) and len(value) == 1:
+            if not re.match(POINTER_PATTERN, ref):
+                raise PlanRejectedError([f"bad reference {ref!r}: expected a pointer like '/1/field'"])
+            yield _pointer_step(ref)
+            return
+        for item in value.values():
+            yield from refs_in_args(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from refs_in_args(item)
+
+
+def refs_in_condition(cond: Mapping[str, Any]) -> Iterable[int]:
+    if "ref" in cond:
+        yield _pointer_step(cond["ref"])
+    for key in ("all", "any"):
+        for sub in cond.get(key, ()):
+            yield from refs_in_condition(sub)
+    if "not" in cond:
+        yield from refs_in_condition(cond["not"])
+
+
+def resolve_pointer(pointer: str, results: Mapping[int, Any]) -> Any:
+    """Follow ``/N/a/b`` into ``results`` (step id -> result). Raises ``RefError``."""
+    tokens = pointer.split("/")[1:]
+    step_id = int(tokens[0])
+    if step_id not in results:
+        raise RefError(f"{pointer}: step {step_id} has no result")
+    node = results[step_id]
+    for raw in tokens[1:]:
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            raise RefError(f"{pointer}: no {token!r} in the result of step {step_id}")
+    return node
+
+
+def resolve_args(value: Any, results: Mapping[int, Any]) -> Any:
+    """Replace every ``{"$ref": pointer}`` in ``value`` by the value it points at."""
+    if isinstance(value, Mapping):
+        ref = value.get("$ref")
+        if isinstance(ref, str) and len(value) == 1:
+            return resolve_pointer(ref, results)
+        return {k: resolve_args(v, results) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_args(v, results) for v in value]
+    return value
+
+
+def evaluate_condition(cond: Mapping[str, Any], results: Mapping[int, Any]) -> bool:
+    """Evaluate a declarative condition against earlier results. Raises ``RefError``
+    when a referenced value is missing (except for the ``exists`` operator)."""
+    if "all" in cond:
+        return all(evaluate_condition(c, results) for c in cond["all"])
+    if "any" in cond:
+        return any(evaluate_condition(c, results) for c in cond["any"])
+    if "not" in cond:
+        return not evaluate_condition(cond["not"], results)
+    op = cond["op"]
+    if op == "exists":
+        try:
+            resolve_pointer(cond["ref"], results)
+        except RefError:
+            return False
+        return True
+    actual = resolve_pointer(cond["ref"], results)
+    if op == "truthy":
+        return bool(actual)
+    try:
+        return OPERATORS[op](actual, cond.get("value"))
+    except TypeError as exc:
+        raise RefError(f"{cond['ref']}: cannot apply {op!r} to {actual!r}: {exc}") from exc
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@attrs.frozen
+class PlanTemplate:
+    """A rule: a regular expression with named groups and the wire-format steps it yields.
+
+    String values in ``tool_args`` may contain ``{group}`` placeholders, filled
+    from the match. A value that is exactly one placeholder is converted to the
+    type the tool's schema asks for (integer or number) by the rule planner.
+    """
+
+    pattern: str
+    steps: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple)
+    reasoning: str = ""
+    name: str = ""
+    _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_regex", re.compile(self.pattern, re.IGNORECASE))
+
+    def match(self, message: str) -> dict[str, Any] | None:
+        """The wire-format plan for ``message``, or None when the pattern does not match."""
+        m = self._regex.fullmatch(message.strip())
+        if m is None:
+            return None
+        groups = {k: v for k, v in m.groupdict().items() if v is not None}
+        return {
+            "reasoning": self.reasoning or f"matched template {self.name or self.pattern!r}",
+            "steps": [_fill(step, groups) for step in self.steps],
+        }
+
+
+def _fill(value: Any, groups: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda m: groups.get(m.group(1), m.group(0)), value)
+    if isinstance(value, Mapping):
+        return {k: _fill(v, groups) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, groups) for v in value]
+    return value

@@ -1,0 +1,316 @@
+"""The attrs classes that cross component boundaries.
+
+Everything a hook receives or returns is one of these; they are frozen so a
+plugin cannot change what another plugin, or the journal, has already seen.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+ISOLATIONS = ("inprocess", "subprocess", "docker")
+
+
+class StepStatus(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DENIED = "denied"
+    COMPENSATED = "compensated"
+
+
+class RunStatus(str, enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DENIED = "denied"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    REJECTED = "rejected"
+    IN_DOUBT = "in_doubt"
+    WAITING = "waiting"
+
+
+def _new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@attrs.frozen
+class AgentRequest:
+    """One user message to serve. `budget_usd=None` takes the configured default."""
+
+    message: str = attrs.field(validator=attrs.validators.instance_of(str))
+    user_id: str = attrs.field(validator=attrs.validators.min_len(1))
+    session_id: str = "default"
+    budget_usd: float | None = None
+    run_id: str = attrs.field(factory=_new_run_id)
+
+
+@attrs.frozen
+class Principal:
+    """An authenticated caller: who they are and what they hold.
+
+    `tools`, when not None, is an explicit allow-list on top of permissions;
+    `constraints` maps a tool name to a JSON Schema its arguments must also meet.
+    """
+
+    name: str
+    permissions: frozenset[str] = frozenset()
+    tools: frozenset[str] | None = None
+    constraints: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ToolSpec:
+    """What the runtime must know about a tool. Built by `@tool`, checked by the host."""
+
+    name: str
+    description: str
+    fn: Callable[..., Any] = attrs.field(eq=False, repr=False)
+    args_schema: Mapping[str, Any] = attrs.field(repr=False)
+    output_schema: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    permissions: frozenset[str] = frozenset()
+    idempotent: bool = False
+    rollback: str | None = None
+    fallback: str | None = None
+    isolation: str = attrs.field(default="inprocess", validator=attrs.validators.in_(ISOLATIONS))
+    timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    rate_limit: float | None = None
+    cost_usd: float = 0.0
+    accepts_key: bool = False
+    is_async: bool = False
+    plugin: str = ""
+    image: str | None = None
+
+    @property
+    def retry_safe(self) -> bool:
+        """True when running the tool twice for one step cannot duplicate an effect."""
+        return self.idempotent or self.accepts_key
+
+    @property
+    def qualified_name(self) -> str:
+        """`module:qualname` of the implementation, used by out-of-process sandboxes."""
+        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "description": self.description,
+            "permissions": sorted(self.permissions),
+            "idempotent": self.idempotent,
+            "accepts_idempotency_key": self.accepts_key,
+            "rollback": self.rollback,
+            "fallback": self.fallback,
+            "isolation": self.isolation,
+            "timeout": self.timeout,
+            "rate_limit": self.rate_limit,
+            "cost_usd": self.cost_usd,
+            "args_schema": dict(self.args_schema),
+            "output_schema": dict(self.output_schema) if self.output_schema else None,
+        }
+
+
+@attrs.frozen
+class PlanStep:
+    """One tool call in a plan.
+
+    `when` is a declarative condition on earlier results (see `agentkeel.plan`),
+    `expect` a JSON Schema the result must satisfy, `depends_on` the earlier
+    steps whose results this step reads (through `when` or `{"$ref": ...}` args).
+    """
+
+    step_id: int
+    tool_name: str
+    tool_args: Mapping[str, Any] = attrs.field(factory=dict)
+    description: str = ""
+    when: Mapping[str, Any] | None = None
+    expect: Mapping[str, Any] | None = None
+    depends_on: frozenset[int] = frozenset()
+
+
+@attrs.frozen
+class Plan:
+    steps: tuple[PlanStep, ...]
+    reasoning: str = ""
+    planner: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reasoning": self.reasoning,
+            "planner": self.planner,
+            "steps": [
+                {
+                    "step_id": s.step_id,
+                    "description": s.description,
+                    "tool_name": s.tool_name,
+                    "tool_args": dict(s.tool_args),
+                    **({"when": s.when} if s.when is not None else {}),
+                    **({"expect": s.expect} if s.expect is not None else {}),
+                }
+                for s in self.steps
+            ],
+        }
+
+
+@attrs.frozen
+class Decision:
+    """A permission decision from one `agentkeel_authorize` implementation."""
+
+    allowed: bool
+    reason: str = ""
+
+
+@attrs.frozen
+class ModelPrice:
+    """USD per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def cost(self, usage: Usage) -> float:
+        return (usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok) / 1e6
+
+
+@attrs.frozen
+class Verdict:
+    passed: bool
+    score: float = 1.0
+    reason: str = ""
+
+
+@attrs.frozen
+class RecoveryDecision:
+    """What to do after a failed attempt: "retry" (after `delay_s`), "fallback" to
+    `fallback_tool`, or "fail" the step."""
+
+    action: str = attrs.field(validator=attrs.validators.in_(("retry", "fallback", "fail")))
+    reason: str = ""
+    delay_s: float = 0.0
+    fallback_tool: str | None = None
+
+
+@attrs.frozen
+class StepResult:
+    step_id: int
+    tool_name: str
+    status: StepStatus
+    tool_args: Mapping[str, Any] = attrs.field(factory=dict)
+    result: Any = None
+    error: str | None = None
+    duration_s: float = 0.0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    verdict: Verdict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step_id": self.step_id,
+            "tool_name": self.tool_name,
+            "tool_args": dict(self.tool_args),
+            "status": self.status.value,
+            "result": self.result,
+            "error": self.error,
+            "duration_s": round(self.duration_s, 6),
+            "cost_usd": self.cost_usd,
+            "attempts": self.attempts,
+            "verdict": attrs.asdict(self.verdict) if self.verdict else None,
+        }
+
+
+@attrs.frozen
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@attrs.frozen
+class CostRecord:
+    """One priced event: an LLM call (`kind="llm"`, with `tier` and `model`) or a tool call."""
+
+    kind: str
+    cost_usd: float
+    model: str | None = None
+    tier: str | None = None
+    tool: str | None = None
+    step_id: int | None = None
+    usage: Usage | None = None
+
+
+@attrs.frozen
+class AuditRecord:
+    ts: float
+    run_id: str
+    principal: str
+    action: str
+    tool: str
+    decision: str
+    reason: str
+    arg_keys: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Event:
+    """Something observers may want to know about (`agentkeel_event`)."""
+
+    kind: str
+    run_id: str
+    data: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class MemoryContext:
+    """What the memory manager loaded for the planner; empty when no memory plugin runs."""
+
+    turns: tuple[Mapping[str, Any], ...] = ()
+    facts: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        lines = [f"{t.get('role', 'user')}: {t.get('content', '')}" for t in self.turns]
+        lines += [f"fact: {f}" for f in self.facts]
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class AgentResponse:
+    run_id: str
+    status: RunStatus
+    message: str
+    plan: Plan | None
+    steps: tuple[StepResult, ...] = ()
+    costs: tuple[CostRecord, ...] = ()
+    total_cost_usd: float = 0.0
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.SUCCEEDED
+
+    def cost_breakdown(self) -> dict[str, dict[str, float]]:
+        """Spending by model tier and by tool (chapter exercise 22.6.2)."""
+        by_tier: dict[str, float] = {}
+        by_tool: dict[str, float] = {}
+        for c in self.costs:
+            if c.kind == "llm":
+                key = c.tier or c.model or "unknown"
+                by_tier[key] = by_tier.get(key, 0.0) + c.cost_usd
+            elif c.tool:
+                by_tool[c.tool] = by_tool.get(c.tool, 0.0) + c.cost_usd
+        return {"by_tier": by_tier, "by_tool": by_tool}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status.value,
+            "message": self.message,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "steps": [s.to_dict() for s in self.steps],
+            "total_cost_usd": self.total_cost_usd,
+            "cost_breakdown": self.cost_breakdown(),
+            "duration_s": round(self.duration_s, 6),
+        }
