@@ -12,6 +12,7 @@ from agentkeel.types import AgentRequest, CostRecord, Principal, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
+    from agentkeel.system import AgentSystem
 
 
 @attrs.define(eq=False)
@@ -23,6 +24,7 @@ class RunContext:
     config: Config
     budget: Budget
     pricer: Pricer
+    system: AgentSystem
     costs: list[CostRecord] = attrs.field(factory=list)
 
     @property

@@ -196,9 +196,12 @@ def agentkeel_recover(
     tool: ToolSpec,
     error: str,
     attempt: int,
+    retryable: bool,
     run: RunContext,
 ) -> RecoveryDecision | None:
-    """Decide what to do after attempt number ``attempt`` (1-based) of ``step`` failed.
+    """Decide what to do after attempt number ``attempt`` (1-based) of ``step`` failed
+    with ``error``; ``retryable`` is False when the failure is known to be permanent
+    (bad input, a refusal) rather than transient.
 
     firstresult. The host never retries a tool that is not retry-safe (neither
     idempotent nor accepting an idempotency key), whatever a plugin answers.

@@ -218,10 +218,10 @@ class Plugins:
     # --- recovery ---------------------------------------------------------------
 
     def recover(
-        self, step: PlanStep, tool: ToolSpec, error: str, attempt: int, run: RunContext
+        self, step: PlanStep, tool: ToolSpec, error: str, attempt: int, retryable: bool, run: RunContext
     ) -> RecoveryDecision:
         decision: RecoveryDecision | None = self.hook.agentkeel_recover(
-            step=step, tool=tool, error=error, attempt=attempt, run=run
+            step=step, tool=tool, error=error, attempt=attempt, retryable=retryable, run=run
         )
         return decision or RecoveryDecision("fail", "no recovery plugin answered")
 

@@ -1,0 +1,35 @@
+"""Model prices: ``[prices."MODEL"]`` from the config first, then the genai-prices table.
+
+genai-prices ships its price table inside the package, so lookups work offline.
+"""
+
+from __future__ import annotations
+
+from genai_prices import Usage as PriceUsage
+from genai_prices import calc_price
+
+from agentkeel.config import Config
+from agentkeel.markers import hookimpl
+from agentkeel.types import ModelPrice
+
+_MTOK = 1_000_000
+
+
+@hookimpl(tryfirst=True)
+def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
+    """A price configured by the operator wins over the table."""
+    override = config.prices.get(model)
+    if override is None:
+        return None
+    return ModelPrice(float(override["input_per_mtok"]), float(override["output_per_mtok"]))
+
+
+@hookimpl(trylast=True, specname="agentkeel_model_price")
+def price_from_table(model: str) -> ModelPrice | None:
+    """Look the model up in the genai-prices table; None when it is not listed."""
+    try:
+        per_input = calc_price(PriceUsage(input_tokens=_MTOK, output_tokens=0), model_ref=model)
+        per_output = calc_price(PriceUsage(input_tokens=0, output_tokens=_MTOK), model_ref=model)
+    except LookupError:
+        return None
+    return ModelPrice(float(per_input.total_price), float(per_output.total_price))

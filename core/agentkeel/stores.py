@@ -1,0 +1,205 @@
+"""The embedded SQLite store: one file, ``<home>/agentkeel.db``, shared by every component.
+
+``open_db(home)`` returns a connection in autocommit mode (``isolation_level=None``;
+use ``BEGIN``/``COMMIT`` or single statements), with WAL journaling, a busy
+timeout, and the schema brought up to date.
+
+Schema changes are one linear history, ``MIGRATIONS``, tracked by SQLite's
+``PRAGMA user_version``: migration N moves the file from version N-1 to N.
+A component that needs tables (the memory manager, the journal, ...) appends a
+migration at the end; migrations already released are never edited. Migrating is
+done inside ``BEGIN IMMEDIATE``, so processes opening the file at the same time
+apply each migration exactly once.
+
+``ConnectionCache`` keeps one connection per database path per process, so a
+component can open lazily and still follow ``$AGENTKEEL_HOME`` when it changes
+(between tests, or for two systems in one process).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from agentkeel.errors import AgentkeelError
+
+DB_FILENAME = "agentkeel.db"
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+
+
+class StoreError(AgentkeelError):
+    """The SQLite store cannot be used (newer schema, broken migration list).
+
+    Lives here until ``agentkeel.errors`` grows a store error.
+    """
+
+
+@attrs.frozen
+class Migration:
+    """One step of the schema: ``statements`` take the file from ``version - 1`` to ``version``."""
+
+    version: int
+    component: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "memory",
+        (
+            """
+            CREATE TABLE memory_turns (
+                id         INTEGER PRIMARY KEY AUTOINCREMENT,
+                user_id    TEXT NOT NULL,
+                session_id TEXT NOT NULL,
+                run_id     TEXT NOT NULL,
+                role       TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+                content    TEXT NOT NULL,
+                status     TEXT,
+                ts         REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX memory_turns_by_session ON memory_turns (user_id, session_id, id)",
+        ),
+    ),
+)
+
+
+def db_path(home: str | os.PathLike[str]) -> Path:
+    """Where the store lives under ``home``."""
+    return Path(home) / DB_FILENAME
+
+
+def open_db(
+    home: str | os.PathLike[str],
+    *,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    migrations: Sequence[Migration] = MIGRATIONS,
+) -> sqlite3.Connection:
+    """Open ``<home>/agentkeel.db`` (creating ``home`` and the file if needed) and migrate it.
+
+    The connection may be used from any thread (``check_same_thread=False``);
+    callers that share it between threads must serialise their use of it.
+    Raises ``sqlite3.Error`` or ``OSError`` when the file cannot be opened or is
+    not a database, and ``StoreError`` when its schema is newer than this code.
+    """
+    _check_migrations(migrations)
+    path = db_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: SQLite refused WAL journaling (mode is {mode!r}); put the file on a local disk")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        migrate(conn, migrations, label=str(path))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS, *, label: str = "database") -> int:
+    """Apply the migrations the database lacks; return the resulting version.
+
+    Safe against concurrent openers: the version is re-read under a write lock.
+    """
+    _check_migrations(migrations)
+    latest = len(migrations)
+    if schema_version(conn) == latest:
+        return latest
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = schema_version(conn)
+        if current > latest:
+            raise StoreError(
+                f"{label} has schema version {current}, newer than this agentkeel knows ({latest}); "
+                "upgrade agentkeel, or point AGENTKEEL_HOME at another directory"
+            )
+        for migration in migrations[current:]:
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {migration.version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return latest
+
+
+def _check_migrations(migrations: Sequence[Migration]) -> None:
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise StoreError(
+                f"migration list is broken: entry {expected} ({migration.component}) has version "
+                f"{migration.version}; versions must run 1, 2, 3... with no gaps"
+            )
+
+
+class ConnectionCache:
+    """One connection per database path, per process, opened on first use.
+
+    ``get`` reopens after ``discard`` or ``close_all``, and after a fork (a
+    child never uses its parent's connections). Thread-safe.
+    """
+
+    def __init__(self, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conns: dict[Path, sqlite3.Connection] = {}
+        self._pid = os.getpid()
+
+    @staticmethod
+    def key(home: str | os.PathLike[str]) -> Path:
+        return db_path(Path(home).expanduser().resolve())
+
+    def get(self, home: str | os.PathLike[str]) -> sqlite3.Connection:
+        """The connection for ``home``; raises like ``open_db`` when it cannot be opened."""
+        key = self.key(home)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._conns = {}  # inherited from the parent: leave them alone
+                self._pid = os.getpid()
+            conn = self._conns.get(key)
+            if conn is None:
+                conn = open_db(key.parent, busy_timeout_s=self._busy_timeout_s)
+                self._conns[key] = conn
+            return conn
+
+    def discard(self, home: str | os.PathLike[str]) -> None:
+        """Close and forget the connection for ``home`` (the next ``get`` reopens)."""
+        with self._lock:
+            conn = self._conns.pop(self.key(home), None)
+        if conn is not None:
+            _close_quietly(conn)
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+            mine = self._pid == os.getpid()
+        if mine:
+            for conn in conns:
+                _close_quietly(conn)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass

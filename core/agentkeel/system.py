@@ -1,0 +1,311 @@
+"""``AgentSystem``: one plugin manager, its registries, and the request pipeline.
+
+A request goes: principal -> budget -> memory -> planner -> plan check ->
+steps (``agentkeel.executor``) -> memory -> response.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from time import perf_counter
+from types import TracebackType
+from typing import Any
+
+from agentkeel.audit import AuditLog
+from agentkeel.breaker import BreakerBoard
+from agentkeel.config import Config
+from agentkeel.context import RunContext
+from agentkeel.cost import Budget, Pricer
+from agentkeel.errors import (
+    BudgetExceededError,
+    PermissionDeniedError,
+    PlanningError,
+    PlanRejectedError,
+    PluginError,
+    UnknownModelPriceError,
+)
+from agentkeel.executor import PlanExecutor
+from agentkeel.plan import PlanTemplate
+from agentkeel.plugins import Plugins, build_plugin_manager
+from agentkeel.ratelimit import RateLimiterBoard
+from agentkeel.sandbox import SandboxBackend
+from agentkeel.tools import ToolRegistry
+from agentkeel.types import (
+    AgentRequest,
+    AgentResponse,
+    Decision,
+    Plan,
+    RunStatus,
+    StepResult,
+    StepStatus,
+    ToolSpec,
+)
+
+
+class AgentSystem:
+    """The framework instance: load plugins once, then serve requests with ``run``.
+
+    Use it as an async context manager (or call ``aclose``) so plugins can release
+    what they hold (stores, warm containers).
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        plugins: Iterable[object] = (),
+        load_entrypoints: bool = True,
+    ) -> None:
+        self.config = config if config is not None else Config.load()
+        self.plugins = Plugins(build_plugin_manager(load_entrypoints=load_entrypoints, plugins=plugins))
+        self.tools = ToolRegistry()
+        for plugin_name, impl in self.plugins.each_impl("agentkeel_register_tools"):
+            _call_registration(plugin_name, impl, register=self.tools.register_callback(plugin_name))
+        self.tools.validate_references()
+        self.tools.apply_overrides(self.config.tool_overrides)
+        self.templates: list[PlanTemplate] = []
+        for plugin_name, impl in self.plugins.each_impl("agentkeel_register_plan_templates"):
+            _call_registration(plugin_name, impl, register=self._template_registrar(plugin_name))
+        self.sandboxes: dict[str, SandboxBackend] = {}
+        for plugin_name, impl in self.plugins.each_impl("agentkeel_register_sandboxes"):
+            _call_registration(plugin_name, impl, register=self._sandbox_registrar(plugin_name), config=self.config)
+        for spec in self.tools.all().values():
+            if spec.isolation not in self.sandboxes:
+                raise PluginError(
+                    spec.plugin, f"tool {spec.name!r} needs the {spec.isolation!r} sandbox, which no plugin provides"
+                )
+        self.pricer = Pricer(self.plugins, self.config)
+        self.breakers = BreakerBoard.from_config(self.config)
+        self.rate_limits = RateLimiterBoard()
+        self._audit: AuditLog | None = None
+        self._started = False
+        self._closed = False
+
+    # --- registration callbacks -------------------------------------------------
+
+    def _template_registrar(self, plugin_name: str) -> Any:
+        def register(template: PlanTemplate) -> None:
+            if not isinstance(template, PlanTemplate):
+                raise PluginError(plugin_name, f"register() takes a PlanTemplate, got {template!r}")
+            self.templates.append(template)
+
+        return register
+
+    def _sandbox_registrar(self, plugin_name: str) -> Any:
+        def register(name: str, backend: SandboxBackend) -> None:
+            if name in self.sandboxes:
+                raise PluginError(plugin_name, f"sandbox {name!r} is already registered")
+            if not isinstance(backend, SandboxBackend):
+                raise PluginError(plugin_name, f"sandbox {name!r} does not implement run() and aclose()")
+            self.sandboxes[name] = backend
+
+        return register
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run the plugins' startup hooks (done automatically by the first ``run``)."""
+        if self._started:
+            return
+        self._started = True
+        for result in self.plugins.startup(self):
+            if inspect.isawaitable(result):
+                await result
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for result in self.plugins.shutdown(self):
+            if inspect.isawaitable(result):
+                await result
+        for backend in self.sandboxes.values():
+            await backend.aclose()
+        if self._audit is not None:
+            self._audit.close()
+
+    async def __aenter__(self) -> AgentSystem:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- audit ------------------------------------------------------------------
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            self.config.home.mkdir(parents=True, exist_ok=True)
+            self._audit = AuditLog(self.config.home / "audit.jsonl")
+        return self._audit
+
+    def audit_decision(self, run: RunContext, tool: str, decision: Decision, args: Mapping[str, Any] | None) -> None:
+        self.audit.record(
+            run_id=run.run_id,
+            principal=run.principal.name,
+            action="authorize",
+            tool=tool,
+            decision="allow" if decision.allowed else "deny",
+            reason=decision.reason,
+            arg_keys=tuple(args) if args else (),
+        )
+
+    def audit_call(self, run: RunContext, tool: str, outcome: str, reason: str, args: Mapping[str, Any]) -> None:
+        self.audit.record(
+            run_id=run.run_id,
+            principal=run.principal.name,
+            action="tool_call",
+            tool=tool,
+            decision=outcome,
+            reason=reason,
+            arg_keys=tuple(args),
+        )
+
+    # --- requests ---------------------------------------------------------------
+
+    def visible_tools(self, run: RunContext) -> dict[str, ToolSpec]:
+        """The tools ``run.principal`` may call: the only ones a planner is shown."""
+        return {
+            name: spec
+            for name, spec in self.tools.all().items()
+            if self.plugins.authorize(run.principal, spec, None).allowed
+        }
+
+    async def run(self, request: AgentRequest) -> AgentResponse:
+        """Serve one request. Failures of the request are reported in the response
+        status, never raised; only bugs and invalid configuration raise."""
+        started = perf_counter()
+        await self.start()
+        principal = self.plugins.resolve_principal(request.user_id, self.config)
+        if principal is None:
+            self.audit.record(
+                run_id=request.run_id, principal=request.user_id, action="authenticate", tool="",
+                decision="deny", reason="unknown principal", arg_keys=(),
+            )
+            message = f"unknown principal {request.user_id!r}: add [principals.{request.user_id}] to agentkeel.toml"
+            return self._respond(request, RunStatus.DENIED, started, None, (), [], message, remember=False)
+        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
+        run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self)
+        self.plugins.event("run_started", request.run_id, request=request)
+
+        plan: Plan | None = None
+        try:
+            plan = await self._plan(run)
+            denials = self._permission_problems(run, plan)
+            if denials:
+                return self._respond(request, RunStatus.DENIED, started, plan, (), run.costs,
+                                     "permission denied: " + "; ".join(denials))
+            problems = self.plugins.check_plan(plan, self.tools.all(), principal)
+            estimate = sum(self.tools[s.tool_name].cost_usd for s in plan.steps if s.tool_name in self.tools)
+            if estimate > run.budget.remaining_usd:
+                problems.append(
+                    f"estimated tool cost ${estimate:.4f} exceeds the ${run.budget.remaining_usd:.4f} budget left"
+                )
+            if problems:
+                raise PlanRejectedError(problems)
+        except BudgetExceededError as exc:
+            return self._respond(request, RunStatus.BUDGET_EXHAUSTED, started, plan, (), run.costs, str(exc))
+        except PlanRejectedError as exc:
+            return self._respond(request, RunStatus.REJECTED, started, plan, (), run.costs, str(exc))
+        except (PlanningError, UnknownModelPriceError) as exc:
+            return self._respond(request, RunStatus.FAILED, started, plan, (), run.costs, str(exc))
+
+        executor = PlanExecutor(self, run)
+        steps = await executor.execute(plan.steps)
+        status = _run_status(steps, executor.budget_exhausted)
+        response = self._respond(request, status, started, plan, steps, run.costs, _summary(status, steps))
+        return response
+
+    async def _plan(self, run: RunContext) -> Plan:
+        context = self.plugins.load_context(run.request, self.config)
+        visible = self.visible_tools(run)
+        planned = self.plugins.plan(run.request, context, visible, run)
+        if inspect.isawaitable(planned):
+            planned = await planned
+        if planned is None:
+            raise PlanningError("no planner produced a plan for this request")
+        return planned
+
+    def _permission_problems(self, run: RunContext, plan: Plan) -> list[str]:
+        """Steps naming a registered tool the principal may not call: a denial, audited."""
+        problems = []
+        for step in plan.steps:
+            spec = self.tools.get(step.tool_name)
+            if spec is None:
+                continue  # an unknown tool is the plan check's business
+            decision = self.plugins.authorize(run.principal, spec, None)
+            if not decision.allowed:
+                self.audit_decision(run, spec.name, decision, None)
+                problems.append(f"step {step.step_id}: {decision.reason}")
+        return problems
+
+    def _respond(
+        self,
+        request: AgentRequest,
+        status: RunStatus,
+        started: float,
+        plan: Plan | None,
+        steps: Iterable[StepResult],
+        costs: list[Any],
+        message: str,
+        remember: bool = True,
+    ) -> AgentResponse:
+        steps = tuple(steps)
+        response = AgentResponse(
+            run_id=request.run_id,
+            status=status,
+            message=message,
+            plan=plan,
+            steps=steps,
+            costs=tuple(costs),
+            total_cost_usd=sum(c.cost_usd for c in costs),
+            duration_s=perf_counter() - started,
+        )
+        if remember:
+            self.plugins.save_turn(request, response, self.config)
+        self.plugins.event("run_finished", request.run_id, response=response)
+        return response
+
+    def run_sync(self, request: AgentRequest) -> AgentResponse:
+        """Run one request to completion from synchronous code, then close the system."""
+        import asyncio
+
+        async def main() -> AgentResponse:
+            async with self:
+                return await self.run(request)
+
+        return asyncio.run(main())
+
+
+def _call_registration(plugin_name: str, impl: Any, **kwargs: Any) -> None:
+    accepted = inspect.signature(impl).parameters
+    try:
+        impl(**{k: v for k, v in kwargs.items() if k in accepted})
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(plugin_name, f"{impl.__name__} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _run_status(steps: list[StepResult], budget_exhausted: bool) -> RunStatus:
+    if budget_exhausted:
+        return RunStatus.BUDGET_EXHAUSTED
+    statuses = {s.status for s in steps}
+    if StepStatus.DENIED in statuses:
+        return RunStatus.DENIED
+    if StepStatus.FAILED in statuses:
+        return RunStatus.FAILED
+    return RunStatus.SUCCEEDED
+
+
+def _summary(status: RunStatus, steps: list[StepResult]) -> str:
+    head = {RunStatus.SUCCEEDED: "Completed."}.get(status, f"Run {status.value}.")
+    parts = [head]
+    for s in steps:
+        detail = f" ({s.error})" if s.error else ""
+        parts.append(f"Step {s.step_id} ({s.tool_name}): {s.status.value}{detail}")
+    return " ".join(parts)

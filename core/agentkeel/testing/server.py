@@ -1,0 +1,313 @@
+"""A scripted OpenAI-compatible HTTP server for tests.
+
+A real HTTP server on 127.0.0.1 (a free port) that speaks the Chat Completions
+wire format, so the real ``openai`` client — its retries, timeouts and error
+classes included — is exercised end to end. Standard library only.
+
+Each ``POST /v1/chat/completions`` takes the next scripted reply from a FIFO
+queue: a completion (``queue``), an HTTP error (``queue_error``, optionally
+with ``Retry-After``), a reply that arrives late (``queue_slow``) or a body
+that is not JSON (``queue_malformed``). Every request body received is kept in
+``requests`` so a test can assert on ``model``, ``messages``, ``max_tokens``
+or ``response_format``. When nothing is queued the server answers 500 with a
+message saying so and ``x-should-retry: false``, so a test that forgot a reply
+fails at once instead of after the client's retries.
+
+    with ScriptedOpenAIServer() as server:
+        server.queue({"reasoning": "...", "steps": []}, usage=(120, 30))
+        client = openai.OpenAI(base_url=server.base_url, api_key="test")
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+__all__ = ["OpenAIServer", "ScriptedOpenAIServer", "ScriptedReply"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedReply:
+    """One queued answer. ``body`` is sent as is when it is bytes, else as JSON."""
+
+    status: int
+    body: bytes | Mapping[str, Any] | None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    delay_s: float = 0.0
+    content: str | None = None
+    usage: tuple[int, int] | None = None
+    report_usage: bool = True
+    model: str | None = None
+    finish_reason: str = "stop"
+
+
+def _error_body(message: str, *, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Stay quiet: test output is for the test."""
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        if self.path.rstrip("/") == "/v1/models":
+            owner = self.server.owner
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "agentkeel-testing"} for m in owner.models]
+            self._send(200, {"object": "list", "data": data})
+        else:
+            self._send(404, _error_body(f"no route GET {self.path}", error_type="invalid_request_error"))
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._send(404, _error_body(f"no route POST {self.path}", error_type="invalid_request_error"))
+            return
+        try:
+            body = json.loads(raw or b"null")
+        except json.JSONDecodeError as exc:
+            self._send(400, _error_body(f"request body is not JSON: {exc}", error_type="invalid_request_error"))
+            return
+        self.server.owner._handle_completion(self, body)
+
+    def _send(
+        self, status: int, body: bytes | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: ScriptedOpenAIServer
+
+
+class ScriptedOpenAIServer:
+    """A scripted ``/v1/chat/completions`` server. Use as a context manager or start()/stop().
+
+    ``supports_json_schema=False`` makes it refuse ``response_format`` of type
+    ``json_schema`` with a 400 (without consuming a queued reply), like servers
+    that only know ``json_object``. ``api_key``, when given, is required as a
+    bearer token (401 otherwise). ``models`` is what ``GET /v1/models`` lists.
+    """
+
+    def __init__(
+        self,
+        *,
+        supports_json_schema: bool = True,
+        api_key: str | None = None,
+        models: Iterable[str] = ("gpt-4o-mini", "gpt-4o"),
+    ) -> None:
+        self.supports_json_schema = supports_json_schema
+        self.api_key = api_key
+        self.models = list(models)
+        self.requests: list[dict[str, Any]] = []
+        self.request_headers: list[dict[str, str]] = []
+        self._replies: collections.deque[ScriptedReply] = collections.deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ids = itertools.count(1)
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> ScriptedOpenAIServer:
+        if self._httpd is not None:
+            return self
+        self._stopping.clear()
+        httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        httpd.owner = self
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="scripted-openai", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; replies still sleeping in ``queue_slow`` are cut short."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> ScriptedOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("the scripted OpenAI server is not running; call start() first")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``, what ``OPENAI_BASE_URL`` should be set to."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # --- scripting ------------------------------------------------------------------
+
+    def queue(
+        self,
+        content: Any = "",
+        *,
+        usage: tuple[int, int] | None = None,
+        report_usage: bool = True,
+        model: str | None = None,
+        finish_reason: str = "stop",
+    ) -> None:
+        """Queue a completion. ``content`` that is not a string is sent as its JSON dump.
+
+        ``usage=(prompt_tokens, completion_tokens)``; None estimates it from the
+        text (about 4 characters a token). ``report_usage=False`` leaves the
+        ``usage`` field out, as some servers do. ``model`` overrides the echo of
+        the requested model.
+        """
+        text = content if isinstance(content, str) else json.dumps(content)
+        self._push(
+            ScriptedReply(
+                200, None, content=text, usage=usage, report_usage=report_usage, model=model, finish_reason=finish_reason
+            )
+        )
+
+    def queue_error(
+        self,
+        status: int,
+        *,
+        message: str | None = None,
+        retry_after: float | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        """Queue an HTTP error in OpenAI's error format; ``retry_after`` sets the header."""
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+        default_type = {429: "rate_limit_error", 401: "authentication_error"}.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        text = message or f"scripted error {status}"
+        body = _error_body(text, error_type=error_type or default_type, code=code)
+        self._push(ScriptedReply(status, body, headers=headers))
+
+    def queue_slow(self, seconds: float, content: Any = "", **kwargs: Any) -> None:
+        """Queue a completion sent only after ``seconds`` (to trip client timeouts)."""
+        self.queue(content, **kwargs)
+        with self._lock:
+            self._replies[-1] = dataclasses.replace(self._replies[-1], delay_s=seconds)
+
+    def queue_malformed(self, body: bytes = b'{"id": "chatcmpl-broken", "choices": [') -> None:
+        """Queue a 200 whose body is not valid JSON."""
+        self._push(ScriptedReply(200, body))
+
+    def _push(self, reply: ScriptedReply) -> None:
+        with self._lock:
+            self._replies.append(reply)
+
+    @property
+    def pending(self) -> int:
+        """How many scripted replies have not been used yet."""
+        with self._lock:
+            return len(self._replies)
+
+    def reset(self) -> None:
+        """Forget queued replies and recorded requests."""
+        with self._lock:
+            self._replies.clear()
+            self.requests.clear()
+            self.request_headers.clear()
+
+    # --- serving --------------------------------------------------------------------
+
+    def _handle_completion(self, handler: _Handler, body: Any) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.request_headers.append({k.lower(): v for k, v in handler.headers.items()})
+        if self.api_key is not None and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+            handler._send(401, _error_body("invalid API key", error_type="authentication_error", code="invalid_api_key"))
+            return
+        if not isinstance(body, dict):
+            handler._send(400, _error_body("request body must be a JSON object", error_type="invalid_request_error"))
+            return
+        if body.get("stream"):
+            message = "the scripted server does not stream; call without stream=True"
+            handler._send(400, _error_body(message, error_type="invalid_request_error", param="stream"))
+            return
+        response_format = body.get("response_format")
+        if not self.supports_json_schema and isinstance(response_format, dict):
+            if response_format.get("type") == "json_schema":
+                message = "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+                handler._send(400, _error_body(message, error_type="invalid_request_error", param="response_format"))
+                return
+        with self._lock:
+            reply = self._replies.popleft() if self._replies else None
+        if reply is None:
+            message = (
+                f"no reply was scripted for request #{len(self.requests)} (model {body.get('model')!r}); "
+                "call server.queue(...) before the client calls the server"
+            )
+            handler._send(500, _error_body(message, error_type="server_error"), {"x-should-retry": "false"})
+            return
+        if reply.delay_s and self._stopping.wait(reply.delay_s):
+            return
+        if reply.content is None:
+            handler._send(reply.status, reply.body, reply.headers)
+            return
+        handler._send(200, self._completion(body, reply))
+
+    def _completion(self, request: Mapping[str, Any], reply: ScriptedReply) -> dict[str, Any]:
+        content = reply.content or ""
+        out: dict[str, Any] = {
+            "id": f"chatcmpl-scripted-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": reply.model or request.get("model") or "unknown",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "finish_reason": reply.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+        }
+        if reply.report_usage:
+            if reply.usage is not None:
+                prompt, completion = reply.usage
+            else:
+                messages = request.get("messages") or []
+                prompt = sum(_estimate_tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+                completion = _estimate_tokens(content)
+            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return out
+
+
+OpenAIServer = ScriptedOpenAIServer
+"""The short name ``agentkeel.testing`` exports."""

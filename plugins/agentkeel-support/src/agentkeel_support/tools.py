@@ -1,0 +1,298 @@
+"""The customer-support tools of the chapter, over the shop database.
+
+What each tool declares is what the runtime relies on:
+
+- ``lookup_order`` and ``check_inventory`` only read: permission "read",
+  idempotent, safe to retry.
+- ``issue_refund`` moves money: permission "refunds", not idempotent, undone by
+  ``cancel_refund``. It takes the runtime's ``idempotency_key`` and the database
+  honours it: a second call with the same key returns the first refund instead
+  of paying twice, so the runtime may retry it or re-run it after a crash.
+- ``cancel_refund`` is the compensator. The runtime calls it with the original
+  arguments of ``issue_refund`` plus fields of its result (``refund_id``); it is
+  idempotent (cancelling a cancelled refund changes nothing).
+- ``send_email`` cannot be taken back and takes no idempotency key: the
+  chapter's example of a tool that must never run twice for one step.
+
+Refusals (unknown order, wrong status, bad amount) raise
+``ToolError(retryable=False)``: trying again cannot help.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import uuid
+from typing import Any
+
+from agentkeel import tool
+from agentkeel.errors import ToolError
+
+from agentkeel_support.shop import connect, now, transaction
+
+REFUNDABLE_STATUSES = ("shipped", "delivered")
+TOOL_TIMEOUT_S = 15.0
+
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+ORDER_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "status", "total"],
+    "properties": {
+        "order_id": {"type": "string"},
+        "status": {"enum": ["pending", "shipped", "delivered", "cancelled"]},
+        "total": {"type": "number", "minimum": 0},
+        "customer_email": {"type": "string"},
+        "product_id": {"type": "string"},
+        "refunded": {"type": "number", "minimum": 0},
+    },
+}
+INVENTORY_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["product_id", "name", "stock", "in_stock"],
+    "properties": {
+        "product_id": {"type": "string"},
+        "name": {"type": "string"},
+        "stock": {"type": "integer", "minimum": 0},
+        "in_stock": {"type": "boolean"},
+    },
+}
+REFUND_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["refund_id", "order_id", "amount", "status"],
+    "properties": {
+        "refund_id": {"type": "string"},
+        "order_id": {"type": "string"},
+        "amount": {"type": "number", "exclusiveMinimum": 0},
+        "status": {"enum": ["issued", "cancelled"]},
+        "created_at": {"type": "string"},
+        "replayed": {"type": "boolean"},
+    },
+}
+CANCEL_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "refund_id", "status"],
+    "properties": {
+        "order_id": {"type": "string"},
+        "refund_id": {"type": ["string", "null"]},
+        "status": {"enum": ["cancelled", "nothing_to_cancel"]},
+    },
+}
+EMAIL_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["email_id", "to", "subject", "sent_at"],
+    "properties": {
+        "email_id": {"type": "string"},
+        "to": {"type": "string"},
+        "subject": {"type": "string"},
+        "sent_at": {"type": "string"},
+    },
+}
+
+
+@tool(
+    permissions=["read"],
+    idempotent=True,
+    output_schema=ORDER_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def lookup_order(order_id: str) -> dict[str, Any]:
+    """Look up an order: its status (pending, shipped, delivered or cancelled),
+    total, customer email, product, and the amount refunded so far."""
+    with connect() as conn:
+        row = conn.execute("SELECT * FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+        if row is None:
+            raise ToolError(f"order {order_id} not found; check the order number", retryable=False)
+        refunded = _refunded(conn, order_id)
+    return {
+        "order_id": row["order_id"],
+        "status": row["status"],
+        "total": row["total"],
+        "customer_email": row["customer_email"],
+        "product_id": row["product_id"],
+        "refunded": refunded,
+    }
+
+
+@tool(
+    permissions=["read"],
+    idempotent=True,
+    output_schema=INVENTORY_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def check_inventory(product_id: str) -> dict[str, Any]:
+    """Check how many units of a product are in stock."""
+    with connect() as conn:
+        row = conn.execute("SELECT * FROM products WHERE product_id = ?", (product_id,)).fetchone()
+    if row is None:
+        raise ToolError(f"product {product_id} not found; check the product id", retryable=False)
+    return {"product_id": row["product_id"], "name": row["name"], "stock": row["stock"], "in_stock": row["stock"] > 0}
+
+
+@tool(
+    permissions=["refunds"],
+    idempotent=False,
+    rollback="cancel_refund",
+    output_schema=REFUND_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def issue_refund(order_id: str, amount: float, idempotency_key: str | None = None) -> dict[str, Any]:
+    """Refund ``amount`` of a shipped or delivered order (at most what is left to refund).
+
+    With an ``idempotency_key`` already used for this order and amount, returns
+    that refund (``replayed``: true) instead of refunding again.
+    """
+    amount = _money(amount)
+    with connect() as conn, transaction(conn):
+        if idempotency_key is not None:
+            existing = conn.execute(
+                "SELECT * FROM refunds WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            if existing is not None:
+                if existing["order_id"] != order_id or not math.isclose(existing["amount"], amount):
+                    raise ToolError(
+                        f"idempotency key {idempotency_key!r} was used for a refund of "
+                        f"{existing['amount']:.2f} on order {existing['order_id']}; use a new key "
+                        f"for a different refund",
+                        retryable=False,
+                    )
+                return _refund_dict(existing, replayed=True)
+        order = conn.execute("SELECT status, total FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+        if order is None:
+            raise ToolError(f"order {order_id} not found; check the order number", retryable=False)
+        if order["status"] not in REFUNDABLE_STATUSES:
+            raise ToolError(
+                f"order {order_id} is {order['status']}; only shipped or delivered orders can be refunded",
+                retryable=False,
+            )
+        remaining = round(order["total"] - _refunded(conn, order_id), 2)
+        if amount > remaining:
+            raise ToolError(
+                f"refund of {amount:.2f} exceeds the {remaining:.2f} left to refund on order {order_id} "
+                f"(total {order['total']:.2f})",
+                retryable=False,
+            )
+        refund_id = "R-" + uuid.uuid4().hex[:12]
+        conn.execute(
+            "INSERT INTO refunds (refund_id, order_id, amount, idempotency_key, status, created_at) "
+            "VALUES (?, ?, ?, ?, 'issued', ?)",
+            (refund_id, order_id, amount, idempotency_key, now()),
+        )
+        row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)).fetchone()
+    return _refund_dict(row, replayed=False)
+
+
+@tool(
+    permissions=["refunds"],
+    idempotent=True,
+    output_schema=CANCEL_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def cancel_refund(
+    order_id: str,
+    refund_id: str | None = None,
+    amount: float | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """Cancel a refund of an order, found by ``refund_id`` or else by the
+    ``idempotency_key`` it was issued with (``amount`` is accepted and ignored,
+    so the original arguments of ``issue_refund`` can be passed as they are).
+
+    Cancelling an already cancelled refund changes nothing. When only a key is
+    given and no refund was issued with it, there is nothing to undo and the
+    result says so (``status``: "nothing_to_cancel").
+    """
+    del amount  # part of the compensation call's arguments; the refund row knows its amount
+    if refund_id is None and idempotency_key is None:
+        raise ToolError(
+            "cancel_refund needs refund_id or the idempotency_key the refund was issued with",
+            retryable=False,
+        )
+    with connect() as conn, transaction(conn):
+        row = _find_refund(conn, refund_id, idempotency_key)
+        if row is None:
+            if refund_id is not None:
+                raise ToolError(f"refund {refund_id} not found; check the refund id", retryable=False)
+            return {"order_id": order_id, "refund_id": None, "status": "nothing_to_cancel"}
+        if row["order_id"] != order_id:
+            raise ToolError(
+                f"refund {row['refund_id']} belongs to order {row['order_id']}, not {order_id}",
+                retryable=False,
+            )
+        if row["status"] == "issued":
+            conn.execute(
+                "UPDATE refunds SET status = 'cancelled', cancelled_at = ? WHERE refund_id = ?",
+                (now(), row["refund_id"]),
+            )
+            row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (row["refund_id"],)).fetchone()
+    return {
+        "order_id": row["order_id"],
+        "refund_id": row["refund_id"],
+        "amount": row["amount"],
+        "status": "cancelled",
+        "cancelled_at": row["cancelled_at"],
+    }
+
+
+@tool(
+    permissions=["email"],
+    idempotent=False,
+    output_schema=EMAIL_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def send_email(to: str, subject: str, body: str) -> dict[str, Any]:
+    """Send an email to a customer. It cannot be unsent, and sending twice sends two emails."""
+    if not _EMAIL.fullmatch(to):
+        raise ToolError(f"{to!r} is not an email address", retryable=False)
+    if not subject.strip():
+        raise ToolError("the email needs a subject", retryable=False)
+    email_id = "E-" + uuid.uuid4().hex[:12]
+    sent_at = now()
+    with connect() as conn:
+        conn.execute(
+            "INSERT INTO emails (email_id, to_addr, subject, body, sent_at) VALUES (?, ?, ?, ?, ?)",
+            (email_id, to, subject, body, sent_at),
+        )
+    return {"email_id": email_id, "to": to, "subject": subject, "sent_at": sent_at}
+
+
+ALL_TOOLS = (lookup_order, check_inventory, issue_refund, cancel_refund, send_email)
+
+
+def _money(amount: float) -> float:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+        raise ToolError(f"amount must be a finite number, got {amount!r}", retryable=False)
+    rounded = round(float(amount), 2)
+    if rounded <= 0:
+        raise ToolError(f"refund amount must be positive, got {amount!r}", retryable=False)
+    return rounded
+
+
+def _refunded(conn: sqlite3.Connection, order_id: str) -> float:
+    total: float = conn.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE order_id = ? AND status = 'issued'", (order_id,)
+    ).fetchone()[0]
+    return round(total, 2)
+
+
+def _find_refund(
+    conn: sqlite3.Connection, refund_id: str | None, idempotency_key: str | None
+) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = None
+    if refund_id is not None:
+        row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)).fetchone()
+    if row is None and idempotency_key is not None:
+        row = conn.execute("SELECT * FROM refunds WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+    return row
+
+
+def _refund_dict(row: sqlite3.Row, *, replayed: bool) -> dict[str, Any]:
+    return {
+        "refund_id": row["refund_id"],
+        "order_id": row["order_id"],
+        "amount": row["amount"],
+        "status": row["status"],
+        "created_at": row["created_at"],
+        "replayed": replayed,
+    }

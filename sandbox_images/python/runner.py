@@ -1,0 +1,307 @@
+"""agentkeel in-container runner (standard library only).
+
+Reads one JSON request line on stdin, runs it in a child process, and writes one
+JSON result line on stdout, then exits.  The container is used once.
+
+Request:  {"v": 1, "kind": "tool", "target": "module:qualname", "args": {...},
+           "is_async": false, "deadline_s": 30, "output_limit": 65536,
+           "result_limit": 1048576}
+      or  {"v": 1, "kind": "code", "code": "print(1)", "deadline_s": 30, ...}
+
+Result:   {"v": 1, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
+           "stderr": "...", "stdout_truncated": false, "stderr_truncated": false,
+           "duration_s": 0.01}
+      or  {"v": 1, "ok": false, "error": {"type": T, "message": "..."}, ...}
+with T in: bad_request, import, exception, timeout, oom, output_limit,
+bad_output, result_too_large, killed.
+
+Promises: the child never sees the caller's environment (a fixed minimal one);
+the deadline is enforced here by killing every process of the container except
+PID 1 and this runner; the child's stdout and stderr are captured and capped
+(past the cap the call is stopped and reported as ``output_limit``); the result
+is capped at ``result_limit`` bytes of JSON.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+PROTOCOL = 1
+MAX_REQUEST = 16 * 1024 * 1024
+WORKDIR = "/work"
+CHILD_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": WORKDIR,
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+}
+OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")
+
+
+def _harden_self():
+    """Ignore catchable signals (tini forwards them) and become non-dumpable, so
+    the tool cannot reach this process through /proc/<pid>/fd or ptrace."""
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE"):
+        try:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except Exception:
+        pass
+
+
+def _oom_kills():
+    for path in OOM_FILES:
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _kill_others():
+    """SIGKILL every process in the container except PID 1 and ourselves."""
+    me = os.getpid()
+    for _ in range(50):
+        others = [pid for pid in _pids() if pid not in (1, me)]
+        if not others:
+            return
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in others:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        time.sleep(0.01)
+
+
+def _pids():
+    """Live (non-zombie) processes; zombies are reaped by their parent or by PID 1."""
+    live = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            live.append(int(name))
+    return live
+
+
+class _Capture(threading.Thread):
+    """Reads a stream, keeping the first ``limit`` bytes; calls ``on_overflow`` past it."""
+
+    def __init__(self, stream, limit, on_overflow):
+        super().__init__(daemon=True)
+        self.stream, self.limit, self.on_overflow = stream, limit, on_overflow
+        self.data = bytearray()
+        self.truncated = False
+
+    def run(self):
+        try:
+            while True:
+                chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") else self.stream.read(65536)
+                if not chunk:
+                    return
+                room = self.limit - len(self.data)
+                if len(chunk) > room:
+                    self.data += chunk[: max(room, 0)]
+                    if not self.truncated:
+                        self.truncated = True
+                        self.on_overflow()
+                else:
+                    self.data += chunk
+        except (OSError, ValueError):
+            return
+
+    def text(self):
+        return self.data.decode("utf-8", "replace")
+
+
+def _emit(result):
+    out = json.dumps(result, separators=(",", ":"))
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+
+
+def _error(kind, message, **extra):
+    return {"v": PROTOCOL, "ok": False, "error": {"type": kind, "message": message}, **extra}
+
+
+def _supervise(request):
+    kind = request.get("kind")
+    deadline = float(request.get("deadline_s", 30))
+    out_limit = int(request.get("output_limit", 65536))
+    result_limit = int(request.get("result_limit", 1024 * 1024))
+    read_fd, write_fd = os.pipe()
+    if kind == "tool":
+        cmd = [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", str(write_fd)]
+        stdin = subprocess.PIPE
+    elif kind == "code":
+        if not isinstance(request.get("code"), str):
+            return _error("bad_request", "code request without a string 'code'")
+        cmd = [sys.executable, "-I", "-B", "-c", request["code"]]
+        stdin = subprocess.DEVNULL
+    else:
+        return _error("bad_request", "unknown request kind %r" % (kind,))
+    oom_before = _oom_kills()
+    started = time.monotonic()
+    cwd = WORKDIR if os.path.isdir(WORKDIR) else "/tmp"
+    proc = subprocess.Popen(
+        cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(CHILD_ENV),
+        cwd=cwd, pass_fds=(write_fd,), start_new_session=True,
+    )
+    os.close(write_fd)
+    overflow = threading.Event()
+
+    def on_overflow():
+        overflow.set()
+        _kill_others()
+
+    out = _Capture(proc.stdout, out_limit, on_overflow)
+    err = _Capture(proc.stderr, out_limit, on_overflow)
+    res = _Capture(os.fdopen(read_fd, "rb"), result_limit + 1, lambda: None)
+    for t in (out, err, res):
+        t.start()
+    if stdin == subprocess.PIPE:
+        try:
+            proc.stdin.write(json.dumps(request).encode())
+            proc.stdin.close()
+        except OSError:
+            pass
+    timed_out = False
+    try:
+        proc.wait(timeout=max(deadline - (time.monotonic() - started), 0.001))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    _kill_others()
+    proc.wait()
+    for t in (out, err, res):
+        t.join(timeout=2)
+    duration = time.monotonic() - started
+    common = {
+        "stdout": out.text(), "stderr": err.text(), "stdout_truncated": out.truncated,
+        "stderr_truncated": err.truncated, "duration_s": round(duration, 6), "exit_code": proc.returncode,
+    }
+    oom_after = _oom_kills()
+    if timed_out:
+        return _error("timeout", "stopped at the deadline of %gs" % deadline, **common)
+    if overflow.is_set():
+        return _error("output_limit", "output exceeded %d bytes and the call was stopped" % out_limit, **common)
+    if oom_before is not None and oom_after is not None and oom_after > oom_before:
+        return _error("oom", "out of memory: the container's memory limit was reached", **common)
+    if kind == "code":
+        if proc.returncode == -signal.SIGKILL:
+            return _error("killed", "the code was killed (SIGKILL), most likely out of memory", **common)
+        return {"v": PROTOCOL, "ok": True, "value": None, **common}
+    if len(res.data) > result_limit:
+        return _error("result_too_large", "the tool's result exceeds %d bytes of JSON" % result_limit, **common)
+    if not res.data:
+        why = "killed by signal %d" % -proc.returncode if proc.returncode < 0 else "exit code %d" % proc.returncode
+        return _error("killed", "the tool process ended (%s) without a result" % why, **common)
+    try:
+        child = json.loads(res.data.decode("utf-8"))
+    except ValueError:
+        return _error("bad_output", "the tool process wrote an unreadable result", **common)
+    if child.get("ok"):
+        return {"v": PROTOCOL, "ok": True, "value": child.get("value"), **common}
+    return {"v": PROTOCOL, "ok": False, "error": child.get("error"), **common}
+
+
+def _child(fd):
+    """Import and call the tool; write {"ok", "value"|"error"} as JSON to ``fd``."""
+    result_out = os.fdopen(fd, "w", encoding="utf-8")
+    request = json.loads(sys.stdin.read())
+    sys.stdin.close()
+    try:
+        sys.stdin = open(os.devnull)
+    except OSError:
+        pass
+    target = request.get("target", "")
+    module_name, _, qualname = target.partition(":")
+    try:
+        import importlib
+
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except ModuleNotFoundError as exc:
+        msg = ("module %r is not installed in this image (%s); build the plugin's image with "
+               "`agentkeel sandbox build PLUGIN` or set image= on the tool" % (module_name, exc))
+        return _write(result_out, {"ok": False, "error": {"type": "import", "message": msg}})
+    except Exception as exc:
+        msg = "cannot load %s: %s: %s" % (target, type(exc).__name__, exc)
+        return _write(result_out, {"ok": False, "error": {"type": "import", "message": msg}})
+    try:
+        value = obj(**request.get("args", {}))
+        if request.get("is_async") or hasattr(value, "__await__"):
+            import asyncio
+
+            async def _await(v):
+                return await v
+
+            value = asyncio.run(_await(value))
+    except MemoryError:
+        return _write(result_out, {"ok": False, "error": {"type": "oom", "message": "out of memory (MemoryError)"}})
+    except BaseException as exc:
+        tb = traceback.format_exc()[-8000:]
+        msg = "%s: %s" % (type(exc).__name__, exc)
+        return _write(result_out, {"ok": False, "error": {"type": "exception", "message": msg[:4000],
+                                                          "exception": type(exc).__name__, "traceback": tb}})
+    try:
+        text = json.dumps({"ok": True, "value": value}, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        msg = "the tool returned a value that is not JSON: %s: %s" % (type(exc).__name__, str(exc)[:500])
+        return _write(result_out, {"ok": False, "error": {"type": "bad_output", "message": msg}})
+    result_out.write(text)
+    result_out.close()
+
+
+def _write(stream, payload):
+    stream.write(json.dumps(payload))
+    stream.close()
+
+
+def main(argv):
+    if len(argv) == 3 and argv[1] == "--child":
+        _child(int(argv[2]))
+        return 0
+    _harden_self()
+    line = sys.stdin.buffer.readline(MAX_REQUEST + 1)
+    if not line.strip():
+        return 0  # the host went away before sending a request
+    try:
+        request = json.loads(line.decode("utf-8"))
+        if not isinstance(request, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        _emit(_error("bad_request", "request is not a JSON object: %s" % exc))
+        return 0
+    if request.get("v") != PROTOCOL:
+        _emit(_error("bad_request", "protocol version %r, this runner speaks %d" % (request.get("v"), PROTOCOL)))
+        return 0
+    try:
+        _emit(_supervise(request))
+    except Exception as exc:
+        _emit(_error("internal", "runner failure: %s: %s" % (type(exc).__name__, exc)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
