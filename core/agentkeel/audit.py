@@ -25,11 +25,11 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
-from agentkeel.errors import AgentkeelError
+from agentkeel.errors import AuditLogError
 from agentkeel.types import AuditRecord
 
 if TYPE_CHECKING:
@@ -41,12 +41,6 @@ RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in attrs.fields(AuditRecord)
 CHAIN_FIELDS = ("seq", "prev", "hash")
 _TAIL_BLOCK = 4096
 
-
-class AuditLogError(AgentkeelError):
-    """The audit log cannot be appended to (closed, damaged tail, short write).
-
-    Lives here until ``agentkeel.errors`` grows an audit error.
-    """
 
 
 def default_path(config: Config) -> Path:
@@ -168,7 +162,9 @@ class AuditLog:
                 self._reopen_after_fork()
             fd = self._fd
             if fd is None:
-                raise AuditLogError(f"the audit log {self.path} is closed; open a new AuditLog to append")
+                raise AuditLogError(
+                    f"the audit log {self.path} is closed; open a new AuditLog to append"
+                )
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 size = os.fstat(fd).st_size
@@ -217,7 +213,7 @@ class AuditLog:
     def closed(self) -> bool:
         return self._fd is None
 
-    def __enter__(self) -> AuditLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,15 +264,15 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
     with file.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             problem = _check_line(raw, count + 1, prev)
-            if problem is not None:
+            if isinstance(problem, str):
                 return VerifyResult(False, count, problem, number, prev if count else None)
-            prev = json.loads(raw)["hash"]
+            prev = problem["hash"]
             count += 1
     return VerifyResult(True, count, None, None, prev if count else None)
 
 
-def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
-    """What is wrong with ``raw`` as record number ``seq`` following ``prev``, or None."""
+def _check_line(raw: bytes, seq: int, prev: str) -> str | dict[str, Any]:
+    """What is wrong with ``raw`` as record number ``seq`` following ``prev``, or the parsed record."""
     if not raw.endswith(b"\n"):
         return "incomplete last line (cut short, no newline)"
     try:
@@ -297,4 +293,4 @@ def _check_line(raw: bytes, seq: int, prev: str) -> str | None:
         return f"sequence number {body['seq']!r} where {seq} was expected: a line was deleted, added or moved"
     if body["prev"] != prev:
         return "prev does not match the hash of the line before: a line was deleted, added or moved"
-    return None
+    return body

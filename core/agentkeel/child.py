@@ -2,6 +2,11 @@
 
 Protocol (one call per process):
 
+- argv[1] (optional): a JSON startup document, applied as soon as the child
+  starts, while it waits for its request::
+
+      {"limits": {"memory_mb": 512, "max_open_files": 256}, "preload": ["module", ...]}
+
 - stdin: one JSON request, then EOF::
 
       {"tool": "module:qualname", "args": {...}, "deadline_s": 5.0,
@@ -13,14 +18,17 @@ Protocol (one call per process):
       {"ok": true, "value": ...}
       {"ok": false, "error": {"type": "ValueError", "message": "...", "retryable": true}}
 
-Before any tool code runs (including the import of the tool's module) the
-child applies the resource limits, points file descriptor 1 at stderr so that
-``print`` in a tool cannot corrupt the result, and arms an alarm a little past
-the deadline so that it dies on its own if the host is gone. Empty stdin (a
-prestarted spare that was never used) exits quietly with status 0.
+Before any tool code runs (including the import of a tool's module) the child
+applies the resource limits and points file descriptor 1 at stderr so that
+``print`` in a tool cannot corrupt the result. ``cpu_s`` counts from the moment
+the request arrives. An alarm a little past the deadline makes the child die on
+its own if the host is gone. Preloading (importing the modules of tools the
+host has called before) is best effort: a module that fails to import is
+imported again, and its error reported, when a request names it. Empty stdin
+(a prestarted child that was never used) exits quietly with status 0.
 
-This module deliberately imports nothing from agentkeel: the package is already
-imported by ``-m``, and the runner must stay independent of the host's state.
+This module imports nothing from agentkeel, so the runner stays independent of
+the host's state.
 """
 
 from __future__ import annotations
@@ -65,8 +73,10 @@ def apply_limits(limits: Mapping[str, Any]) -> None:
         _set_limit(resource.RLIMIT_AS, size, size)
     cpu_s = limits.get("cpu_s")
     if cpu_s:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = math.ceil(usage.ru_utime + usage.ru_stime)
         # Past the soft limit the kernel sends SIGXCPU (terminates), past the hard one SIGKILL.
-        _set_limit(resource.RLIMIT_CPU, int(cpu_s), int(cpu_s) + 1)
+        _set_limit(resource.RLIMIT_CPU, used + int(cpu_s), used + int(cpu_s) + 1)
     max_open_files = limits.get("max_open_files")
     if max_open_files:
         _set_limit(resource.RLIMIT_NOFILE, int(max_open_files), int(max_open_files))
@@ -169,7 +179,7 @@ def _describe(exc: BaseException) -> str:
         return f"the tool called sys.exit({exc.code!r})"
     try:
         return str(exc)
-    except Exception:  # a broken __str__ must not lose the error
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
         return f"<unprintable {type(exc).__name__}>"
 
 
@@ -180,14 +190,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _isolate_stdio() -> int:
+def _isolate_stdout() -> int:
     """Move the result channel off fd 1; tool output on fd 1 goes to stderr. Returns the channel."""
     result_fd = os.dup(1)  # not inheritable: grandchildren cannot write results
     os.dup2(2, 1)
+    return result_fd
+
+
+def _close_stdin() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    return result_fd
+
+
+def preload(modules: list[str]) -> None:
+    """Import ``modules`` ahead of the request; failures are left for the request to report."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001, S110 - the request meets the same error and reports it
+            pass
 
 
 def run_request(raw: bytes) -> bytes:
@@ -212,21 +234,25 @@ def run_request(raw: bytes) -> bytes:
         return OUT_OF_MEMORY
     except ResultNotJSONError as exc:
         return encode_error(exc)
-    except BaseException as exc:  # the tool's failure, whatever it is, becomes the result
+    except BaseException as exc:  # noqa: BLE001 - the tool's failure, whatever it is, becomes the result
         traceback.print_exc()
         return encode_error(exc)
 
 
 def main() -> None:
+    startup = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    result_fd = _isolate_stdout()
+    apply_limits(startup.get("limits", {}))
+    preload([str(name) for name in startup.get("preload", [])])
     raw = sys.stdin.buffer.read()
     if not raw.strip():
         os._exit(0)  # an unused prestarted child: the host is closing
-    result_fd = _isolate_stdio()
+    _close_stdin()
     payload = run_request(raw)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - a broken stream must not lose the result
             pass
     _write_all(result_fd, payload)
     # Skip interpreter shutdown: stray non-daemon threads must not hold the result back.

@@ -146,7 +146,8 @@ _attach_optional_commands()
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: clean errors, distinct exit codes, tracebacks on request."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        code = cli.main(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -6,6 +6,7 @@ Attached to the main CLI with ``cli.add_command(audit)``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -63,4 +64,4 @@ def verify_command(path: Path | None, config_path: Path | None, as_json: bool) -
             err=True,
         )
     if not result.ok:
-        raise click.exceptions.Exit(1)
+        sys.exit(1)  # not ctx.exit(1): a non-standalone caller would get it as a return value

@@ -24,7 +24,7 @@ class RunContext:
     config: Config
     budget: Budget
     pricer: Pricer
-    system: AgentSystem
+    system: AgentSystem | None = None
     costs: list[CostRecord] = attrs.field(factory=list)
 
     @property

@@ -71,3 +71,11 @@ class RateLimitedError(ToolError):
 
 class SandboxError(AgentkeelError):
     """A sandbox backend could not run a call (missing image, daemon down, bad output)."""
+
+
+class StoreError(AgentkeelError):
+    """The SQLite store cannot be used (a newer schema than this version knows, a failed migration)."""
+
+
+class AuditLogError(AgentkeelError):
+    """The audit log cannot be appended to (closed, damaged last line, short write)."""

@@ -77,11 +77,17 @@ class PlanExecutor:
             return self._finish(step, StepStatus.FAILED, started, error=str(exc))
 
         spec = system.tools[step.tool_name]
+        # The plan check validated arguments that hold no references; the rest,
+        # and any fallback tool's arguments, are validated here.
+        must_validate = bool(step.depends_on)
         attempt = 0
         while True:
-            problems = args_errors(spec, args)
-            if problems:
-                return self._finish(step, StepStatus.FAILED, started, args=args, error="; ".join(problems))
+            if must_validate:
+                problems = args_errors(spec, args)
+                if problems:
+                    return self._finish(step, StepStatus.FAILED, started, args=args, tool=spec.name,
+                                        error="; ".join(problems))
+                must_validate = False
             decision = system.plugins.authorize(run.principal, spec, args)
             system.audit_decision(run, spec.name, decision, args)
             if not decision.allowed:
@@ -108,6 +114,7 @@ class PlanExecutor:
                 if fallback is not None and fallback is not spec:
                     spec = fallback
                     attempt = 0
+                    must_validate = True
                     continue
                 return self._finish(step, StepStatus.FAILED, started, args=args, tool=spec.name,
                                     error=f"{failure} ({decision_r.reason})", attempts=attempt)
@@ -123,9 +130,9 @@ class PlanExecutor:
         reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}") if spec.cost_usd else None
         breaker = system.breakers.get(spec.name)
         try:
-            token = breaker.admit()
             if spec.rate_limit is not None:
                 await system.rate_limits.acquire(spec, spec.timeout)
+            token = breaker.admit()
             backend = system.sandboxes[spec.isolation]
             try:
                 result = await backend.run(ToolCall(spec, args, spec.timeout, run.run_id, step.step_id))
@@ -138,6 +145,9 @@ class PlanExecutor:
                 raise
             except Exception:
                 breaker.record_failure(token)
+                raise
+            except BaseException:  # cancelled: the call proved nothing either way
+                breaker.release(token)
                 raise
             breaker.record_success(token)
         except (ToolError, SandboxError) as exc:

@@ -48,7 +48,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.default_plugins.memory_sqlite",
     "agentkeel.default_plugins.planner_rules",
     "agentkeel.default_plugins.planner_llm",
-    "agentkeel.default_plugins.plan_check",
     "agentkeel.default_plugins.sandbox_inprocess",
     "agentkeel.default_plugins.sandbox_subprocess",
     "agentkeel.default_plugins.sandbox_docker",

@@ -26,17 +26,11 @@ from pathlib import Path
 
 import attrs
 
-from agentkeel.errors import AgentkeelError
+from agentkeel.errors import StoreError
 
 DB_FILENAME = "agentkeel.db"
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 
-
-class StoreError(AgentkeelError):
-    """The SQLite store cannot be used (newer schema, broken migration list).
-
-    Lives here until ``agentkeel.errors`` grows a store error.
-    """
 
 
 @attrs.frozen
@@ -92,12 +86,16 @@ def open_db(
     _check_migrations(migrations)
     path = db_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: SQLite refused WAL journaling (mode is {mode!r}); put the file on a local disk")
+            raise StoreError(
+                f"{path}: SQLite refused WAL journaling (mode is {mode!r}); put the file on a local disk"
+            )
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn, migrations, label=str(path))
@@ -111,7 +109,12 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS, *, label: str = "database") -> int:
+def migrate(
+    conn: sqlite3.Connection,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    label: str = "database",
+) -> int:
     """Apply the migrations the database lacks; return the resulting version.
 
     Safe against concurrent openers: the version is re-read under a write lock.

@@ -14,6 +14,7 @@ from typing import Any
 
 from agentkeel.audit import AuditLog
 from agentkeel.breaker import BreakerBoard
+from agentkeel.checks import plan_problems
 from agentkeel.config import Config
 from agentkeel.context import RunContext
 from agentkeel.cost import Budget, Pricer
@@ -194,12 +195,13 @@ class AgentSystem:
 
         plan: Plan | None = None
         try:
-            plan = await self._plan(run)
+            visible = self.visible_tools(run)
+            plan = await self._plan(run, visible)
             denials = self._permission_problems(run, plan)
             if denials:
                 return self._respond(request, RunStatus.DENIED, started, plan, (), run.costs,
                                      "permission denied: " + "; ".join(denials))
-            problems = self.plugins.check_plan(plan, self.tools.all(), principal)
+            problems = plan_problems(plan, self.tools.all()) or self.plugins.check_plan(plan, visible, principal)
             estimate = sum(self.tools[s.tool_name].cost_usd for s in plan.steps if s.tool_name in self.tools)
             if estimate > run.budget.remaining_usd:
                 problems.append(
@@ -220,9 +222,8 @@ class AgentSystem:
         response = self._respond(request, status, started, plan, steps, run.costs, _summary(status, steps))
         return response
 
-    async def _plan(self, run: RunContext) -> Plan:
+    async def _plan(self, run: RunContext, visible: dict[str, ToolSpec]) -> Plan:
         context = self.plugins.load_context(run.request, self.config)
-        visible = self.visible_tools(run)
         planned = self.plugins.plan(run.request, context, visible, run)
         if inspect.isawaitable(planned):
             planned = await planned

@@ -15,6 +15,13 @@ Result:   {"v": 1, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
 with T in: bad_request, import, exception, timeout, oom, output_limit,
 bad_output, result_too_large, killed.
 
+A worker child is started at once, before the request arrives, and imports
+the modules named in /opt/agentkeel/preload, so a warm container answers
+without paying for interpreter start-up.  Once the child is ready the runner
+writes the line ``agentkeel-runner-ready`` on stderr (the host waits for it
+before handing a pooled container out).  ``code`` requests run in that child
+as ``python -c`` would (exit status, tracebacks on stderr).
+
 Promises: the child never sees the caller's environment (a fixed minimal one);
 the deadline is enforced here by killing every process of the container except
 PID 1 and this runner; the child's stdout and stderr are captured and capped
@@ -34,6 +41,8 @@ import traceback
 PROTOCOL = 1
 MAX_REQUEST = 16 * 1024 * 1024
 WORKDIR = "/work"
+PRELOAD_FILE = "/opt/agentkeel/preload"
+READY_MARKER = "agentkeel-runner-ready"
 CHILD_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": WORKDIR,
@@ -144,95 +153,155 @@ def _error(kind, message, **extra):
     return {"v": PROTOCOL, "ok": False, "error": {"type": kind, "message": message}, **extra}
 
 
-def _supervise(request):
-    kind = request.get("kind")
-    deadline = float(request.get("deadline_s", 30))
-    out_limit = int(request.get("output_limit", 65536))
-    result_limit = int(request.get("result_limit", 1024 * 1024))
-    read_fd, write_fd = os.pipe()
-    if kind == "tool":
-        cmd = [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", str(write_fd)]
-        stdin = subprocess.PIPE
-    elif kind == "code":
-        if not isinstance(request.get("code"), str):
-            return _error("bad_request", "code request without a string 'code'")
-        cmd = [sys.executable, "-I", "-B", "-c", request["code"]]
-        stdin = subprocess.DEVNULL
-    else:
-        return _error("bad_request", "unknown request kind %r" % (kind,))
-    oom_before = _oom_kills()
-    started = time.monotonic()
-    cwd = WORKDIR if os.path.isdir(WORKDIR) else "/tmp"
-    proc = subprocess.Popen(
-        cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(CHILD_ENV),
-        cwd=cwd, pass_fds=(write_fd,), start_new_session=True,
-    )
-    os.close(write_fd)
-    overflow = threading.Event()
+class _Child:
+    """The worker process, started before the request arrives so that the
+    interpreter start-up (and the image's preloaded modules) cost nothing per call."""
 
-    def on_overflow():
-        overflow.set()
-        _kill_others()
+    def __init__(self):
+        read_fd, write_fd = os.pipe()
+        self.ready_fd, ready_w = os.pipe()
+        cwd = WORKDIR if os.path.isdir(WORKDIR) else "/tmp"
+        self.oom_before = _oom_kills()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", str(write_fd), str(ready_w)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(CHILD_ENV),
+            cwd=cwd, pass_fds=(write_fd, ready_w), start_new_session=True,
+        )
+        os.close(write_fd)
+        os.close(ready_w)
+        self.overflow = threading.Event()
+        self.out = _Capture(self.proc.stdout, 65536, self._on_overflow)
+        self.err = _Capture(self.proc.stderr, 65536, self._on_overflow)
+        self.res = _Capture(os.fdopen(read_fd, "rb"), 1024 * 1024 + 1, lambda: None)
+        for t in (self.out, self.err, self.res):
+            t.start()
 
-    out = _Capture(proc.stdout, out_limit, on_overflow)
-    err = _Capture(proc.stderr, out_limit, on_overflow)
-    res = _Capture(os.fdopen(read_fd, "rb"), result_limit + 1, lambda: None)
-    for t in (out, err, res):
-        t.start()
-    if stdin == subprocess.PIPE:
+    def wait_ready(self):
+        """Block until the child has preloaded (or died), then tell the host on stderr."""
         try:
-            proc.stdin.write(json.dumps(request).encode())
-            proc.stdin.close()
+            os.read(self.ready_fd, 1)
         except OSError:
             pass
-    timed_out = False
-    try:
-        proc.wait(timeout=max(deadline - (time.monotonic() - started), 0.001))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    _kill_others()
-    proc.wait()
-    for t in (out, err, res):
-        t.join(timeout=2)
-    duration = time.monotonic() - started
-    common = {
-        "stdout": out.text(), "stderr": err.text(), "stdout_truncated": out.truncated,
-        "stderr_truncated": err.truncated, "duration_s": round(duration, 6), "exit_code": proc.returncode,
-    }
-    oom_after = _oom_kills()
-    if timed_out:
-        return _error("timeout", "stopped at the deadline of %gs" % deadline, **common)
-    if overflow.is_set():
-        return _error("output_limit", "output exceeded %d bytes and the call was stopped" % out_limit, **common)
-    if oom_before is not None and oom_after is not None and oom_after > oom_before:
-        return _error("oom", "out of memory: the container's memory limit was reached", **common)
-    if kind == "code":
-        if proc.returncode == -signal.SIGKILL:
-            return _error("killed", "the code was killed (SIGKILL), most likely out of memory", **common)
-        return {"v": PROTOCOL, "ok": True, "value": None, **common}
-    if len(res.data) > result_limit:
-        return _error("result_too_large", "the tool's result exceeds %d bytes of JSON" % result_limit, **common)
-    if not res.data:
-        why = "killed by signal %d" % -proc.returncode if proc.returncode < 0 else "exit code %d" % proc.returncode
-        return _error("killed", "the tool process ended (%s) without a result" % why, **common)
-    try:
-        child = json.loads(res.data.decode("utf-8"))
-    except ValueError:
-        return _error("bad_output", "the tool process wrote an unreadable result", **common)
-    if child.get("ok"):
-        return {"v": PROTOCOL, "ok": True, "value": child.get("value"), **common}
-    return {"v": PROTOCOL, "ok": False, "error": child.get("error"), **common}
+        os.close(self.ready_fd)
+        sys.stderr.write(READY_MARKER + "\n")
+        sys.stderr.flush()
+
+    def _on_overflow(self):
+        self.overflow.set()
+        _kill_others()
+
+    def stop(self):
+        _kill_others()
+        self.proc.wait()
+
+    def run(self, request):
+        kind = request.get("kind")
+        if kind not in ("tool", "code"):
+            return _error("bad_request", "unknown request kind %r" % (kind,))
+        if kind == "code" and not isinstance(request.get("code"), str):
+            return _error("bad_request", "code request without a string 'code'")
+        deadline = float(request.get("deadline_s", 30))
+        out_limit = int(request.get("output_limit", 65536))
+        result_limit = int(request.get("result_limit", 1024 * 1024))
+        self.out.limit = self.err.limit = out_limit
+        self.res.limit = result_limit + 1
+        started = time.monotonic()
+        try:
+            self.proc.stdin.write(json.dumps(request).encode())
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        timed_out = False
+        # The result pipe closes when the child is done (or dies); joining its
+        # reader wakes us at once, where Popen.wait(timeout) would poll.
+        self.res.join(timeout=max(deadline - (time.monotonic() - started), 0.001))
+        try:
+            self.proc.wait(timeout=max(deadline - (time.monotonic() - started), 0.001))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        self.stop()
+        for t in (self.out, self.err, self.res):
+            t.join(timeout=2)
+        return self._result(kind, timed_out, deadline, out_limit, result_limit, time.monotonic() - started)
+
+    def _result(self, kind, timed_out, deadline, out_limit, result_limit, duration):
+        code = self.proc.returncode
+        common = {
+            "stdout": self.out.text(), "stderr": self.err.text(), "stdout_truncated": self.out.truncated,
+            "stderr_truncated": self.err.truncated, "duration_s": round(duration, 6), "exit_code": code,
+        }
+        oom_after = _oom_kills()
+        if timed_out:
+            return _error("timeout", "stopped at the deadline of %gs" % deadline, **common)
+        if self.overflow.is_set():
+            return _error("output_limit", "output exceeded %d bytes and the call was stopped" % out_limit, **common)
+        if self.oom_before is not None and oom_after is not None and oom_after > self.oom_before:
+            return _error("oom", "out of memory: the container's memory limit was reached", **common)
+        if len(self.res.data) > result_limit:
+            return _error("result_too_large", "the tool's result exceeds %d bytes of JSON" % result_limit, **common)
+        if not self.res.data:
+            why = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
+            if kind == "code" and code >= 0:
+                return {"v": PROTOCOL, "ok": True, "value": None, **common}
+            return _error("killed", "the process ended (%s) without a result" % why, **common)
+        try:
+            child = json.loads(self.res.data.decode("utf-8"))
+        except ValueError:
+            return _error("bad_output", "the tool process wrote an unreadable result", **common)
+        if child.get("ok"):
+            return {"v": PROTOCOL, "ok": True, "value": child.get("value"), **common}
+        return {"v": PROTOCOL, "ok": False, "error": child.get("error"), **common}
 
 
-def _child(fd):
+def _preload():
+    """Import the modules listed in the image's preload file (best effort)."""
+    try:
+        with open(PRELOAD_FILE) as fh:
+            names = [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
+
+
+def _run_code(code, result_out):
+    """Run ``code`` as ``python -c`` would; the exit status is the process's."""
+    status = 0
+    try:
+        exec(compile(code, "<code>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        kind, exc, tb = sys.exc_info()
+        traceback.print_exception(kind, exc, tb.tb_next if tb is not None else None)
+        status = 1
+    result_out.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _child(fd, ready_fd):
     """Import and call the tool; write {"ok", "value"|"error"} as JSON to ``fd``."""
     result_out = os.fdopen(fd, "w", encoding="utf-8")
-    request = json.loads(sys.stdin.read())
+    _preload()
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
+    request = json.loads(sys.stdin.read() or "{}")
     sys.stdin.close()
     try:
         sys.stdin = open(os.devnull)
     except OSError:
         pass
+    if request.get("kind") == "code":
+        return _run_code(request.get("code", ""), result_out)
     target = request.get("target", "")
     module_name, _, qualname = target.partition(":")
     try:
@@ -278,26 +347,41 @@ def _write(stream, payload):
     stream.close()
 
 
+def _finish():
+    """Exit the child at once: the result is written, interpreter teardown is wasted time."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
 def main(argv):
-    if len(argv) == 3 and argv[1] == "--child":
-        _child(int(argv[2]))
-        return 0
+    if len(argv) == 4 and argv[1] == "--child":
+        _child(int(argv[2]), int(argv[3]))
+        _finish()
     _harden_self()
+    child = _Child()
+    child.wait_ready()
     line = sys.stdin.buffer.readline(MAX_REQUEST + 1)
     if not line.strip():
+        child.stop()
         return 0  # the host went away before sending a request
     try:
         request = json.loads(line.decode("utf-8"))
         if not isinstance(request, dict):
             raise ValueError("not an object")
     except ValueError as exc:
+        child.stop()
         _emit(_error("bad_request", "request is not a JSON object: %s" % exc))
         return 0
     if request.get("v") != PROTOCOL:
+        child.stop()
         _emit(_error("bad_request", "protocol version %r, this runner speaks %d" % (request.get("v"), PROTOCOL)))
         return 0
     try:
-        _emit(_supervise(request))
+        _emit(child.run(request))
     except Exception as exc:
         _emit(_error("internal", "runner failure: %s: %s" % (type(exc).__name__, exc)))
     return 0

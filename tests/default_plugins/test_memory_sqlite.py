@@ -10,7 +10,6 @@ from typing import Any
 
 import pluggy
 import pytest
-
 from agentkeel import hookspecs
 from agentkeel.config import Config
 from agentkeel.default_plugins import memory_sqlite
@@ -46,7 +45,11 @@ def plugins() -> Plugins:
     return Plugins(pm)
 
 
-def make_config(home: Path, memory: Mapping[str, Any] | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> Config:
+def make_config(
+    home: Path,
+    memory: Mapping[str, Any] | None = None,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+) -> Config:
     if monkeypatch is not None:
         monkeypatch.delenv("AGENTKEEL_HOME", raising=False)
     data: dict[str, Any] = {"home": str(home)}
@@ -77,8 +80,12 @@ def exchange(
     return request
 
 
-def load(plugins: Plugins, config: Config, *, user: str = "alice", session: str = "default") -> MemoryContext:
-    return plugins.load_context(AgentRequest(message="next", user_id=user, session_id=session), config)
+def load(
+    plugins: Plugins, config: Config, *, user: str = "alice", session: str = "default"
+) -> MemoryContext:
+    return plugins.load_context(
+        AgentRequest(message="next", user_id=user, session_id=session), config
+    )
 
 
 def test_round_trip_oldest_first_with_run_ids(plugins: Plugins, config: Config) -> None:
@@ -101,7 +108,9 @@ def test_status_and_timestamp_are_stored(plugins: Plugins, config: Config) -> No
     request = exchange(plugins, config, "hi", "denied", status=RunStatus.DENIED)
     conn = sqlite3.connect(config.home / DB_FILENAME)
     try:
-        rows = conn.execute("SELECT role, status, ts, run_id FROM memory_turns ORDER BY id").fetchall()
+        rows = conn.execute(
+            "SELECT role, status, ts, run_id FROM memory_turns ORDER BY id"
+        ).fetchall()
     finally:
         conn.close()
     assert [(r[0], r[1], r[3]) for r in rows] == [
@@ -131,8 +140,14 @@ def test_sessions_are_isolated(plugins: Plugins, config: Config) -> None:
     exchange(plugins, config, "in session a", "ok a", session="a")
     exchange(plugins, config, "in session b", "ok b", session="b")
 
-    assert [t["content"] for t in load(plugins, config, session="a").turns] == ["in session a", "ok a"]
-    assert [t["content"] for t in load(plugins, config, session="b").turns] == ["in session b", "ok b"]
+    assert [t["content"] for t in load(plugins, config, session="a").turns] == [
+        "in session a",
+        "ok a",
+    ]
+    assert [t["content"] for t in load(plugins, config, session="b").turns] == [
+        "in session b",
+        "ok b",
+    ]
     assert load(plugins, config, session="default").turns == ()
 
 
@@ -143,10 +158,23 @@ def test_default_limit_is_the_last_ten_turns(plugins: Plugins, config: Config) -
     turns = load(plugins, config).turns
 
     assert len(turns) == memory_sqlite.DEFAULT_RECENT_TURNS == 10
-    assert [t["content"] for t in turns] == ["q3", "a3", "q4", "a4", "q5", "a5", "q6", "a6", "q7", "a7"]
+    assert [t["content"] for t in turns] == [
+        "q3",
+        "a3",
+        "q4",
+        "a4",
+        "q5",
+        "a5",
+        "q6",
+        "a6",
+        "q7",
+        "a7",
+    ]
 
 
-def test_configured_limit(plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configured_limit(
+    plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = make_config(tmp_path, {"recent_turns": 3}, monkeypatch)
     for i in range(4):
         exchange(plugins, config, f"q{i}", f"a{i}")
@@ -159,7 +187,11 @@ def test_configured_limit(plugins: Plugins, tmp_path: Path, monkeypatch: pytest.
 
 @pytest.mark.parametrize("bad", [-1, "5", 2.5, True, 10**6])
 def test_invalid_limit_is_named_and_falls_back(
-    plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, bad: Any
+    plugins: Plugins,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    bad: Any,
 ) -> None:
     config = make_config(tmp_path, {"recent_turns": bad}, monkeypatch)
     with pytest.raises(ConfigError, match="plugins.memory.recent_turns"):
@@ -179,7 +211,9 @@ def test_startup_rejects_an_invalid_limit(tmp_path: Path, monkeypatch: pytest.Mo
         memory_sqlite.agentkeel_startup(system=FakeSystem())  # type: ignore[arg-type]
 
 
-def test_follows_the_home_directory(plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_follows_the_home_directory(
+    plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AGENTKEEL_HOME", str(tmp_path / "one"))
     one = Config.from_dict({})
     exchange(plugins, one, "stored in one", "ok")
@@ -203,7 +237,9 @@ def test_corrupted_database_gives_empty_context_and_a_warning(
         exchange(plugins, config, "still served", "yes")  # must not raise either
 
     assert context == MemoryContext()
-    warnings = [r for r in caplog.records if r.name == "agentkeel.memory" and r.levelno == logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "agentkeel.memory" and r.levelno == logging.WARNING
+    ]
     assert len(warnings) == 2
     assert DB_FILENAME in warnings[0].getMessage()
 
@@ -253,7 +289,9 @@ def test_open_db_uses_wal_and_migrates_once(tmp_path: Path) -> None:
         assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert first.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         assert schema_version(first) == schema_version(second) == len(MIGRATIONS)
-        tables = {r[0] for r in second.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = {
+            r[0] for r in second.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
         assert "memory_turns" in tables
     finally:
         first.close()
@@ -262,7 +300,10 @@ def test_open_db_uses_wal_and_migrates_once(tmp_path: Path) -> None:
 
 def test_later_migrations_apply_to_an_existing_file(tmp_path: Path) -> None:
     open_db(tmp_path).close()
-    extra = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "journal", ("CREATE TABLE journal_x (k TEXT)",)))
+    extra = (
+        *MIGRATIONS,
+        Migration(len(MIGRATIONS) + 1, "journal", ("CREATE TABLE journal_x (k TEXT)",)),
+    )
 
     conn = open_db(tmp_path, migrations=extra)
     try:
@@ -276,7 +317,10 @@ def test_later_migrations_apply_to_an_existing_file(tmp_path: Path) -> None:
 
 
 def test_a_failing_migration_leaves_the_version_unchanged(tmp_path: Path) -> None:
-    broken = (*MIGRATIONS, Migration(len(MIGRATIONS) + 1, "bad", ("CREATE TABLE ok_t (x)", "NOT SQL")))
+    broken = (
+        *MIGRATIONS,
+        Migration(len(MIGRATIONS) + 1, "bad", ("CREATE TABLE ok_t (x)", "NOT SQL")),
+    )
     with pytest.raises(sqlite3.OperationalError):
         open_db(tmp_path, migrations=broken)
     conn = open_db(tmp_path)

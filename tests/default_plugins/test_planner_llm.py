@@ -8,7 +8,6 @@ from typing import Any
 
 import pluggy
 import pytest
-
 from agentkeel import hookspecs
 from agentkeel.config import Config
 from agentkeel.context import RunContext
@@ -37,12 +36,18 @@ def wipe_database() -> None:
     return None
 
 
-TOOLS: dict[str, ToolSpec] = {f.__agentkeel_tool__.name: f.__agentkeel_tool__ for f in (lookup_order, issue_refund)}
+TOOLS: dict[str, ToolSpec] = {
+    f.__agentkeel_tool__.name: f.__agentkeel_tool__ for f in (lookup_order, issue_refund)
+}
 
 GOOD_PLAN = {
     "reasoning": "look the order up, refund it if shipped",
     "steps": [
-        {"description": "find the order", "tool_name": "lookup_order", "tool_args": {"order_id": "1001"}},
+        {
+            "description": "find the order",
+            "tool_name": "lookup_order",
+            "tool_args": {"order_id": "1001"},
+        },
         {
             "description": "refund it",
             "tool_name": "issue_refund",
@@ -73,6 +78,7 @@ def make_run(
     *,
     budget_usd: float = 1.0,
     extra: Mapping[str, Any] | None = None,
+    timeout_s: float | None = None,
     message: str = "refund order 1001 if it shipped",
 ) -> RunContext:
     models: dict[str, Any] = {
@@ -83,7 +89,13 @@ def make_run(
     }
     if base_url is not None:
         models["base_url"] = base_url
-    data: dict[str, Any] = {"models": models, "prices": {"m-fast": FAST, "m-strong": STRONG}, **(extra or {})}
+    if timeout_s is not None:
+        models["timeout_s"] = timeout_s
+    data: dict[str, Any] = {
+        "models": models,
+        "prices": {"m-fast": FAST, "m-strong": STRONG},
+        **(extra or {}),
+    }
     config = Config.from_dict(data, "<test>")
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
@@ -99,7 +111,9 @@ def make_run(
     )
 
 
-async def plan_with(run: RunContext, context: MemoryContext | None = None, tools: Mapping[str, ToolSpec] = TOOLS) -> Any:
+async def plan_with(
+    run: RunContext, context: MemoryContext | None = None, tools: Mapping[str, ToolSpec] = TOOLS
+) -> Any:
     return await planner_llm.agentkeel_plan(
         request=run.request, context=context or MemoryContext(), tools=tools, run=run
     )
@@ -112,7 +126,9 @@ def no_retries() -> dict[str, Any]:
 async def test_valid_plan(openai_server: ScriptedOpenAIServer) -> None:
     openai_server.queue(GOOD_PLAN, usage=(900, 120))
     run = make_run(openai_server.base_url)
-    context = MemoryContext(turns=({"role": "user", "content": "my name is Ada"},), facts=("prefers email",))
+    context = MemoryContext(
+        turns=({"role": "user", "content": "my name is Ada"},), facts=("prefers email",)
+    )
     plan = await plan_with(run, context)
     assert plan.planner == "llm:fast"
     assert [s.tool_name for s in plan.steps] == ["lookup_order", "issue_refund"]
@@ -122,7 +138,9 @@ async def test_valid_plan(openai_server: ScriptedOpenAIServer) -> None:
     assert body["max_tokens"] == 500
     fmt = body["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "plan"
-    tool_name = fmt["json_schema"]["schema"]["properties"]["steps"]["items"]["properties"]["tool_name"]
+    tool_name = fmt["json_schema"]["schema"]["properties"]["steps"]["items"]["properties"][
+        "tool_name"
+    ]
     assert tool_name == {"enum": ["issue_refund", "lookup_order"]}
     system, user = body["messages"]
     assert user == {"role": "user", "content": "refund order 1001 if it shipped"}
@@ -178,11 +196,17 @@ async def test_hallucinated_tool_triggers_repair(openai_server: ScriptedOpenAISe
     assert "issue_refund, lookup_order" in feedback
 
 
-async def test_missing_argument_and_forward_reference_trigger_repair(openai_server: ScriptedOpenAIServer) -> None:
+async def test_missing_argument_and_forward_reference_trigger_repair(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     bad = {
         "reasoning": "r",
         "steps": [
-            {"description": "d", "tool_name": "issue_refund", "tool_args": {"order_id": {"$ref": "/2/id"}}},
+            {
+                "description": "d",
+                "tool_name": "issue_refund",
+                "tool_args": {"order_id": {"$ref": "/2/id"}},
+            },
             {"description": "d", "tool_name": "lookup_order", "tool_args": {"order_id": "1"}},
         ],
     }
@@ -194,15 +218,24 @@ async def test_missing_argument_and_forward_reference_trigger_repair(openai_serv
     assert "only refer to earlier steps" in feedback
 
 
-async def test_every_tier_invalid_is_rejected_with_all_reasons(openai_server: ScriptedOpenAIServer) -> None:
+async def test_every_tier_invalid_is_rejected_with_all_reasons(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     for _ in range(4):
         openai_server.queue(HALLUCINATED_PLAN)
     with pytest.raises(PlanRejectedError) as rejected:
         await plan_with(make_run(openai_server.base_url))
-    assert [r["model"] for r in openai_server.requests] == ["m-fast", "m-fast", "m-strong", "m-strong"]
+    assert [r["model"] for r in openai_server.requests] == [
+        "m-fast",
+        "m-fast",
+        "m-strong",
+        "m-strong",
+    ]
     reasons = rejected.value.reasons
     assert len(reasons) == 2
-    assert reasons[0].startswith("tier 'fast' (m-fast)") and reasons[1].startswith("tier 'strong' (m-strong)")
+    assert reasons[0].startswith("tier 'fast' (m-fast)") and reasons[1].startswith(
+        "tier 'strong' (m-strong)"
+    )
     assert all("delete_everything" in r for r in reasons)
 
 
@@ -217,10 +250,16 @@ async def test_cascade_escalates_to_the_next_tier(openai_server: ScriptedOpenAIS
     assert openai_server.requests[2]["max_tokens"] == 1000
     # the strong tier starts afresh: no repair turns from the fast tier
     assert len(openai_server.requests[2]["messages"]) == 2
-    assert [(c.tier, c.model) for c in run.costs] == [("fast", "m-fast"), ("fast", "m-fast"), ("strong", "m-strong")]
+    assert [(c.tier, c.model) for c in run.costs] == [
+        ("fast", "m-fast"),
+        ("fast", "m-fast"),
+        ("strong", "m-strong"),
+    ]
 
 
-async def test_429_with_retry_after_is_retried_once_by_the_client(openai_server: ScriptedOpenAIServer) -> None:
+async def test_429_with_retry_after_is_retried_once_by_the_client(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue_error(429, retry_after=0.05)
     openai_server.queue(GOOD_PLAN, usage=(100, 10))
     run = make_run(openai_server.base_url)
@@ -251,33 +290,45 @@ async def test_server_error_on_a_tier_escalates(openai_server: ScriptedOpenAISer
     assert run.budget.spent_usd == pytest.approx((100 * 10.0 + 10 * 40.0) / 1e6)
 
 
-async def test_usage_is_recorded_and_budget_settled_to_the_real_price(openai_server: ScriptedOpenAIServer) -> None:
+async def test_usage_is_recorded_and_budget_settled_to_the_real_price(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue(GOOD_PLAN, usage=(1000, 250))
     run = make_run(openai_server.base_url)
     await plan_with(run)
     expected = (1000 * 1.0 + 250 * 4.0) / 1e6
-    assert run.costs == [
-        CostRecord(kind="llm", cost_usd=pytest.approx(expected), model="m-fast", tier="fast", usage=Usage(1000, 250))  # type: ignore[arg-type]
-    ]
+    [record] = run.costs
+    assert record == CostRecord(
+        kind="llm", cost_usd=record.cost_usd, model="m-fast", tier="fast", usage=Usage(1000, 250)
+    )
+    assert record.cost_usd == pytest.approx(expected)
     assert run.budget.spent_usd == pytest.approx(expected)
     assert run.budget.reserved_usd == pytest.approx(0.0)
 
 
-async def test_unreported_usage_is_charged_at_the_worst_case(openai_server: ScriptedOpenAIServer) -> None:
+async def test_unreported_usage_is_charged_at_the_worst_case(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue(GOOD_PLAN, report_usage=False)
     run = make_run(openai_server.base_url)
     await plan_with(run)
     [record] = run.costs
     assert record.usage is not None and record.usage.output_tokens == 500
-    assert record.usage.input_tokens >= len(json.dumps(openai_server.requests[0]["messages"][0]["content"])) // 2
-    assert run.budget.spent_usd == pytest.approx(record.cost_usd) and record.cost_usd > 500 * 4.0 / 1e6
+    assert (
+        record.usage.input_tokens
+        >= len(json.dumps(openai_server.requests[0]["messages"][0]["content"])) // 2
+    )
+    assert (
+        run.budget.spent_usd == pytest.approx(record.cost_usd) and record.cost_usd > 500 * 4.0 / 1e6
+    )
 
 
-async def test_timeout_is_charged_at_the_worst_case_and_escalates(openai_server: ScriptedOpenAIServer) -> None:
+async def test_timeout_is_charged_at_the_worst_case_and_escalates(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue_slow(2.0, GOOD_PLAN)
     openai_server.queue(GOOD_PLAN, usage=(100, 10))
-    run = make_run(openai_server.base_url, extra=no_retries())
-    run.config = Config.from_dict({**run.config.raw, "models": {**run.config.raw["models"], "timeout_s": 0.3}})
+    run = make_run(openai_server.base_url, extra=no_retries(), timeout_s=0.3)
     plan = await plan_with(run)
     assert plan.planner == "llm:strong"
     worst, real = run.costs
@@ -285,7 +336,9 @@ async def test_timeout_is_charged_at_the_worst_case_and_escalates(openai_server:
     assert real.usage == Usage(100, 10)
 
 
-async def test_budget_too_small_stops_before_any_request(openai_server: ScriptedOpenAIServer) -> None:
+async def test_budget_too_small_stops_before_any_request(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue(GOOD_PLAN)
     run = make_run(openai_server.base_url, budget_usd=0.0001)
     with pytest.raises(BudgetExceededError, match="m-fast"):
@@ -301,8 +354,33 @@ async def test_env_configures_the_endpoint(openai_server_env: ScriptedOpenAIServ
     assert openai_server_env.request_headers[0]["authorization"] == "Bearer sk-agentkeel-test"
 
 
-async def test_no_key_and_no_base_url_says_how_to_configure(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_no_key_and_no_base_url_says_how_to_configure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(PlanningError, match="no plan template matched.*OPENAI_API_KEY.*OPENAI_BASE_URL"):
+    with pytest.raises(
+        PlanningError, match="no plan template matched.*OPENAI_API_KEY.*OPENAI_BASE_URL"
+    ):
         await plan_with(make_run(None))
+
+
+async def test_a_400_unrelated_to_json_schema_is_not_remembered(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
+    openai_server.queue_error(400, message="unknown model m-fast")
+    openai_server.queue_error(400, message="unknown model m-fast")
+    openai_server.queue(GOOD_PLAN)
+    plan = await plan_with(make_run(openai_server.base_url))
+    assert plan.planner == "llm:strong"
+    formats = [r["response_format"]["type"] for r in openai_server.requests]
+    assert formats == ["json_schema", "json_object", "json_schema"]
+
+
+async def test_an_answer_cut_off_at_max_tokens_is_repaired(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
+    openai_server.queue('{"reasoning": "long", "ste', finish_reason="length")
+    openai_server.queue(GOOD_PLAN)
+    await plan_with(make_run(openai_server.base_url))
+    assert "cut off at max_tokens" in openai_server.requests[1]["messages"][-1]["content"]

@@ -9,10 +9,11 @@ import urllib.request
 
 import openai
 import pytest
-
 from agentkeel.testing.server import ScriptedOpenAIServer
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 def client(server: ScriptedOpenAIServer, **kwargs: object) -> openai.OpenAI:
@@ -21,13 +22,19 @@ def client(server: ScriptedOpenAIServer, **kwargs: object) -> openai.OpenAI:
 
 def test_completion_has_the_openai_shape(openai_server: ScriptedOpenAIServer) -> None:
     openai_server.queue("hi there", usage=(12, 3))
-    response = client(openai_server).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=50)
+    response = client(openai_server).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=50
+    )
     assert response.choices[0].message.content == "hi there"
     assert response.choices[0].finish_reason == "stop"
     assert response.model == "gpt-4o-mini"
     assert response.id.startswith("chatcmpl-")
     assert response.usage is not None
-    assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (12, 3, 15)
+    assert (
+        response.usage.prompt_tokens,
+        response.usage.completion_tokens,
+        response.usage.total_tokens,
+    ) == (12, 3, 15)
     [body] = openai_server.requests
     assert body["model"] == "gpt-4o-mini"
     assert body["max_tokens"] == 50
@@ -35,7 +42,9 @@ def test_completion_has_the_openai_shape(openai_server: ScriptedOpenAIServer) ->
     assert openai_server.request_headers[0]["authorization"] == "Bearer sk-test"
 
 
-def test_objects_are_sent_as_json_and_usage_can_be_estimated_or_omitted(openai_server: ScriptedOpenAIServer) -> None:
+def test_objects_are_sent_as_json_and_usage_can_be_estimated_or_omitted(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     openai_server.queue({"steps": [1, 2]}, model="other-model")
     openai_server.queue("x", report_usage=False, finish_reason="length")
     c = client(openai_server)
@@ -52,12 +61,17 @@ def test_replies_are_served_in_order(openai_server: ScriptedOpenAIServer) -> Non
     for text in ("one", "two", "three"):
         openai_server.queue(text)
     c = client(openai_server)
-    got = [c.chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content for _ in range(3)]
+    got = [
+        c.chat.completions.create(model="m", messages=MESSAGES).choices[0].message.content
+        for _ in range(3)
+    ]
     assert got == ["one", "two", "three"]
     assert openai_server.pending == 0
 
 
-def test_empty_queue_is_a_clear_500_that_the_client_does_not_retry(openai_server: ScriptedOpenAIServer) -> None:
+def test_empty_queue_is_a_clear_500_that_the_client_does_not_retry(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
     with pytest.raises(openai.InternalServerError, match="no reply was scripted"):
         client(openai_server, max_retries=2).chat.completions.create(model="m", messages=MESSAGES)
     assert len(openai_server.requests) == 1
@@ -66,7 +80,9 @@ def test_empty_queue_is_a_clear_500_that_the_client_does_not_retry(openai_server
 def test_429_with_retry_after_is_retried_by_the_client(openai_server: ScriptedOpenAIServer) -> None:
     openai_server.queue_error(429, retry_after=0.05)
     openai_server.queue("after the wait")
-    response = client(openai_server, max_retries=1).chat.completions.create(model="m", messages=MESSAGES)
+    response = client(openai_server, max_retries=1).chat.completions.create(
+        model="m", messages=MESSAGES
+    )
     assert response.choices[0].message.content == "after the wait"
     assert len(openai_server.requests) == 2
 
@@ -77,7 +93,12 @@ def test_retry_after_header_and_error_body(openai_server: ScriptedOpenAIServer) 
     with pytest.raises(openai.RateLimitError) as rate:
         client(openai_server, max_retries=0).chat.completions.create(model="m", messages=MESSAGES)
     assert rate.value.response.headers["retry-after"] == "3"
-    assert rate.value.body == {"message": "slow down", "type": "rate_limit_error", "param": None, "code": None}
+    assert rate.value.body == {
+        "message": "slow down",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": None,
+    }
     with pytest.raises(openai.InternalServerError):
         client(openai_server, max_retries=0).chat.completions.create(model="m", messages=MESSAGES)
 
@@ -85,7 +106,9 @@ def test_retry_after_header_and_error_body(openai_server: ScriptedOpenAIServer) 
 def test_slow_reply_trips_the_client_timeout(openai_server: ScriptedOpenAIServer) -> None:
     openai_server.queue_slow(2.0, "late")
     with pytest.raises(openai.APITimeoutError):
-        client(openai_server, max_retries=0, timeout=0.2).chat.completions.create(model="m", messages=MESSAGES)
+        client(openai_server, max_retries=0, timeout=0.2).chat.completions.create(
+            model="m", messages=MESSAGES
+        )
     openai_server.queue_slow(0.05, "a little late")
     response = client(openai_server).chat.completions.create(model="m", messages=MESSAGES)
     assert response.choices[0].message.content == "a little late"
@@ -94,7 +117,9 @@ def test_slow_reply_trips_the_client_timeout(openai_server: ScriptedOpenAIServer
 def test_malformed_body_is_not_json(openai_server: ScriptedOpenAIServer) -> None:
     openai_server.queue_malformed()
     url = openai_server.base_url + "/chat/completions"
-    request = urllib.request.Request(url, data=json.dumps({"model": "m", "messages": []}).encode(), method="POST")
+    request = urllib.request.Request(
+        url, data=json.dumps({"model": "m", "messages": []}).encode(), method="POST"
+    )
     with urllib.request.urlopen(request) as answer:
         raw = answer.read()
     with pytest.raises(json.JSONDecodeError):
@@ -105,21 +130,33 @@ def test_json_schema_refused_when_unsupported_without_consuming_a_reply() -> Non
     with ScriptedOpenAIServer(supports_json_schema=False) as server:
         server.queue("{}")
         c = client(server, max_retries=0)
-        schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        schema_format: ResponseFormatJSONSchema = {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "object"}},
+        }
         with pytest.raises(openai.BadRequestError, match="json_schema"):
-            c.chat.completions.create(model="m", messages=MESSAGES, response_format=schema_format)  # type: ignore[arg-type]
+            c.chat.completions.create(model="m", messages=MESSAGES, response_format=schema_format)
         assert server.pending == 1
-        response = c.chat.completions.create(model="m", messages=MESSAGES, response_format={"type": "json_object"})
+        response = c.chat.completions.create(
+            model="m", messages=MESSAGES, response_format={"type": "json_object"}
+        )
         assert response.choices[0].message.content == "{}"
-        assert [r["response_format"]["type"] for r in server.requests] == ["json_schema", "json_object"]
+        assert [r["response_format"]["type"] for r in server.requests] == [
+            "json_schema",
+            "json_object",
+        ]
 
 
 def test_api_key_is_enforced_when_configured() -> None:
     with ScriptedOpenAIServer(api_key="right") as server:
         server.queue("ok")
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=server.base_url, api_key="wrong").chat.completions.create(model="m", messages=MESSAGES)
-        ok = openai.OpenAI(base_url=server.base_url, api_key="right").chat.completions.create(model="m", messages=MESSAGES)
+            openai.OpenAI(base_url=server.base_url, api_key="wrong").chat.completions.create(
+                model="m", messages=MESSAGES
+            )
+        ok = openai.OpenAI(base_url=server.base_url, api_key="right").chat.completions.create(
+            model="m", messages=MESSAGES
+        )
         assert ok.choices[0].message.content == "ok"
 
 
@@ -137,10 +174,12 @@ def test_stop_is_prompt_and_base_url_needs_a_running_server() -> None:
     server.queue_slow(30, "never sent")
     server.stop()
     with pytest.raises(RuntimeError, match="start"):
-        server.base_url
+        _ = server.base_url
 
 
-def test_env_fixture_points_the_default_client_at_the_server(openai_server_env: ScriptedOpenAIServer) -> None:
+def test_env_fixture_points_the_default_client_at_the_server(
+    openai_server_env: ScriptedOpenAIServer,
+) -> None:
     assert os.environ["OPENAI_BASE_URL"] == openai_server_env.base_url
     openai_server_env.queue("from env")
     response = openai.OpenAI().chat.completions.create(model="m", messages=MESSAGES)

@@ -91,7 +91,10 @@ def agentkeel_load_context(request: AgentRequest, config: Config) -> MemoryConte
     def load(conn: sqlite3.Connection) -> MemoryContext:
         rows = conn.execute(_SELECT_RECENT, (request.user_id, request.session_id, limit)).fetchall()
         return MemoryContext(
-            turns=tuple({"role": role, "content": content, "run_id": run_id} for role, content, run_id in reversed(rows))
+            turns=tuple(
+                {"role": role, "content": content, "run_id": run_id}
+                for role, content, run_id in reversed(rows)
+            )
         )
 
     return _guarded(config.home, "load the recent turns", load) or MemoryContext()
@@ -104,7 +107,10 @@ def agentkeel_save_turn(request: AgentRequest, response: AgentResponse, config: 
     row_key = (request.user_id, request.session_id, request.run_id)
 
     def save(conn: sqlite3.Connection) -> bool:
-        conn.execute(_INSERT_EXCHANGE, (*row_key, request.message, status, now, *row_key, response.message, status, now))
+        conn.execute(
+            _INSERT_EXCHANGE,
+            (*row_key, request.message, status, now, *row_key, response.message, status, now),
+        )
         return True
 
     _guarded(config.home, "save the turn", save)
@@ -138,4 +144,3 @@ def _guarded(home: Path, what: str, action: Callable[[sqlite3.Connection], _T]) 
             exc,
         )
         return None
-

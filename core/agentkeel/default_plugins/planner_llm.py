@@ -14,8 +14,9 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
   answer gets ONE repair round (the answer and its errors are sent back); still
   invalid, the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
 - Retries of failed HTTP calls happen in one layer only: the openai client's
-  (``max_retries``, honouring ``Retry-After``). This module never re-sends a
-  failed call itself.
+  (``max_retries``, honouring ``Retry-After``; ``[plugins.planner_llm]
+  max_retries`` in the config, default 2). This module never re-sends a failed
+  call itself: after the client gives up, the cascade moves to the next tier.
 - Budget: before every call the worst case is reserved with
   ``run.reserve_llm`` (``BudgetExceededError`` propagates, nothing is sent);
   after it the reservation is settled to the reported usage. A call that ends
@@ -32,7 +33,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import openai
 
 from agentkeel.cost import prompt_token_upper_bound
 from agentkeel.errors import PlanningError, PlanRejectedError
@@ -41,6 +41,7 @@ from agentkeel.plan import parse_plan, plan_wire_schema
 from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec, Usage
 
 if TYPE_CHECKING:
+    import openai
     from agentkeel.config import Config, ModelTier
     from agentkeel.context import RunContext
     from agentkeel.cost import Reservation
@@ -83,9 +84,13 @@ async def agentkeel_plan(
     request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
 ) -> Plan:
     """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError."""
+    import openai  # imported on first use: it takes longer to import than the rest of agentkeel
+
     config = run.config
     if not config.tiers:
-        raise PlanningError("no plan template matched and no LLM tiers are configured; add [[models.tiers]]")
+        raise PlanningError(
+            "no plan template matched and no LLM tiers are configured; add [[models.tiers]]"
+        )
     messages = build_messages(request, context, tools)
     reasons: list[str] = []
     only_rejections = True
@@ -96,7 +101,9 @@ async def agentkeel_plan(
             except _InvalidAnswer as exc:
                 reasons.append(f"tier {tier.name!r} ({tier.model}): " + "; ".join(exc.errors))
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-                raise PlanningError(f"the LLM server refused the credentials: {exc}; check OPENAI_API_KEY") from exc
+                raise PlanningError(
+                    f"the LLM server refused the credentials: {exc}; check OPENAI_API_KEY"
+                ) from exc
             except PlanningError as exc:
                 only_rejections = False
                 reasons.append(f"tier {tier.name!r} ({tier.model}): {exc}")
@@ -106,6 +113,8 @@ async def agentkeel_plan(
 
 
 def _client(config: Config) -> openai.AsyncOpenAI:
+    import openai
+
     base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = os.environ.get("OPENAI_API_KEY")
     if not api_key and not base_url:
@@ -129,14 +138,19 @@ def build_messages(
     lines = ["You plan tool calls for an agent. Tools you may use:"]
     for name in sorted(tools):
         spec = tools[name]
-        lines.append(f"- {name}: {spec.description}\n  args (JSON Schema): {json.dumps(spec.args_schema, sort_keys=True)}")
+        lines.append(
+            f"- {name}: {spec.description}\n  args (JSON Schema): {json.dumps(spec.args_schema, sort_keys=True)}"
+        )
     if not tools:
         lines.append("(none: the plan must have no steps)")
     lines += ["", _WIRE_FORMAT]
     memory = context.render()
     if memory:
         lines += ["", "What you know about this user and conversation:", memory]
-    return [{"role": "system", "content": "\n".join(lines)}, {"role": "user", "content": request.message}]
+    return [
+        {"role": "system", "content": "\n".join(lines)},
+        {"role": "user", "content": request.message},
+    ]
 
 
 async def _plan_with_tier(
@@ -186,14 +200,20 @@ def validate_answer(
         spec = tools.get(step.tool_name)
         if spec is None:
             available = ", ".join(sorted(tools)) or "none"
-            errors.append(f"{where}: tool {step.tool_name!r} is not available; use one of: {available}")
+            errors.append(
+                f"{where}: tool {step.tool_name!r} is not available; use one of: {available}"
+            )
             continue
         missing = [a for a in spec.args_schema.get("required", ()) if a not in step.tool_args]
         if missing:
-            errors.append(f"{where}: {step.tool_name} is missing required argument(s) {', '.join(missing)}")
+            errors.append(
+                f"{where}: {step.tool_name} is missing required argument(s) {', '.join(missing)}"
+            )
         later = sorted(d for d in step.depends_on if d >= step.step_id)
         if later:
-            errors.append(f"{where}: refers to step(s) {later}; a step may only refer to earlier steps")
+            errors.append(
+                f"{where}: refers to step(s) {later}; a step may only refer to earlier steps"
+            )
     if errors:
         raise _InvalidAnswer(errors)
     return plan
@@ -210,6 +230,8 @@ async def _complete(
 
     Returns the answer's text and whether it was cut off at ``max_tokens``.
     """
+    import openai
+
     key = str(client.base_url)
     use_schema = key not in _NO_JSON_SCHEMA
     while True:
@@ -222,12 +244,12 @@ async def _complete(
             response_format = {"type": "json_object"}
         reservation = run.reserve_llm(tier.model, messages, tier.max_tokens)
         try:
-            response = await client.chat.completions.create(
+            response = await client.chat.completions.create(  # type: ignore[call-overload]
                 model=tier.model,
-                messages=messages,  # type: ignore[arg-type]
+                messages=messages,
                 max_tokens=tier.max_tokens,
                 temperature=tier.temperature,
-                response_format=response_format,  # type: ignore[arg-type]
+                response_format=response_format,
             )
         except openai.BadRequestError as exc:
             reservation.release()
@@ -239,7 +261,9 @@ async def _complete(
             reservation.release()
             if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
                 raise
-            raise PlanningError(f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}") from exc
+            raise PlanningError(
+                f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}"
+            ) from exc
         except (openai.APIError, json.JSONDecodeError) as exc:
             _settle_worst_case(run, reservation, tier, messages)
             raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
@@ -256,6 +280,8 @@ async def _complete(
         return choice.message.content, choice.finish_reason == "length"
 
 
-def _settle_worst_case(run: RunContext, reservation: Reservation, tier: ModelTier, messages: list[dict[str, str]]) -> None:
+def _settle_worst_case(
+    run: RunContext, reservation: Reservation, tier: ModelTier, messages: list[dict[str, str]]
+) -> None:
     worst = Usage(prompt_token_upper_bound(messages), tier.max_tokens)
     run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst)

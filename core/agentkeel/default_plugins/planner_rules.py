@@ -19,14 +19,20 @@ from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec
 def agentkeel_plan(
     request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
 ) -> Plan | None:
+    if run.system is None:
+        return None
+    registry = run.system.tools
     for template in run.system.templates:
         wire = template.match(request.message)
         if wire is None:
             continue
-        if any(step.get("tool_name") not in tools for step in wire["steps"]):
-            continue  # the principal cannot call every tool this template needs
+        if any(step.get("tool_name") not in registry for step in wire["steps"]):
+            continue  # a tool this template needs is not installed
+        # Templates are fixed text, not model output: a step naming a tool the
+        # principal may not call is kept, so the request is denied (and audited)
+        # rather than sent to another planner.
         for step in wire["steps"]:
-            _coerce_args(step, tools[step["tool_name"]])
+            _coerce_args(step, registry[step["tool_name"]])
         return parse_plan(wire, planner=f"rules:{template.name or template.pattern}")
     return None
 

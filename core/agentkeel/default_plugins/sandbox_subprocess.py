@@ -20,8 +20,10 @@ What it promises:
 Configuration, ``[sandbox.subprocess]`` in agentkeel.toml: ``memory_mb`` (512),
 ``cpu_s`` (ceil(timeout) + 1), ``max_open_files`` (256), ``max_output_bytes``
 (1 MiB), ``stderr_tail_bytes`` (4096), ``prestart`` (1: children started ahead
-of time, so a call does not wait for the interpreter to start), ``pass_env``
-(extra variable names to pass through) and ``env`` (variables to set).
+of time, so a call does not wait for the interpreter to start), ``preload``
+(modules a prestarted child imports while it waits; the modules of tools
+already called are added automatically), ``pass_env`` (extra variable names
+to pass through) and ``env`` (variables to set).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ CHILD_MODULE = "agentkeel.child"
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 READ_CHUNK = 64 * 1024
 STDERR_GRACE_S = 0.5
+MAX_LEARNED_MODULES = 64
 
 
 def _positive_int(value: Any) -> bool:
@@ -63,6 +66,7 @@ class SubprocessSettings:
     max_output_bytes: int = 1 << 20
     stderr_tail_bytes: int = 4096
     prestart: int = 1
+    preload: tuple[str, ...] = ()
     pass_env: tuple[str, ...] = ()
     env: Mapping[str, str] = attrs.field(factory=dict)
     python: str = sys.executable
@@ -75,9 +79,9 @@ class SubprocessSettings:
             where = f"sandbox.subprocess.{key}"
             if key not in known:
                 raise ConfigError(f"{where}: unknown setting; known settings are {sorted(known)}")
-            if key in ("pass_env",):
+            if key in ("pass_env", "preload"):
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ConfigError(f"{where}: must be a list of environment variable names")
+                    raise ConfigError(f"{where}: must be a list of names")
             elif key == "env":
                 if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
                     raise ConfigError(f"{where}: must be a table of string values")
@@ -87,8 +91,9 @@ class SubprocessSettings:
             elif not _positive_int(value):
                 raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
         values = dict(section)
-        if "pass_env" in values:
-            values["pass_env"] = tuple(values["pass_env"])
+        for key in ("pass_env", "preload"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def cpu_limit(self, timeout: float) -> int:
@@ -191,6 +196,7 @@ class SubprocessBackend:
         self._spare_loop: asyncio.AbstractEventLoop | None = None
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._modules: dict[str, None] = dict.fromkeys(self.settings.preload)
 
     @classmethod
     def from_config(cls, config: Config) -> SubprocessBackend:
@@ -200,6 +206,8 @@ class SubprocessBackend:
         spec = call.spec
         _check_importable(spec)
         request = self._request(call)
+        if len(self._modules) < MAX_LEARNED_MODULES:
+            self._modules.setdefault(spec.fn.__module__)
         tail = _StderrTail(self.settings.stderr_tail_bytes)
         exchange: _Exchange | None = None
         deadline = asyncio.timeout(call.timeout)
@@ -257,10 +265,16 @@ class SubprocessBackend:
             ) from None
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        startup = {
+            "limits": {"memory_mb": self.settings.memory_mb, "max_open_files": self.settings.max_open_files},
+            "preload": list(self._modules),
+        }
         return await asyncio.create_subprocess_exec(
             self.settings.python,
+            "-P",  # no current directory on sys.path: imports come from the host's path only
             "-m",
             CHILD_MODULE,
+            json.dumps(startup),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -405,7 +419,7 @@ class SubprocessBackend:
 
     @staticmethod
     def _with_tail(error: ToolError, tail: _StderrTail) -> ToolError:
-        setattr(error, "stderr_tail", tail.text())
+        error.stderr_tail = tail.text()  # type: ignore[attr-defined]
         return error
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from agentkeel.config import Config
 from agentkeel.markers import hookimpl
 from agentkeel.plan import parse_plan
+from agentkeel.testing.server import OpenAIServer
 from agentkeel.types import Plan
 
 if TYPE_CHECKING:
@@ -63,4 +64,4 @@ def make_system(
     return AgentSystem(Config.from_dict(data, "<test>"), plugins=plugins, load_entrypoints=load_entrypoints)
 
 
-__all__ = ["ScriptedPlanner", "make_system"]
+__all__ = ["OpenAIServer", "ScriptedPlanner", "make_system"]

@@ -28,8 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-
+from typing import Any, Self
 
 __all__ = ["OpenAIServer", "ScriptedOpenAIServer", "ScriptedReply"]
 
@@ -49,7 +48,9 @@ class ScriptedReply:
     finish_reason: str = "stop"
 
 
-def _error_body(message: str, *, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def _error_body(
+    message: str, *, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -61,32 +62,45 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Stay quiet: test output is for the test."""
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
             owner = self.server.owner
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "agentkeel-testing"} for m in owner.models]
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "agentkeel-testing"}
+                for m in owner.models
+            ]
             self._send(200, {"object": "list", "data": data})
         else:
-            self._send(404, _error_body(f"no route GET {self.path}", error_type="invalid_request_error"))
+            self._send(
+                404, _error_body(f"no route GET {self.path}", error_type="invalid_request_error")
+            )
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, _error_body(f"no route POST {self.path}", error_type="invalid_request_error"))
+            self._send(
+                404, _error_body(f"no route POST {self.path}", error_type="invalid_request_error")
+            )
             return
         try:
             body = json.loads(raw or b"null")
         except json.JSONDecodeError as exc:
-            self._send(400, _error_body(f"request body is not JSON: {exc}", error_type="invalid_request_error"))
+            self._send(
+                400,
+                _error_body(f"request body is not JSON: {exc}", error_type="invalid_request_error"),
+            )
             return
         self.server.owner._handle_completion(self, body)
 
     def _send(
-        self, status: int, body: bytes | Mapping[str, Any] | None, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        body: bytes | Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
@@ -133,7 +147,7 @@ class ScriptedOpenAIServer:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> ScriptedOpenAIServer:
+    def start(self) -> Self:
         if self._httpd is not None:
             return self
         self._stopping.clear()
@@ -141,7 +155,10 @@ class ScriptedOpenAIServer:
         httpd.owner = self
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="scripted-openai", daemon=True
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="scripted-openai",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -157,7 +174,7 @@ class ScriptedOpenAIServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> ScriptedOpenAIServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -195,7 +212,13 @@ class ScriptedOpenAIServer:
         text = content if isinstance(content, str) else json.dumps(content)
         self._push(
             ScriptedReply(
-                200, None, content=text, usage=usage, report_usage=report_usage, model=model, finish_reason=finish_reason
+                200,
+                None,
+                content=text,
+                usage=usage,
+                report_usage=report_usage,
+                model=model,
+                finish_reason=finish_reason,
             )
         )
 
@@ -250,22 +273,40 @@ class ScriptedOpenAIServer:
         with self._lock:
             self.requests.append(body)
             self.request_headers.append({k.lower(): v for k, v in handler.headers.items()})
-        if self.api_key is not None and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
-            handler._send(401, _error_body("invalid API key", error_type="authentication_error", code="invalid_api_key"))
+        if (
+            self.api_key is not None
+            and handler.headers.get("Authorization") != f"Bearer {self.api_key}"
+        ):
+            handler._send(
+                401,
+                _error_body(
+                    "invalid API key", error_type="authentication_error", code="invalid_api_key"
+                ),
+            )
             return
         if not isinstance(body, dict):
-            handler._send(400, _error_body("request body must be a JSON object", error_type="invalid_request_error"))
+            handler._send(
+                400,
+                _error_body(
+                    "request body must be a JSON object", error_type="invalid_request_error"
+                ),
+            )
             return
         if body.get("stream"):
             message = "the scripted server does not stream; call without stream=True"
-            handler._send(400, _error_body(message, error_type="invalid_request_error", param="stream"))
+            handler._send(
+                400, _error_body(message, error_type="invalid_request_error", param="stream")
+            )
             return
         response_format = body.get("response_format")
-        if not self.supports_json_schema and isinstance(response_format, dict):
-            if response_format.get("type") == "json_schema":
-                message = "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
-                handler._send(400, _error_body(message, error_type="invalid_request_error", param="response_format"))
-                return
+        refused = isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+        if refused and not self.supports_json_schema:
+            message = "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+            handler._send(
+                400,
+                _error_body(message, error_type="invalid_request_error", param="response_format"),
+            )
+            return
         with self._lock:
             reply = self._replies.popleft() if self._replies else None
         if reply is None:
@@ -273,7 +314,9 @@ class ScriptedOpenAIServer:
                 f"no reply was scripted for request #{len(self.requests)} (model {body.get('model')!r}); "
                 "call server.queue(...) before the client calls the server"
             )
-            handler._send(500, _error_body(message, error_type="server_error"), {"x-should-retry": "false"})
+            handler._send(
+                500, _error_body(message, error_type="server_error"), {"x-should-retry": "false"}
+            )
             return
         if reply.delay_s and self._stopping.wait(reply.delay_s):
             return
@@ -303,9 +346,17 @@ class ScriptedOpenAIServer:
                 prompt, completion = reply.usage
             else:
                 messages = request.get("messages") or []
-                prompt = sum(_estimate_tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+                prompt = sum(
+                    _estimate_tokens(str(m.get("content") or ""))
+                    for m in messages
+                    if isinstance(m, dict)
+                )
                 completion = _estimate_tokens(content)
-            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            out["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
         return out
 
 

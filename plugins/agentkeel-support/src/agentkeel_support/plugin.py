@@ -26,7 +26,7 @@ from agentkeel.plan import PlanTemplate
 
 from agentkeel_support.tools import ALL_TOOLS, REFUNDABLE_STATUSES
 
-_ORDER = r"(?:the\s+)?order\s+(?:#\s*|number\s+|no\.?\s*)?(?P<order_id>[A-Za-z0-9][A-Za-z0-9-]*)"
+_ORDER = r"(?:the\s+)?order\s+(?:#\s*|number\s+)?(?P<order_id>[A-Za-z0-9][A-Za-z0-9-]*)"
 _PRODUCT = r"(?P<product_id>[A-Za-z0-9][A-Za-z0-9_-]*)"
 _IF_SHIPPED = r"if\s+(?:it\s+)?(?:has\s+(?:been\s+)?|is\s+|was\s+)?shipped"
 _END = r"\s*[.!?]?"
@@ -58,6 +58,10 @@ _EMAIL_IF_REFUNDED: dict[str, Any] = {
     "when": {"ref": "/2/refund_id", "op": "exists"},
 }
 
+_REFUND_REASONING = (
+    "Look the order up first; refund its total only if it has shipped or been delivered."
+)
+
 _STOCK: dict[str, Any] = {
     "description": "Check the stock of {product_id}",
     "tool_name": "check_inventory",
@@ -69,20 +73,20 @@ TEMPLATES: tuple[PlanTemplate, ...] = (
         pattern=rf"{_PLEASE}refund\s+{_ORDER}(?:\s*,?\s*{_IF_SHIPPED})?\s*,?\s*and\s+"
         rf"(?:e-?mail|notify|tell)\s+the\s+customer{_END}",
         steps=(_LOOKUP, _REFUND_IF_SHIPPED, _EMAIL_IF_REFUNDED),
-        reasoning="Refund only a shipped or delivered order, and email the customer only if the refund ran.",
+        reasoning="Refund a shipped or delivered order only; email only if it was refunded.",
         name="support:refund_and_email",
     ),
     PlanTemplate(
         pattern=rf"{_PLEASE}refund\s+{_ORDER}\s*,?\s*{_IF_SHIPPED}{_END}",
         steps=(_LOOKUP, _REFUND_IF_SHIPPED),
-        reasoning="Look the order up first; refund its total only if it has shipped or been delivered.",
+        reasoning=_REFUND_REASONING,
         name="support:refund_if_shipped",
     ),
     PlanTemplate(
-        pattern=rf"{_PLEASE}check\s+(?:if|whether)\s+{_ORDER}\s+(?:is|has\s+(?:been\s+)?)shipped\s+"
+        pattern=rf"{_PLEASE}check\s+(?:if|whether)\s+{_ORDER}\s+(?:is|has(?:\s+been)?)\s+shipped\s+"
         rf"and\s+(?:if\s+so\s+)?refund\s+it(?:\s+if\s+so)?{_END}",
         steps=(_LOOKUP, _REFUND_IF_SHIPPED),
-        reasoning="Look the order up first; refund its total only if it has shipped or been delivered.",
+        reasoning=_REFUND_REASONING,
         name="support:check_then_refund",
     ),
     PlanTemplate(

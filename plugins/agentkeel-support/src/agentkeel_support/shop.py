@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Final
 
 import platformdirs
-
 from agentkeel.errors import ToolError
 
 SHOP_DB_ENV: Final = "AGENTKEEL_SHOP_DB"

@@ -127,7 +127,12 @@ def check_inventory(product_id: str) -> dict[str, Any]:
         row = conn.execute("SELECT * FROM products WHERE product_id = ?", (product_id,)).fetchone()
     if row is None:
         raise ToolError(f"product {product_id} not found; check the product id", retryable=False)
-    return {"product_id": row["product_id"], "name": row["name"], "stock": row["stock"], "in_stock": row["stock"] > 0}
+    return {
+        "product_id": row["product_id"],
+        "name": row["name"],
+        "stock": row["stock"],
+        "in_stock": row["stock"] > 0,
+    }
 
 
 @tool(
@@ -137,7 +142,9 @@ def check_inventory(product_id: str) -> dict[str, Any]:
     output_schema=REFUND_OUTPUT_SCHEMA,
     timeout=TOOL_TIMEOUT_S,
 )
-def issue_refund(order_id: str, amount: float, idempotency_key: str | None = None) -> dict[str, Any]:
+def issue_refund(
+    order_id: str, amount: float, idempotency_key: str | None = None
+) -> dict[str, Any]:
     """Refund ``amount`` of a shipped or delivered order (at most what is left to refund).
 
     With an ``idempotency_key`` already used for this order and amount, returns
@@ -158,25 +165,28 @@ def issue_refund(order_id: str, amount: float, idempotency_key: str | None = Non
                         retryable=False,
                     )
                 return _refund_dict(existing, replayed=True)
-        order = conn.execute("SELECT status, total FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+        order = conn.execute(
+            "SELECT status, total FROM orders WHERE order_id = ?", (order_id,)
+        ).fetchone()
         if order is None:
             raise ToolError(f"order {order_id} not found; check the order number", retryable=False)
         if order["status"] not in REFUNDABLE_STATUSES:
             raise ToolError(
-                f"order {order_id} is {order['status']}; only shipped or delivered orders can be refunded",
+                f"order {order_id} is {order['status']}; only shipped or delivered orders "
+                f"can be refunded",
                 retryable=False,
             )
         remaining = round(order["total"] - _refunded(conn, order_id), 2)
         if amount > remaining:
             raise ToolError(
-                f"refund of {amount:.2f} exceeds the {remaining:.2f} left to refund on order {order_id} "
-                f"(total {order['total']:.2f})",
+                f"refund of {amount:.2f} exceeds the {remaining:.2f} left to refund on order "
+                f"{order_id} (total {order['total']:.2f})",
                 retryable=False,
             )
         refund_id = "R-" + uuid.uuid4().hex[:12]
         conn.execute(
-            "INSERT INTO refunds (refund_id, order_id, amount, idempotency_key, status, created_at) "
-            "VALUES (?, ?, ?, ?, 'issued', ?)",
+            "INSERT INTO refunds (refund_id, order_id, amount, idempotency_key, status, "
+            "created_at) VALUES (?, ?, ?, ?, 'issued', ?)",
             (refund_id, order_id, amount, idempotency_key, now()),
         )
         row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)).fetchone()
@@ -213,7 +223,9 @@ def cancel_refund(
         row = _find_refund(conn, refund_id, idempotency_key)
         if row is None:
             if refund_id is not None:
-                raise ToolError(f"refund {refund_id} not found; check the refund id", retryable=False)
+                raise ToolError(
+                    f"refund {refund_id} not found; check the refund id", retryable=False
+                )
             return {"order_id": order_id, "refund_id": None, "status": "nothing_to_cancel"}
         if row["order_id"] != order_id:
             raise ToolError(
@@ -225,7 +237,9 @@ def cancel_refund(
                 "UPDATE refunds SET status = 'cancelled', cancelled_at = ? WHERE refund_id = ?",
                 (now(), row["refund_id"]),
             )
-            row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (row["refund_id"],)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM refunds WHERE refund_id = ?", (row["refund_id"],)
+            ).fetchone()
     return {
         "order_id": row["order_id"],
         "refund_id": row["refund_id"],
@@ -261,7 +275,11 @@ ALL_TOOLS = (lookup_order, check_inventory, issue_refund, cancel_refund, send_em
 
 
 def _money(amount: float) -> float:
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+    if (
+        isinstance(amount, bool)
+        or not isinstance(amount, (int, float))
+        or not math.isfinite(amount)
+    ):
         raise ToolError(f"amount must be a finite number, got {amount!r}", retryable=False)
     rounded = round(float(amount), 2)
     if rounded <= 0:
@@ -271,7 +289,8 @@ def _money(amount: float) -> float:
 
 def _refunded(conn: sqlite3.Connection, order_id: str) -> float:
     total: float = conn.execute(
-        "SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE order_id = ? AND status = 'issued'", (order_id,)
+        "SELECT COALESCE(SUM(amount), 0) FROM refunds WHERE order_id = ? AND status = 'issued'",
+        (order_id,),
     ).fetchone()[0]
     return round(total, 2)
 
@@ -283,7 +302,9 @@ def _find_refund(
     if refund_id is not None:
         row = conn.execute("SELECT * FROM refunds WHERE refund_id = ?", (refund_id,)).fetchone()
     if row is None and idempotency_key is not None:
-        row = conn.execute("SELECT * FROM refunds WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        row = conn.execute(
+            "SELECT * FROM refunds WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
     return row
 
 

@@ -1,0 +1,88 @@
+"""Framework overhead per step: a scripted planner and no-op tools, K steps per run.
+
+Every step takes the full production path (argument validation, permission
+decision written to the hash-chained audit log, breaker, sandbox backend,
+evaluator, tool-call audit record). The tools do nothing, so what is measured
+is the framework.
+
+    python bench/overhead.py [--runs N] [--steps 2,20,100]
+
+Prints, per K: the median wall time of one run divided by K (per-request work
+amortised), and the marginal cost of one more step ((T(K) - T(2)) / (K - 2)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+from agentkeel import AgentRequest, hookimpl, tool
+from agentkeel.testing import ScriptedPlanner, make_system
+
+
+@tool(idempotent=True)
+async def noop(i: int) -> dict:
+    """Do nothing, asynchronously."""
+    return {"i": i}
+
+
+class NoopTools:
+    @hookimpl
+    def agentkeel_register_tools(self, register: Any) -> None:
+        register(noop)
+
+
+def wire(k: int) -> dict:
+    return {
+        "reasoning": "benchmark",
+        "steps": [{"description": "noop", "tool_name": "noop", "tool_args": {"i": i}} for i in range(k)],
+    }
+
+
+async def measure(k: int, runs: int, warmup: int) -> list[float]:
+    system = make_system(NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": []})
+    times = []
+    async with system:
+        for n in range(warmup + runs):
+            request = AgentRequest(message="bench", user_id="bench")
+            start = time.perf_counter()
+            response = await system.run(request)
+            elapsed = time.perf_counter() - start
+            if not response.ok:
+                raise SystemExit(f"benchmark run failed: {response.message}")
+            if n >= warmup:
+                times.append(elapsed)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", default="2,20,100")
+    args = parser.parse_args()
+    ks = [int(k) for k in args.steps.split(",")]
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["AGENTKEEL_HOME"] = home
+        medians = {}
+        print(f"python {sys.version.split()[0]}, {args.runs} runs per K after {args.warmup} warm-up runs")
+        print(f"{'K steps':>8} {'median run (ms)':>16} {'per step (us)':>14} {'marginal step (us)':>19}")
+        for k in ks:
+            runs = max(10, args.runs * 2 // max(k, 2)) if k > 20 else args.runs
+            times = asyncio.run(measure(k, runs, args.warmup))
+            medians[k] = statistics.median(times)
+            base_k = ks[0]
+            marginal = (
+                f"{(medians[k] - medians[base_k]) / (k - base_k) * 1e6:19.1f}" if k != base_k else f"{'-':>19}"
+            )
+            print(f"{k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} {marginal}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m agentkeel`` is the ``agentkeel`` command."""
+
+from agentkeel.cli import main
+
+main()
