@@ -14,5 +14,5 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AGENTKEEL_SHOP_DB", str(tmp_path / "shop.db"))
     monkeypatch.delenv("AGENTKEEL_CONFIG", raising=False)
     monkeypatch.delenv("AGENTKEEL_LOAD_PLUGINS", raising=False)
-    pass  # TEMP
+    monkeypatch.delenv("AGENTKEEL_DISABLE_PLUGINS", raising=False)
     return home

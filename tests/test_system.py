@@ -255,3 +255,47 @@ async def test_no_planner_answer_is_a_clear_failure(monkeypatch: pytest.MonkeyPa
     response = await run(make_system(Shop(), principals=AGENT), message="something no template knows")
     assert response.status is RunStatus.FAILED
     assert "no plan template matched" in response.message
+
+
+async def test_per_tool_timeout_override_from_config() -> None:
+    import asyncio
+
+    class Slow:
+        @hookimpl
+        def agentkeel_register_tools(self, register: Any) -> None:
+            @tool(timeout=30.0, idempotent=False)
+            async def slow() -> str:
+                await asyncio.sleep(5)
+                return "done"
+
+            register(slow)
+
+    planner = ScriptedPlanner(plan(step("slow", {})))
+    system = make_system(Slow(), planner, config={"tools": {"slow": {"timeout": 0.05}}})
+    assert system.tools["slow"].timeout == 0.05
+    response = await run(system, user="tester")
+    assert response.status is RunStatus.FAILED
+    assert "timed out after 0.05s" in (response.steps[0].error or "")
+
+
+async def test_memory_turns_reach_the_next_plan() -> None:
+    seen: list[Any] = []
+
+    class Recorder(ScriptedPlanner):
+        @hookimpl(tryfirst=True)
+        def agentkeel_plan(self, tools: Any, context: Any = None) -> Any:  # type: ignore[override]
+            seen.append(context)
+            return super().agentkeel_plan(tools)
+
+    shop = Shop()
+    system = make_system(shop, Recorder(refund_if_shipped("2")), principals=AGENT)
+    from agentkeel import AgentRequest
+
+    async with system:
+        await system.run(AgentRequest(message="first question", user_id="agent", session_id="s1"))
+        await system.run(AgentRequest(message="second question", user_id="agent", session_id="s1"))
+        await system.run(AgentRequest(message="other session", user_id="agent", session_id="s2"))
+    assert seen[0].turns == ()
+    assert [t["content"] for t in seen[1].turns][0] == "first question"
+    assert seen[1].turns[1]["role"] == "assistant"
+    assert seen[2].turns == ()

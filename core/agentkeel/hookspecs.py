@@ -5,6 +5,11 @@ any subset of the arguments listed here, so new arguments can be added without
 breaking plugins. Hooks documented as "may return an awaitable" are awaited by
 the host when they do.
 
+The three ``agentkeel_register_*`` hooks are called by the host once per
+implementation, with a ``register`` callback bound to that plugin, so that
+everything registered is attributed to the plugin that registered it; hook
+wrappers do not wrap them.
+
 Hook options used on purpose:
 - ``firstresult``: "who handles this" — the first non-None answer wins.
 - ``tryfirst`` / ``trylast`` on implementations: defaults are ``trylast`` so a

@@ -144,7 +144,11 @@ class Plugins:
     def each_impl(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
         """(plugin name, implementation) for a registration hook, in call order."""
         caller = getattr(self.hook, hook_name)
-        return [(impl.plugin_name, impl.function) for impl in reversed(caller.get_hookimpls())]
+        return [
+            (impl.plugin_name, impl.function)
+            for impl in reversed(caller.get_hookimpls())
+            if not (impl.wrapper or impl.hookwrapper)
+        ]
 
     # --- lifecycle --------------------------------------------------------------
 

@@ -111,13 +111,13 @@ def test_child_protocol_on_the_command_line() -> None:
     """The runner speaks the documented protocol by itself: one JSON in, one JSON out."""
     request = {"tool": "tools_for_tests:noisy", "args": {}, "sys_path": sys.path}
     done = subprocess.run(
-        [sys.executable, "-m", "agentkeel.child"], input=json.dumps(request).encode(), capture_output=True, timeout=60
+        [sys.executable, "-m", "agentkeel.child"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
     )
     assert done.returncode == 0
     assert json.loads(done.stdout) == {"ok": True, "value": {"clean": "yes"}}
     assert b"hello from print" in done.stderr and b"from a grandchild" in done.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "agentkeel.child"], input=b'{"tool": "no_such_module:f"}', capture_output=True, timeout=60
+        [sys.executable, "-m", "agentkeel.child"], input=b'{"tool": "no_such_module:f"}', capture_output=True, timeout=60, check=False
     )
     error = json.loads(bad.stdout)["error"]
     assert error["type"] == "RequestError" and "no_such_module" in error["message"] and not error["retryable"]

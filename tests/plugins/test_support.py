@@ -338,10 +338,9 @@ def plan_for(message: str) -> tuple[str, Plan]:
 
 
 def assert_plan_checks(plan: Plan, tools: dict[str, ToolSpec]) -> None:
-    from agentkeel.default_plugins.plan_check import agentkeel_check_plan
+    from agentkeel.checks import plan_problems
 
-    principal = Principal("agent-42", frozenset({"read", "refunds", "email"}))
-    assert agentkeel_check_plan(plan=plan, tools=tools, principal=principal) == []
+    assert plan_problems(plan, tools) == []
 
 
 REFUND_IF_SHIPPED = [

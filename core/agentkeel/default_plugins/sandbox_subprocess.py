@@ -48,6 +48,7 @@ from agentkeel.types import ToolSpec
 CHILD_MODULE = "agentkeel.child"
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 READ_CHUNK = 64 * 1024
+STREAM_LIMIT = 64 * 1024
 STDERR_GRACE_S = 0.5
 MAX_LEARNED_MODULES = 64
 
@@ -117,21 +118,71 @@ class _StderrTail:
         return self.data.decode("utf-8", "replace").strip()
 
 
+class _ChildProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Stream protocol that also reports the moment the process exits.
+
+    ``Process.wait()`` only returns once every pipe is closed, which a
+    grandchild holding stderr can delay forever; ``exited`` does not wait.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=STREAM_LIMIT, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.subprocess: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.subprocess = transport
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class _Child:
+    """A started child process: its streams, its exit, and the loop it belongs to."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, protocol: _ChildProtocol) -> None:
+        self.proc = proc
+        self.protocol = protocol
+        self.loop = protocol.exited.get_loop()
+
+    @property
+    def running(self) -> bool:
+        return not self.protocol.exited.done()
+
+    def kill_group(self) -> None:
+        """SIGKILL the child's process group (its session: pgid == pid)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def exit(self) -> None:
+        """Wait until the child has exited and been reaped (its pipes may still be open)."""
+        # Shielded: a cancelled waiter must not cancel the shared future.
+        await asyncio.shield(self.protocol.exited)
+
+    async def reap(self) -> None:
+        """Kill the group and wait until the child has exited and been reaped."""
+        self.kill_group()
+        await self.exit()
+
+    def close_pipes(self) -> None:
+        """Stop reading pipes still held open by processes that escaped the group."""
+        if self.protocol.subprocess is not None and not self.protocol.subprocess.is_closing():
+            self.protocol.subprocess.close()
+
+
 class _Exchange:
     """One call's child process and the tasks that feed it and drain its stderr."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, tail: _StderrTail) -> None:
-        self.proc = proc
+    def __init__(self, child: _Child, tail: _StderrTail) -> None:
+        self.child = child
         self.tail = tail
         self.tasks: list[asyncio.Task[None]] = []
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the child's process group (its session: pgid == pid)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 async def _feed(stdin: asyncio.StreamWriter | None, data: bytes) -> None:
@@ -192,7 +243,7 @@ class SubprocessBackend:
 
     def __init__(self, settings: SubprocessSettings | None = None) -> None:
         self.settings = settings or SubprocessSettings()
-        self._spares: list[asyncio.subprocess.Process] = []
+        self._spares: list[_Child] = []
         self._spare_loop: asyncio.AbstractEventLoop | None = None
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -229,7 +280,7 @@ class SubprocessBackend:
             raise
         await self._finish(exchange)
         assert exchange is not None
-        return self._result(call, exchange.proc.returncode, output, oversized, tail)
+        return self._result(call, exchange.child.proc.returncode, output, oversized, tail)
 
     async def aclose(self) -> None:
         """Stop prestarting and kill the spare children."""
@@ -264,12 +315,14 @@ class SubprocessBackend:
                 retryable=False,
             ) from None
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> _Child:
         startup = {
             "limits": {"memory_mb": self.settings.memory_mb, "max_open_files": self.settings.max_open_files},
             "preload": list(self._modules),
         }
-        return await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ChildProtocol(loop),
             self.settings.python,
             "-P",  # no current directory on sys.path: imports come from the host's path only
             "-m",
@@ -281,8 +334,9 @@ class SubprocessBackend:
             start_new_session=True,
             env=_minimal_env(self.settings),
         )
+        return _Child(asyncio.subprocess.Process(transport, protocol, loop), protocol)
 
-    async def _child(self) -> asyncio.subprocess.Process:
+    async def _child(self) -> _Child:
         """A prestarted child of this event loop if one is ready, else a new one."""
         loop = asyncio.get_running_loop()
         if self._spare_loop is not loop:
@@ -290,15 +344,15 @@ class SubprocessBackend:
             await self._drop_spares()
             self._spare_loop = loop
             self._starting = set()
-        proc: asyncio.subprocess.Process | None = None
-        while self._spares and proc is None:
+        child: _Child | None = None
+        while self._spares and child is None:
             candidate = self._spares.pop()
-            if candidate.returncode is None:
-                proc = candidate
-        if proc is None:
-            proc = await self._spawn()
+            if candidate.running:
+                child = candidate
+        if child is None:
+            child = await self._spawn()
         self._prestart()
-        return proc
+        return child
 
     def _prestart(self) -> None:
         missing = self.settings.prestart - len(self._spares) - len(self._starting)
@@ -308,46 +362,45 @@ class SubprocessBackend:
             task.add_done_callback(self._starting.discard)
 
     async def _start_spare(self) -> None:
-        proc = await self._spawn()
+        child = await self._spawn()
         if self._closed or self._spare_loop is not asyncio.get_running_loop():
-            _kill_group(proc)
-            await proc.wait()
+            await child.reap()
             return
-        self._spares.append(proc)
+        self._spares.append(child)
 
     async def _drop_spares(self) -> None:
         spares, self._spares = self._spares, []
-        same_loop = self._spare_loop is asyncio.get_running_loop()
-        for proc in spares:
-            _kill_group(proc)
-            if same_loop:
-                await proc.wait()
+        loop = asyncio.get_running_loop()
+        for child in spares:
+            child.kill_group()
+            if child.loop is loop:
+                await child.exit()
 
     # --- one exchange ---------------------------------------------------------------
 
     async def _exchange(self, exchange: _Exchange, request: bytes) -> tuple[bytes, bool]:
-        proc = exchange.proc
+        proc = exchange.child.proc
         loop = asyncio.get_running_loop()
         exchange.tasks.append(loop.create_task(_feed(proc.stdin, request)))
         if proc.stderr is not None:
             exchange.tasks.append(loop.create_task(exchange.tail.collect(proc.stderr)))
         output, oversized = await _read_capped(proc.stdout, self.settings.max_output_bytes)
         if oversized:
-            _kill_group(proc)
-        await proc.wait()
+            exchange.child.kill_group()
+        await exchange.child.exit()
         return output, oversized
 
     async def _finish(self, exchange: _Exchange | None) -> None:
         """Kill whatever is left of the group, reap the child, let stderr drain briefly."""
         if exchange is None:
             return
-        _kill_group(exchange.proc)
-        await exchange.proc.wait()
+        await exchange.child.reap()
         if exchange.tasks:
             _, pending = await asyncio.wait(exchange.tasks, timeout=STDERR_GRACE_S)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        exchange.child.close_pipes()
 
     # --- interpreting the outcome ---------------------------------------------------
 

@@ -115,6 +115,11 @@ class WarmPool:
         with self._lock:
             self._futures.discard(future)
 
+    def idle_ids(self) -> set[str]:
+        """Ids of the idle containers of every image."""
+        with self._lock:
+            return {c.id for queue in self._idle.values() for c in queue}
+
     def ready(self, image: str) -> int:
         with self._lock:
             return len(self._idle.get(image, ()))

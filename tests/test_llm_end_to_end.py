@@ -1,0 +1,101 @@
+"""The LLM planner end to end: the real openai client, over real HTTP, against the
+scripted server; the plan then runs the demo plugin's tools on its SQLite shop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from agentkeel import AgentRequest, Config, RunStatus, StepStatus
+from agentkeel.system import AgentSystem
+from agentkeel.testing.server import ScriptedOpenAIServer
+
+CONFIG = {
+    "principals": {"agent-42": {"permissions": ["read", "refunds"]}},
+    "models": {"tiers": [{"name": "fast", "model": "gpt-4o-mini", "max_tokens": 512},
+                         {"name": "strong", "model": "gpt-4o", "max_tokens": 512}]},
+}
+
+LLM_PLAN = {
+    "reasoning": "look the order up, refund it if it shipped",
+    "steps": [
+        {"description": "look up", "tool_name": "lookup_order", "tool_args": {"order_id": "1003"}},
+        {"description": "refund", "tool_name": "issue_refund",
+         "tool_args": {"order_id": "1003", "amount": {"$ref": "/1/total"}},
+         "when": {"ref": "/1/status", "op": "in", "value": ["shipped", "delivered"]}},
+    ],
+}
+
+
+def refund_rows() -> list[Any]:
+    with sqlite3.connect(os.environ["AGENTKEEL_SHOP_DB"]) as db:
+        return db.execute("SELECT order_id, amount FROM refunds").fetchall()
+
+
+async def test_llm_plan_runs_and_is_priced(openai_server_env: ScriptedOpenAIServer) -> None:
+    openai_server_env.queue(LLM_PLAN, usage=(1200, 150))
+    async with AgentSystem(Config.from_dict(CONFIG)) as system:
+        response = await system.run(AgentRequest(message="please sort out order 1003", user_id="agent-42"))
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert response.plan is not None and response.plan.planner == "llm:fast"
+    assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
+    assert refund_rows() == [("1003", 120.0)]
+    # gpt-4o-mini from the genai-prices table: $0.15 / $0.60 per million tokens.
+    assert response.total_cost_usd == (1200 * 0.15 + 150 * 0.60) / 1e6
+    assert response.cost_breakdown()["by_tier"] == {"fast": response.total_cost_usd}
+    sent = openai_server_env.requests[0]
+    assert sent["model"] == "gpt-4o-mini"
+    offered = sent["response_format"]["json_schema"]["schema"]["properties"]["steps"]["items"]
+    assert sorted(offered["properties"]["tool_name"]["enum"]) == [
+        "cancel_refund", "check_inventory", "issue_refund", "lookup_order",
+    ]  # send_email needs "email", which agent-42 does not hold
+
+
+async def test_hallucinating_model_is_repaired_then_escalated(openai_server_env: ScriptedOpenAIServer) -> None:
+    bad = {"reasoning": "x", "steps": [{"description": "d", "tool_name": "wire_money", "tool_args": {}}]}
+    openai_server_env.queue(bad)
+    openai_server_env.queue(bad)  # the repair round fails too: escalate
+    openai_server_env.queue(LLM_PLAN)
+    async with AgentSystem(Config.from_dict(CONFIG)) as system:
+        response = await system.run(AgentRequest(message="sort out order 1003", user_id="agent-42"))
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert [r["model"] for r in openai_server_env.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+    assert response.plan is not None and response.plan.planner == "llm:strong"
+    assert set(response.cost_breakdown()["by_tier"]) == {"fast", "strong"}
+
+
+async def test_every_tier_hallucinating_runs_nothing(openai_server_env: ScriptedOpenAIServer) -> None:
+    bad = {"reasoning": "x", "steps": [{"description": "d", "tool_name": "wire_money", "tool_args": {}}]}
+    for _ in range(4):
+        openai_server_env.queue(bad)
+    async with AgentSystem(Config.from_dict(CONFIG)) as system:
+        response = await system.run(AgentRequest(message="sort out order 1003", user_id="agent-42"))
+    assert response.status is RunStatus.REJECTED
+    assert "wire_money" in response.message
+    assert not Path(os.environ["AGENTKEEL_SHOP_DB"]).exists()  # no tool touched the shop
+
+
+def test_cli_with_llm_planner_in_a_subprocess(openai_server: ScriptedOpenAIServer, tmp_path: Path) -> None:
+    openai_server.queue(LLM_PLAN, usage=(900, 100))
+    config = tmp_path / "agentkeel.toml"
+    config.write_text(
+        '[principals.agent-42]\npermissions = ["read", "refunds"]\n\n'
+        '[[models.tiers]]\nname = "fast"\nmodel = "gpt-4o-mini"\n'
+    )
+    env = {**os.environ, "OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "sk-test"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentkeel", "run", "sort out order 1003", "--user", "agent-42",
+         "--config", str(config), "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["plan"]["planner"] == "llm:fast"
+    assert out["total_cost_usd"] > 0
+    assert out["cost_breakdown"]["by_tier"]["fast"] == out["total_cost_usd"]
+    assert refund_rows() == [("1003", 120.0)]
