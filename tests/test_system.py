@@ -130,7 +130,7 @@ async def test_failed_step_skips_its_dependents_and_fails_the_run() -> None:
     assert response.steps[0].status is StepStatus.FAILED
     assert "temporarily down" in (response.steps[0].error or "")
     assert response.steps[1].status is StepStatus.SKIPPED
-    assert "depends on step 1" in (response.steps[1].error or "")
+    assert "run stopped at step 1" in (response.steps[1].error or "")
     assert "refund" not in shop.calls
 
 

@@ -63,9 +63,10 @@ def sleep_with_grandchild(pid_file: str) -> None:
 
 
 @tool(isolation="subprocess")
-def leave_grandchild(pid_file: str) -> str:
-    """Start a background process and return at once, leaving it behind."""
-    grandchild = subprocess.Popen(SLEEPER, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def leave_grandchild(pid_file: str, hold_stderr: bool = False) -> str:
+    """Start a background process and return at once, leaving it behind (holding stderr if asked)."""
+    output = None if hold_stderr else subprocess.DEVNULL
+    grandchild = subprocess.Popen(SLEEPER, stdout=output, stderr=output)
     Path(pid_file).write_text(str(grandchild.pid))
     return "done"
 

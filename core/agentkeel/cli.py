@@ -25,6 +25,9 @@ EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.REJECTED: 5,
     RunStatus.IN_DOUBT: 6,
     RunStatus.WAITING: 7,
+    RunStatus.RUNNING: 8,
+    RunStatus.ROLLING_BACK: 8,
+    RunStatus.ROLLED_BACK: 9,
 }
 EXIT_USAGE = 2
 
@@ -75,15 +78,15 @@ def run(message: str, user_id: str, session_id: str, budget_usd: float | None, c
     if as_json:
         click.echo(json.dumps(response.to_dict(), indent=2, default=str))
     else:
-        _print_response(response)
+        print_response(response)
     sys.exit(EXIT_CODES[response.status])
 
 
-def _print_response(response: AgentResponse) -> None:
+def print_response(response: AgentResponse) -> None:
     planner = f" (planner {response.plan.planner})" if response.plan and response.plan.planner else ""
     click.echo(f"run {response.run_id}: {response.status.value}{planner}")
     for s in response.steps:
-        line = f"  {s.step_id:>2} {s.tool_name:<20} {s.status.value:<10} {s.duration_s:8.4f}s  ${s.cost_usd:.6f}"
+        line = f"  {s.step_id:>2} {s.tool_name:<20} {s.status.value:<12} {s.duration_s:8.4f}s  ${s.cost_usd:.6f}"
         if s.error:
             line += f"  {s.error}"
         click.echo(line)
@@ -131,8 +134,10 @@ def plugins(config_path: str | None, as_json: bool) -> None:
 
 def _attach_optional_commands() -> None:
     from agentkeel.cli_audit import audit
+    from agentkeel.cli_runs import resume, rollback, runs, show
 
-    cli.add_command(audit)
+    for command in (audit, runs, show, resume, rollback):
+        cli.add_command(command)
     try:
         from agentkeel.cli_sandbox import sandbox
     except ImportError:  # the docker sandbox commands are optional

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
+from agentkeel.docker_sandbox.settings import DockerSettings
 from agentkeel.errors import AgentkeelError
 
 
-def _settings(config_path: str | None) -> object:
+def _settings(config_path: str | None) -> DockerSettings:
     from agentkeel.config import Config
-    from agentkeel.docker_sandbox.settings import DockerSettings
 
     return DockerSettings.from_config(Config.load(config_path).section("sandbox", "docker"))
 
@@ -40,14 +40,15 @@ def build(plugin: str | None, config_path: str | None, base_image: str | None, w
     Nothing is pulled: the base is a local image, plugins and their dependencies
     are installed from wheels built or repacked on this host.
     """
-    from agentkeel.docker_sandbox.build import build_plugin_image, build_sandbox_image, docker_tool_plugins
+    from agentkeel.docker_sandbox.build import (
+        build_plugin_image,
+        build_sandbox_image,
+        docker_tool_plugins,
+    )
     from agentkeel.docker_sandbox.client import connect
-    from agentkeel.docker_sandbox.settings import DockerSettings
-
     echo = (lambda _text: None) if quiet else click.echo
     try:
         settings = _settings(config_path)
-        assert isinstance(settings, DockerSettings)
         api = connect(settings.base_url, timeout=600)
         base = base_image or settings.base_image
         click.echo(build_sandbox_image(api, echo, base))
@@ -65,11 +66,8 @@ def build(plugin: str | None, config_path: str | None, base_image: str | None, w
 def doctor(config_path: str | None, as_json: bool, no_round_trip: bool) -> None:
     """Check the Docker engine, runc, images and containers; advise on each problem."""
     from agentkeel.docker_sandbox.doctor import run_checks
-    from agentkeel.docker_sandbox.settings import DockerSettings
-
     try:
         settings = _settings(config_path)
-        assert isinstance(settings, DockerSettings)
         checks = list(run_checks(settings.base_url, round_trip=not no_round_trip))
     except AgentkeelError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -117,6 +117,15 @@ CONFIG_SCHEMA: dict[str, Any] = {
             },
         },
         "sandbox": {"type": "object"},
+        "journal": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "backend": {"enum": ["sqlite", "memory"]},
+                "lease_ttl_s": _POSITIVE,
+                "synchronous": {"enum": ["normal", "full"]},
+            },
+        },
         "plugins": {"type": "object", "additionalProperties": {"type": "object"}},
     },
 }

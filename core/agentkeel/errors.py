@@ -79,3 +79,54 @@ class StoreError(AgentkeelError):
 
 class AuditLogError(AgentkeelError):
     """The audit log cannot be appended to (closed, damaged last line, short write)."""
+
+
+class LeaseHeldError(AgentkeelError):
+    """Another live process holds the run's lease; the message names it and when its lease expires."""
+
+    def __init__(
+        self, message: str, *, run_id: str = "", holder: str = "", expires_at: float = 0.0
+    ) -> None:
+        self.run_id = run_id
+        self.holder = holder
+        self.expires_at = expires_at
+        super().__init__(message)
+
+
+class FencedError(AgentkeelError):
+    """This process's lease on a run was taken over (or released); its writes are refused."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_id: str = "",
+        epoch: int = 0,
+        current_epoch: int = 0,
+        holder: str = "",
+    ) -> None:
+        self.run_id = run_id
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+        self.holder = holder
+        super().__init__(message)
+
+
+class RunNotFoundError(AgentkeelError):
+    """No run with this id is in the journal."""
+
+    def __init__(self, message: str, *, run_id: str = "") -> None:
+        self.run_id = run_id
+        super().__init__(message)
+
+
+class RunExistsError(AgentkeelError):
+    """``create_run`` was given a run id the journal already holds."""
+
+    def __init__(self, message: str, *, run_id: str = "") -> None:
+        self.run_id = run_id
+        super().__init__(message)
+
+
+class JournalRecordError(AgentkeelError):
+    """A record cannot be journaled: a value is not JSON, or the phase/kind is wrong for the call."""

@@ -26,6 +26,7 @@ from agentkeel.markers import hookspec
 if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
+    from agentkeel.journal import Journal
     from agentkeel.plan import PlanTemplate
     from agentkeel.sandbox import SandboxBackend
     from agentkeel.system import AgentSystem
@@ -149,6 +150,18 @@ def agentkeel_load_context(request: AgentRequest, config: Config) -> MemoryConte
 @hookspec
 def agentkeel_save_turn(request: AgentRequest, response: AgentResponse, config: Config) -> None:
     """Persist what was learned from a finished request. Not firstresult."""
+
+
+# --- journal (durable runs) ---------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def agentkeel_open_journal(config: Config) -> Journal | None:
+    """Open the journal that records runs and step intents/outcomes.
+
+    firstresult. The default (``trylast``) is SQLite under ``config.home``, or an
+    in-memory journal when ``[journal] backend = "memory"``. Called once per system.
+    """
 
 
 # --- planner --------------------------------------------------------------------

@@ -162,6 +162,15 @@ def parse_plan(data: Any, planner: str = "") -> Plan:
     return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner)
 
 
+def plan_from_dict(data: Mapping[str, Any]) -> Plan:
+    """Rebuild a ``Plan`` from ``Plan.to_dict()`` output (as journaled)."""
+    wire = {
+        "reasoning": data.get("reasoning", ""),
+        "steps": [{k: v for k, v in step.items() if k != "step_id"} for step in data.get("steps", [])],
+    }
+    return parse_plan(wire, planner=data.get("planner", ""))
+
+
 def _pointer_step(pointer: str) -> int:
     return int(pointer.split("/", 2)[1])
 

@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.default_plugins.permissions",
     "agentkeel.default_plugins.pricing",
     "agentkeel.default_plugins.memory_sqlite",
+    "agentkeel.default_plugins.journal",
     "agentkeel.default_plugins.planner_rules",
     "agentkeel.default_plugins.planner_llm",
     "agentkeel.default_plugins.sandbox_inprocess",
@@ -168,10 +169,16 @@ class Plugins:
         """Combine every decision: allowed only if someone allows and nobody denies."""
         decisions: list[Decision] = self.hook.agentkeel_authorize(principal=principal, tool=tool, args=args)
         allowed: Decision | None = None
+        waiting: Decision | None = None
         for decision in decisions:
-            if not decision.allowed:
+            if decision.allowed:
+                allowed = allowed or decision
+            elif decision.wait:
+                waiting = waiting or decision
+            else:
                 return decision
-            allowed = allowed or decision
+        if waiting is not None:
+            return waiting
         return allowed or Decision(False, "no permissions plugin allowed the call (deny by default)")
 
     # --- cost -------------------------------------------------------------------

@@ -62,6 +62,52 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX memory_turns_by_session ON memory_turns (user_id, session_id, id)",
         ),
     ),
+    Migration(
+        2,
+        "journal",
+        (
+            """
+            CREATE TABLE runs (
+                run_id           TEXT PRIMARY KEY,
+                user_id          TEXT NOT NULL,
+                session_id       TEXT NOT NULL,
+                message          TEXT NOT NULL,
+                principal        TEXT NOT NULL,
+                budget_usd       REAL,
+                plan             TEXT NOT NULL,
+                status           TEXT NOT NULL,
+                detail           TEXT NOT NULL DEFAULT '',
+                created_at       REAL NOT NULL,
+                updated_at       REAL NOT NULL,
+                owner            TEXT NOT NULL DEFAULT '',
+                epoch            INTEGER NOT NULL,
+                lease_expires_at REAL NOT NULL DEFAULT 0
+            )
+            """,
+            "CREATE INDEX runs_by_created ON runs (created_at)",
+            """
+            CREATE TABLE steps (
+                seq             INTEGER PRIMARY KEY,
+                run_id          TEXT NOT NULL REFERENCES runs (run_id),
+                step_id         INTEGER NOT NULL,
+                kind            TEXT NOT NULL CHECK (kind IN ('forward', 'compensation')),
+                phase           TEXT NOT NULL CHECK (phase IN ('intent', 'outcome')),
+                tool_name       TEXT NOT NULL,
+                args            TEXT NOT NULL,
+                idempotency_key TEXT,
+                status          TEXT,
+                result          TEXT,
+                error           TEXT,
+                duration_s      REAL NOT NULL DEFAULT 0,
+                cost_usd        REAL NOT NULL DEFAULT 0,
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                verdict         TEXT,
+                ts              REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX steps_by_run ON steps (run_id, seq)",
+        ),
+    ),
 )
 
 

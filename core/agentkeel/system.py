@@ -12,6 +12,8 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any
 
+import attrs
+
 from agentkeel.audit import AuditLog
 from agentkeel.breaker import BreakerBoard
 from agentkeel.checks import plan_problems
@@ -26,8 +28,10 @@ from agentkeel.errors import (
     PluginError,
     UnknownModelPriceError,
 )
-from agentkeel.executor import PlanExecutor
-from agentkeel.plan import PlanTemplate
+from agentkeel.executor import PlanExecutor, step_result_from_record
+from agentkeel.journal import Journal, Lease, RunRecord, RunState, make_owner
+from agentkeel.plan import PlanTemplate, plan_from_dict
+from agentkeel.rollback import Rollback
 from agentkeel.plugins import Plugins, build_plugin_manager
 from agentkeel.ratelimit import RateLimiterBoard
 from agentkeel.sandbox import SandboxBackend
@@ -80,6 +84,9 @@ class AgentSystem:
         self.breakers = BreakerBoard.from_config(self.config)
         self.rate_limits = RateLimiterBoard()
         self._audit: AuditLog | None = None
+        self._journal: Journal | None = None
+        self.owner = make_owner()
+        self.lease_ttl_s = float(self.config.section("journal").get("lease_ttl_s", 30.0))
         self._started = False
         self._closed = False
 
@@ -125,6 +132,8 @@ class AgentSystem:
             await backend.aclose()
         if self._audit is not None:
             self._audit.close()
+        if self._journal is not None:
+            self._journal.close()
 
     async def __aenter__(self) -> AgentSystem:
         await self.start()
@@ -216,11 +225,135 @@ class AgentSystem:
         except (PlanningError, UnknownModelPriceError) as exc:
             return self._respond(request, RunStatus.FAILED, started, plan, (), run.costs, str(exc))
 
-        executor = PlanExecutor(self, run)
-        steps = await executor.execute(plan.steps)
-        status = _run_status(steps, executor.budget_exhausted)
-        response = self._respond(request, status, started, plan, steps, run.costs, _summary(status, steps))
-        return response
+        lease = self.journal.create_run(
+            run_id=request.run_id, user_id=request.user_id, session_id=request.session_id,
+            message=request.message, principal=principal.name, budget_usd=request.budget_usd,
+            plan=plan.to_dict(), owner=self.owner, ttl_s=self.lease_ttl_s,
+        )
+        return await self._execute(run, plan, lease, None, started)
+
+    async def _execute(
+        self, run: RunContext, plan: Plan, lease: Lease, state: RunState | None, started: float
+    ) -> AgentResponse:
+        """Run (or resume) ``plan`` under ``lease``; abort means compensate completed steps."""
+        executor = PlanExecutor(self, run, self.journal, lease, state)
+        try:
+            steps = await executor.execute(plan)
+            status, detail = executor.status, executor.detail
+            if status in _ABORTED:
+                self.journal.set_status(executor.lease, RunStatus.ROLLING_BACK.value, detail)
+                steps, detail = await self._compensate(run, executor.lease, state, steps, detail)
+            self.journal.set_status(executor.lease, status.value, detail)
+        finally:
+            self.journal.release(executor.lease)
+        message = detail or _summary(status, steps)
+        return self._respond(run.request, status, started, plan, steps, run.costs, message)
+
+    async def _compensate(
+        self, run: RunContext, lease: Lease, state: RunState | None, steps: list[StepResult], detail: str
+    ) -> tuple[list[StepResult], str]:
+        rollback = Rollback(self, run, self.journal, lease, state)
+        steps = await rollback.compensate(steps)
+        if rollback.problems:
+            detail += "; rollback incomplete: " + "; ".join(rollback.problems)
+        elif any(s.status is StepStatus.COMPENSATED for s in steps):
+            done = ", ".join(str(s.step_id) for s in steps if s.status is StepStatus.COMPENSATED)
+            detail += f"; rolled back step(s) {done}"
+        return steps, detail
+
+    # --- durable runs -----------------------------------------------------------
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            journal = self.plugins.hook.agentkeel_open_journal(config=self.config)
+            if journal is None:
+                raise PluginError("journal", "no plugin opened a journal (agentkeel_open_journal)")
+            self._journal = journal
+        return self._journal
+
+    def _context_for(self, record: RunRecord) -> tuple[RunContext | None, AgentRequest]:
+        request = AgentRequest(message=record.message, user_id=record.user_id, session_id=record.session_id,
+                               budget_usd=record.budget_usd, run_id=record.run_id)
+        principal = self.plugins.resolve_principal(record.user_id, self.config)
+        if principal is None:
+            return None, request
+        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
+        budget = Budget(budget_usd)
+        return RunContext(request, principal, self.config, budget, self.pricer, self), request
+
+    async def resume(self, run_id: str) -> AgentResponse:
+        """Continue a run from its journal: completed steps are not run again, a step
+        that started but never finished is re-run only if its tool is retry-safe, and
+        an interrupted rollback is completed. Raises ``LeaseHeldError`` when another
+        live process is running it, ``RunNotFoundError`` when there is no such run."""
+        started = perf_counter()
+        await self.start()
+        state = self.journal.load(run_id)
+        record = state.run
+        if record.status not in _RESUMABLE:
+            return self.show(run_id)
+        lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)
+        state = self.journal.load(run_id)  # what the previous holder wrote before losing the lease
+        run, request = self._context_for(state.run)
+        plan = plan_from_dict(state.run.plan)
+        if run is None:
+            self.journal.set_status(lease, RunStatus.DENIED.value, f"unknown principal {record.user_id!r}")
+            self.journal.release(lease)
+            return self._respond(request, RunStatus.DENIED, started, plan, (), [],
+                                 f"unknown principal {record.user_id!r}", remember=False)
+        spent = sum(s.cost_usd for s in state.steps if s.phase == "outcome")
+        if spent:
+            run.budget.reserve(0.0, "resume").settle(spent)
+        if state.run.status == RunStatus.ROLLING_BACK.value:
+            return await self._finish_rollback(run, plan, lease, state, started, RunStatus(_aborted_status(state)))
+        return await self._execute(run, plan, lease, state, started)
+
+    async def rollback(self, run_id: str) -> AgentResponse:
+        """Compensate the completed steps of a finished run, last first."""
+        started = perf_counter()
+        await self.start()
+        self.journal.load(run_id)  # RunNotFoundError before taking a lease
+        lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)  # refuses a live holder
+        state = self.journal.load(run_id)
+        run, request = self._context_for(state.run)
+        plan = plan_from_dict(state.run.plan)
+        if run is None:
+            self.journal.release(lease)
+            return self._respond(request, RunStatus.DENIED, started, plan, (), [],
+                                 f"unknown principal {state.run.user_id!r}", remember=False)
+        self.journal.set_status(lease, RunStatus.ROLLING_BACK.value, "rollback requested")
+        return await self._finish_rollback(run, plan, lease, state, started, RunStatus.ROLLED_BACK)
+
+    async def _finish_rollback(
+        self, run: RunContext, plan: Plan, lease: Lease, state: RunState, started: float, final: RunStatus
+    ) -> AgentResponse:
+        steps = steps_from_journal(plan, state)
+        try:
+            steps, detail = await self._compensate(run, lease, state, steps, state.run.detail)
+            status = RunStatus.FAILED if "rollback incomplete" in detail and final is RunStatus.ROLLED_BACK else final
+            self.journal.set_status(lease, status.value, detail)
+        finally:
+            self.journal.release(lease)
+        return self._respond(run.request, status, started, plan, steps, run.costs,
+                             detail or _summary(status, steps), remember=False)
+
+    def show(self, run_id: str) -> AgentResponse:
+        """The journaled state of a run, as a response. Raises ``RunNotFoundError``."""
+        state = self.journal.load(run_id)
+        record = state.run
+        plan = plan_from_dict(record.plan)
+        steps = steps_from_journal(plan, state)
+        status = RunStatus(record.status)
+        return AgentResponse(
+            run_id=run_id, status=status, message=record.detail or _summary(status, steps), plan=plan,
+            steps=tuple(steps), total_cost_usd=sum(s.cost_usd for s in steps),
+            duration_s=max(0.0, record.updated_at - record.created_at),
+        )
+
+    def runs(self, limit: int = 50) -> list[RunRecord]:
+        """Runs in the journal, newest first."""
+        return self.journal.list_runs(limit)
 
     async def _plan(self, run: RunContext, visible: dict[str, ToolSpec]) -> Plan:
         context = self.plugins.load_context(run.request, self.config)
@@ -292,15 +425,33 @@ def _call_registration(plugin_name: str, impl: Any, **kwargs: Any) -> None:
         raise PluginError(plugin_name, f"{impl.__name__} raised {type(exc).__name__}: {exc}") from exc
 
 
-def _run_status(steps: list[StepResult], budget_exhausted: bool) -> RunStatus:
-    if budget_exhausted:
-        return RunStatus.BUDGET_EXHAUSTED
-    statuses = {s.status for s in steps}
-    if StepStatus.DENIED in statuses:
-        return RunStatus.DENIED
-    if StepStatus.FAILED in statuses:
-        return RunStatus.FAILED
-    return RunStatus.SUCCEEDED
+_ABORTED = (RunStatus.FAILED, RunStatus.DENIED, RunStatus.BUDGET_EXHAUSTED)
+_RESUMABLE = (RunStatus.RUNNING.value, RunStatus.WAITING.value, RunStatus.IN_DOUBT.value,
+              RunStatus.ROLLING_BACK.value)
+
+
+def _aborted_status(state: RunState) -> str:
+    """The status a run that was rolling back will end in: failed unless it was asked for."""
+    return RunStatus.ROLLED_BACK.value if state.run.detail.startswith("rollback requested") else RunStatus.FAILED.value
+
+
+def steps_from_journal(plan: Plan, state: RunState) -> list[StepResult]:
+    """Each step of ``plan`` as the journal last recorded it (pending when never run)."""
+    out = []
+    for step in plan.steps:
+        intent, outcome = state.forward(step.step_id)
+        if outcome is not None:
+            result = step_result_from_record(outcome)
+            _, undo = state.compensation(step.step_id)
+            if undo is not None and undo.status == StepStatus.SUCCEEDED.value:
+                result = attrs.evolve(result, status=StepStatus.COMPENSATED)
+        elif intent is not None:
+            result = StepResult(step.step_id, intent.tool_name, StepStatus.RUNNING, intent.args,
+                                error="started; no outcome recorded")
+        else:
+            result = StepResult(step.step_id, step.tool_name, StepStatus.PENDING, step.tool_args)
+        out.append(result)
+    return out
 
 
 def _summary(status: RunStatus, steps: list[StepResult]) -> str:

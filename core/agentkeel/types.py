@@ -23,6 +23,8 @@ class StepStatus(str, enum.Enum):
     FAILED = "failed"
     SKIPPED = "skipped"
     DENIED = "denied"
+    WAITING = "waiting"
+    IN_DOUBT = "in_doubt"
     COMPENSATED = "compensated"
 
 
@@ -34,6 +36,9 @@ class RunStatus(str, enum.Enum):
     REJECTED = "rejected"
     IN_DOUBT = "in_doubt"
     WAITING = "waiting"
+    RUNNING = "running"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
 
 
 def _new_run_id() -> str:
@@ -160,10 +165,15 @@ class Plan:
 
 @attrs.frozen
 class Decision:
-    """A permission decision from one `agentkeel_authorize` implementation."""
+    """A permission decision from one `agentkeel_authorize` implementation.
+
+    ``wait=True`` (with ``allowed=False``) pauses the run in the ``waiting`` state
+    instead of denying: an approval is pending, and ``resume`` asks again.
+    """
 
     allowed: bool
     reason: str = ""
+    wait: bool = False
 
 
 @attrs.frozen

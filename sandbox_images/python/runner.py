@@ -186,6 +186,29 @@ class _Child:
         sys.stderr.write(READY_MARKER + "\n")
         sys.stderr.flush()
 
+    def _wait_exit(self, until):
+        """Wait for the child to exit until the monotonic instant ``until``; False on timeout.
+
+        A pidfd wakes us the moment the child exits (Popen.wait(timeout) polls);
+        the result pipe is no signal, since processes the tool forked hold it open.
+        """
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        if pidfd is not None:
+            import select
+
+            try:
+                select.select([pidfd], [], [], max(until - time.monotonic(), 0))
+            finally:
+                os.close(pidfd)
+        try:
+            self.proc.wait(timeout=max(until - time.monotonic(), 0.001))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def _on_overflow(self):
         self.overflow.set()
         _kill_others()
@@ -211,14 +234,7 @@ class _Child:
             self.proc.stdin.close()
         except OSError:
             pass
-        timed_out = False
-        # The result pipe closes when the child is done (or dies); joining its
-        # reader wakes us at once, where Popen.wait(timeout) would poll.
-        self.res.join(timeout=max(deadline - (time.monotonic() - started), 0.001))
-        try:
-            self.proc.wait(timeout=max(deadline - (time.monotonic() - started), 0.001))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = not self._wait_exit(started + deadline)
         self.stop()
         for t in (self.out, self.err, self.res):
             t.join(timeout=2)

@@ -168,6 +168,15 @@ async def test_leftover_processes_are_killed_after_a_successful_call(
     await eventually_dead(int(pid_file.read_text()))
 
 
+async def test_a_leftover_holding_stderr_does_not_hold_the_result_back(
+    backend: SubprocessBackend, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    result = await backend.run(call(tools.leave_grandchild, timeout=60, pid_file=str(pid_file), hold_stderr=True))
+    assert result == "done"  # well before the timeout: the leftover was killed, not waited for
+    await eventually_dead(int(pid_file.read_text()))
+
+
 async def test_memory_bomb_is_reported_as_out_of_memory(backend: SubprocessBackend) -> None:
     with pytest.raises(ToolError, match="ran out of memory.*256 MiB") as info:
         await backend.run(call(tools.memory_bomb))
@@ -317,14 +326,14 @@ async def test_prestarted_child_is_used_and_aclose_kills_spares() -> None:
                 break
             await asyncio.sleep(0.05)
         assert backend._spares, "no spare child was started"
-        spare_pid = backend._spares[0].pid
+        spare_pid = backend._spares[0].proc.pid
         second = await backend.run(call(tools.whoami))
         assert second["pid"] == spare_pid != first["pid"]
         for _ in range(200):
             if backend._spares:
                 break
             await asyncio.sleep(0.05)
-        spares = [p.pid for p in backend._spares]
+        spares = [child.proc.pid for child in backend._spares]
     finally:
         await backend.aclose()
     assert spares and not any(alive(pid) for pid in spares)

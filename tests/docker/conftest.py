@@ -47,6 +47,11 @@ def docker_problem() -> str | None:
 def _require_docker(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("docker") is None:
         return
+    skip_or_fail_without_docker()
+
+
+def skip_or_fail_without_docker() -> None:
+    """Skip (developer machine) or fail (``CI=true``) when the engine is unreachable."""
     problem = docker_problem()
     if problem is None:
         return
@@ -57,8 +62,7 @@ def _require_docker(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="session")
 def docker_api() -> Iterator[Any]:
-    if docker_problem() is not None:
-        pytest.skip("Docker engine unreachable")
+    skip_or_fail_without_docker()  # session fixtures are set up before the autouse check
     from agentkeel.docker_sandbox.client import connect
 
     api = connect(timeout=600)
@@ -108,7 +112,6 @@ def tools_image(docker_api: Any, pycode_image: str) -> str:
 def abuse_specs(tools_image: str) -> dict[str, Any]:
     """ToolSpecs of the abuse tools, pointed at the test image."""
     import agentkeel_abuse_tools
-
     from agentkeel.tools import spec_of
 
     specs = {}

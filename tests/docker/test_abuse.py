@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from agentkeel.docker_sandbox import DockerBackend, DockerSettings
 from agentkeel.errors import ToolError, ToolTimeoutError
 from agentkeel.sandbox import ToolCall
@@ -33,14 +33,13 @@ def backend() -> Iterator[DockerBackend]:
 
 async def busy_containers(backend: DockerBackend, running_containers: Any, wait_s: float = 10.0) -> list[str]:
     """Running containers of ``backend`` that are not idle in its pool, once they settle."""
-    busy: list[str] = []
-    for _ in range(int(wait_s / 0.1)):
+    deadline = time.monotonic() + wait_s
+    while True:
         idle = backend.pool.idle_ids()
         busy = [c["Id"] for c in running_containers(backend.owner) if c["Id"] not in idle]
-        if not busy:
-            break
+        if not busy or time.monotonic() >= deadline:
+            return busy
         await asyncio.sleep(0.1)
-    return busy
 
 
 async def call(backend: DockerBackend, specs: dict[str, Any], name: str, timeout: float = 20.0, **args: Any) -> Any:
@@ -162,10 +161,13 @@ async def test_cancelling_the_call_kills_its_container(
     backend: DockerBackend, abuse_specs: dict[str, Any], running_containers: Any
 ) -> None:
     task = asyncio.create_task(call(backend, abuse_specs, "infinite_loop", timeout=60))
+    busy: list[str] = []
     for _ in range(100):
         await asyncio.sleep(0.1)
-        if task.done() or await busy_containers(backend, running_containers, wait_s=0):
+        busy = await busy_containers(backend, running_containers, wait_s=0)
+        if busy or task.done():
             break
+    assert busy and not task.done(), "the call never got a container"
     await asyncio.sleep(0.5)  # the tool is spinning now
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

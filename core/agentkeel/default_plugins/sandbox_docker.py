@@ -29,7 +29,7 @@ def _remember(config: Config, backend: DockerBackend) -> None:
     try:
         ref: Callable[[], Any] = weakref.ref(config)
     except TypeError:
-        ref = lambda: config  # noqa: E731 - configs that cannot be weakly referenced
+        ref = lambda: config
     for key in [k for k, (r, _) in _BACKENDS.items() if r() is None]:
         del _BACKENDS[key]
     _BACKENDS[id(config)] = (ref, backend)
@@ -48,8 +48,13 @@ def backend_for(system: Any) -> DockerBackend | None:
 
 
 def _docker_specs(system: Any) -> Iterable[ToolSpec]:
-    tools = getattr(system, "tools", None)
-    specs = tools.all().values() if hasattr(tools, "all") else (tools or {}).values() if isinstance(tools, dict) else ()
+    tools: Any = getattr(system, "tools", None)
+    if hasattr(tools, "all"):
+        specs: Iterable[Any] = tools.all().values()
+    elif isinstance(tools, dict):
+        specs = tools.values()
+    else:
+        specs = ()
     return [s for s in specs if isinstance(s, ToolSpec) and s.isolation == "docker"]
 
 

@@ -23,7 +23,9 @@ Configuration, ``[sandbox.subprocess]`` in agentkeel.toml: ``memory_mb`` (512),
 of time, so a call does not wait for the interpreter to start), ``preload``
 (modules a prestarted child imports while it waits; the modules of tools
 already called are added automatically), ``pass_env`` (extra variable names
-to pass through) and ``env`` (variables to set).
+to pass through) and ``env`` (variables to set). Prestarted children belong to
+the event loop that started them and are killed by ``aclose``; each one still
+serves exactly one call.
 """
 
 from __future__ import annotations
@@ -267,9 +269,9 @@ class SubprocessBackend:
                 exchange = _Exchange(await self._child(), tail)
                 output, oversized = await self._exchange(exchange, request)
         except TimeoutError:
+            await self._finish(exchange)
             if not deadline.expired():
                 raise
-            await self._finish(exchange)
             error: ToolError = ToolTimeoutError(
                 f"tool {spec.name!r} timed out after {call.timeout:g}s; its process group was killed. "
                 f"Raise the tool's timeout if it needs longer"

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
 
 
+def container_was_fresh(container: SandboxContainer) -> bool:
+    """True when ``container`` was started for this call (not taken from the pool)."""
+    return time.monotonic() - container.created_at < 1.0 and not container.ready_seen
+
+
 class DockerBackend:
     """Runs ``isolation="docker"`` tools in containers. Connects to Docker lazily."""
 
@@ -168,7 +173,12 @@ class DockerBackend:
             exchange = container.exchange(request, deadline, protocol.max_reply_bytes(limits))
         except OSError as exc:
             container.destroy()
-            raise SandboxError(f"lost the connection to the sandbox container ({exc}); is the daemon healthy?") from exc
+            if not container_was_fresh(container):  # a pooled container died while idle: go cold once
+                container = self._launch(api, image, limits, pooled=False, tool=tool)
+                holder[:] = [container]
+                exchange = container.exchange(request, deadline, protocol.max_reply_bytes(limits))
+            else:
+                raise SandboxError(f"lost the connection to the sandbox container ({exc}); is the daemon healthy?") from exc
         state = None
         if exchange.timed_out or exchange.overflow or cancelled.is_set():
             container.destroy()

@@ -71,7 +71,7 @@ def docker_build(api: Any, context: Path, tags: list[str], buildargs: dict[str, 
 def build_base_image(echo: Echo, image: str = BASE_IMAGE) -> None:
     """Run ``build-base-image.sh`` (debootstrap; needs root). Idempotent."""
     script = images_dir() / "build-base-image.sh"
-    proc = subprocess.run(["sh", str(script), image], capture_output=True, text=True)
+    proc = subprocess.run(["sh", str(script), image], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SandboxError(
             f"building the base image {image} failed:\n{proc.stderr[-2000:]}\nWith a registry, "
@@ -171,7 +171,7 @@ def docker_tool_plugins() -> list[str]:
         if name not in installed:
             continue
         specs: list[Any] = []
-        impl(register=lambda obj: specs.append(spec_of(obj)))
+        impl(register=lambda obj, found=specs: found.append(spec_of(obj)))
         if any(s is not None and s.isolation == "docker" for s in specs):
             found.append(name)
     return sorted(set(found))

@@ -81,6 +81,25 @@ class SandboxContainer:
             raise
         return cls(api=api, id=cid, image=image, sock=sock, created_at=time.monotonic())
 
+    def connected(self) -> bool:
+        """Cheap liveness check of an idle container: its attach stream has not ended."""
+        raw = self.raw_socket
+        try:
+            raw.setblocking(False)
+            try:
+                return raw.recv(1, socket.MSG_PEEK) != b""
+            finally:
+                raw.setblocking(True)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    @property
+    def ready_seen(self) -> bool:
+        """Whether the runner's ready marker has been read (true for pooled containers)."""
+        return READY_MARKER in self._err
+
     def wait_ready(self, timeout: float) -> bool:
         """Block until the runner says its worker is ready (stderr marker). False on EOF/timeout."""
         deadline = time.monotonic() + timeout
@@ -121,7 +140,7 @@ class SandboxContainer:
         raw.settimeout(remaining)
         try:
             chunk = raw.recv(65536)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return "timeout"
         except OSError:
             chunk = b""

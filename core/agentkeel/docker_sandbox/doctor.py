@@ -15,7 +15,13 @@ import attrs
 
 from agentkeel.docker_sandbox.build import docker_tool_plugins, image_exists
 from agentkeel.docker_sandbox.client import DAEMON_ADVICE, connect
-from agentkeel.docker_sandbox.images import BASE_IMAGE, REGISTRY_BASE_IMAGE, SANDBOX_IMAGE, entry_point_plugins, plugin_image
+from agentkeel.docker_sandbox.images import (
+    BASE_IMAGE,
+    REGISTRY_BASE_IMAGE,
+    SANDBOX_IMAGE,
+    entry_point_plugins,
+    plugin_image,
+)
 from agentkeel.docker_sandbox.labels import LABEL_SANDBOX, owner_alive
 from agentkeel.errors import AgentkeelError, SandboxError
 

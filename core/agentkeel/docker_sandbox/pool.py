@@ -57,7 +57,7 @@ class WarmPool:
             queue = self._idle.setdefault(image, deque())
             while queue:
                 candidate = queue.popleft()
-                if now - candidate.created_at > self._max_idle_s:
+                if now - candidate.created_at > self._max_idle_s or not candidate.connected():
                     stale.append(candidate)
                     continue
                 taken = candidate

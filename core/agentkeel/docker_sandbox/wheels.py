@@ -34,7 +34,7 @@ from agentkeel.errors import SandboxError
 try:  # packaging ships with pip; agentkeel does not depend on it directly
     from packaging.requirements import Requirement
 except ImportError:  # pragma: no cover
-    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
 
 
 def canonical(name: str) -> str:
@@ -135,7 +135,7 @@ def pip_wheel(project: Path, dest: Path) -> Path:
     for extra in ([], ["--no-build-isolation"]):
         before = set(dest.glob("*.whl"))
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *extra, "-w", str(dest), str(project)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         built = set(dest.glob("*.whl")) - before
         if proc.returncode == 0 and built:
             return built.pop()
@@ -166,7 +166,7 @@ def pip_download(dist: importlib.metadata.Distribution, target: Mapping[str, str
     for plat in platforms:
         cmd += ["--platform", plat]
     cmd.append(f"{dist.metadata['Name']}=={dist.version}")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     got = set(dest.glob("*.whl")) - before
     if proc.returncode != 0 or not got:
         raise SandboxError(

@@ -44,6 +44,9 @@ SAMPLE_ORDERS: Final[tuple[tuple[str, str, str, float, str], ...]] = (
     ("1003", "carol@example.com", "widget-1", 120.00, "delivered"),
     ("1004", "dave@example.com", "gizmo-3", 35.00, "cancelled"),
     ("ORD-123", "erin@example.com", "widget-1", 49.99, "shipped"),
+    # A customer whose mailbox bounces: "refund order 1005 and email the customer"
+    # fails at its last step, which shows the refund being rolled back.
+    ("1005", "frank@mail.invalid", "gadget-2", 19.50, "shipped"),
 )
 # product_id, name, stock
 SAMPLE_PRODUCTS: Final[tuple[tuple[str, str, int], ...]] = (

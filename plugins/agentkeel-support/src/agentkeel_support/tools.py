@@ -261,6 +261,8 @@ def send_email(to: str, subject: str, body: str) -> dict[str, Any]:
         raise ToolError(f"{to!r} is not an email address", retryable=False)
     if not subject.strip():
         raise ToolError("the email needs a subject", retryable=False)
+    if to.endswith(".invalid"):  # the reserved TLD (RFC 2606): this mailbox bounces
+        raise ToolError(f"mail to {to} bounced: mailbox unavailable", retryable=False)
     email_id = "E-" + uuid.uuid4().hex[:12]
     sent_at = now()
     with connect() as conn:

@@ -1,0 +1,417 @@
+"""The conformance suite of the ``agentkeel.journal.Journal`` protocol, for every backend.
+
+Use it by subclassing ``JournalConformance`` in a ``test_*.py`` module, as a
+``Test...`` class, and defining two fixtures:
+
+- ``make_journal``: a callable ``(clock=time.time) -> Journal`` that opens a
+  journal on this test's (empty) state; calling it twice must give two handles
+  on the same state when the backend is shared between handles and processes.
+- ``child_factory``: a picklable zero-argument callable that opens the same
+  journal in another process (with the real clock), or ``None`` for a backend
+  that cannot be shared (the multi-process tests are then skipped).
+
+Every journal the factory opens is closed by the backend's fixture. The tests
+that need several handles or processes live in ``conformance_processes``; the
+fake clock, record builders and process helpers in ``helpers``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+from agentkeel.errors import (
+    FencedError,
+    JournalRecordError,
+    LeaseHeldError,
+    RunExistsError,
+    RunNotFoundError,
+)
+from agentkeel.journal import Lease, StepRecord, make_owner
+from agentkeel.types import StepStatus
+
+from tests.journal.conformance_processes import ProcessConformance
+from tests.journal.helpers import (
+    ALICE,
+    BOB,
+    HAS_PROC,
+    FakeClock,
+    MakeJournal,
+    a_plan,
+    fields_of,
+    intent,
+    new_run,
+    outcome,
+    proc_state,
+    spawn_owner_process,
+)
+
+
+class JournalConformance(ProcessConformance):
+    """The tests every ``Journal`` backend must pass (see the module docstring)."""
+
+    # --- runs ----------------------------------------------------------------------
+
+    def test_create_and_load_round_trip(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, ttl_s=12.5)
+        assert lease == Lease("run-1", ALICE, 1, clock.now + 12.5)
+        new_run(journal, "run-2", budget_usd=None, plan={"steps": [], "nested": {"a": [1, 2.5]}})
+
+        run = journal.load("run-1").run
+        assert (run.run_id, run.user_id, run.session_id, run.principal) == (
+            "run-1",
+            "u-1",
+            "s-1",
+            "support",
+        )
+        assert run.message == "refund order A-17 🙏"
+        assert run.budget_usd == 0.25
+        assert run.plan == a_plan()
+        assert (run.status, run.detail, run.owner, run.epoch) == ("running", "", ALICE, 1)
+        assert run.created_at == run.updated_at == clock.now
+        assert run.lease_expires_at == lease.expires_at
+        assert journal.load("run-1").steps == ()
+        other = journal.load("run-2").run
+        assert other.budget_usd is None
+        assert other.plan == {"steps": [], "nested": {"a": [1, 2.5]}}
+
+    def test_create_refuses_a_taken_run_id(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        new_run(journal)
+        with pytest.raises(RunExistsError, match="run-1"):
+            new_run(journal, owner=BOB)
+        assert journal.load("run-1").run.owner == ALICE
+
+    def test_plan_that_is_not_json_is_refused(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        with pytest.raises(JournalRecordError, match="plan"):
+            new_run(journal, plan={"when": {1, 2}})
+        with pytest.raises(RunNotFoundError):
+            journal.load("run-1")
+
+    def test_unknown_run(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        with pytest.raises(RunNotFoundError, match="nope"):
+            journal.load("nope")
+        with pytest.raises(RunNotFoundError):
+            journal.acquire("nope", ALICE)
+        ghost = Lease("nope", ALICE, 1, time.time() + 60)
+        with pytest.raises(RunNotFoundError):
+            journal.intent(ghost, intent(1))
+        with pytest.raises(RunNotFoundError):
+            journal.set_status(ghost, "failed")
+        assert journal.list_runs() == []
+
+    def test_list_runs_newest_first(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        new_run(journal, "old")
+        clock.advance(5)
+        new_run(journal, "tie-first")
+        new_run(journal, "tie-second")  # same created_at: the later insert comes first
+        clock.advance(-100)
+        new_run(journal, "clock-went-back")
+        assert [r.run_id for r in journal.list_runs()] == [
+            "tie-second",
+            "tie-first",
+            "old",
+            "clock-went-back",
+        ]
+        assert [r.run_id for r in journal.list_runs(limit=2)] == ["tie-second", "tie-first"]
+        assert journal.list_runs(limit=0) == []
+        assert journal.list_runs()[0].plan == a_plan()
+
+    def test_set_status(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        clock.advance(3)
+        journal.set_status(lease, "in_doubt", "step 2 (shop:refund) started and did not finish ✗")
+        run = journal.load("run-1").run
+        assert (run.status, run.detail) == (
+            "in_doubt",
+            "step 2 (shop:refund) started and did not finish ✗",
+        )
+        assert run.updated_at == clock.now and run.created_at == clock.now - 3
+        journal.set_status(lease, StepStatus.FAILED)
+        assert journal.load("run-1").run.status == "failed"
+        assert journal.load("run-1").run.detail == ""
+
+    # --- steps ------------------------------------------------------------------------
+
+    def test_step_records_round_trip_in_order(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        args = {"order_id": "A-17", "note": "naïve 退款 🚀", "lines": [1, 2], "meta": {"x": None}}
+        written = [
+            intent(1, args=args, idempotency_key="run-1:1"),
+            outcome(
+                1,
+                args=args,
+                idempotency_key="run-1:1",
+                result=None,
+                duration_s=0.5,
+                cost_usd=0.001,
+                attempts=1,
+                verdict={"passed": True, "score": 1.0, "reason": ""},
+                ts=123.0,
+            ),
+            intent(2, args={}),
+            outcome(
+                2,
+                args={},
+                status="failed",
+                result={"refund": {"id": "R-1", "ok": "ja ✓"}},
+                error="ToolError: card declined — réessayer",
+                attempts=3,
+            ),
+            intent(3),
+            outcome(3, result=["a", 1, 2.5, True, None]),
+            intent(4),
+            outcome(4, result="plain text"),
+            intent(5),
+            outcome(5, result=0),
+        ]
+        for record in written:
+            (journal.intent if record.phase == "intent" else journal.outcome)(lease, record)
+        steps = journal.load("run-1").steps
+        stamped = [r if r.ts else StepRecord(**{**fields_of(r), "ts": clock.now}) for r in written]
+        assert list(steps) == stamped
+        assert steps[1].ts == 123.0 and steps[0].ts == clock.now
+        assert journal.load("run-1").run.updated_at == clock.now
+
+    def test_values_round_trip_as_json(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        journal.outcome(
+            lease,
+            outcome(
+                1,
+                status=StepStatus.SKIPPED,
+                args={"ids": (1, 2)},
+                result=(3, {"k": (4,)}),
+                duration_s=2,
+                attempts=1,
+            ),
+        )
+        (step,) = journal.load("run-1").steps
+        assert step.status == "skipped" and type(step.status) is str
+        assert step.args == {"ids": [1, 2]} and step.result == [3, {"k": [4]}]
+        assert step.duration_s == 2.0 and type(step.duration_s) is float
+
+    def test_value_that_is_not_json_is_refused_and_nothing_written(
+        self, make_journal: MakeJournal
+    ) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        journal.intent(lease, intent(1))
+        with pytest.raises(JournalRecordError, match="result of step 1"):
+            journal.outcome(lease, outcome(1, result=object()))
+        with pytest.raises(JournalRecordError, match="args of step 2"):
+            journal.intent(lease, intent(2, args={"when": b"bytes"}))
+        assert [r.phase for r in journal.load("run-1").steps] == ["intent"]
+
+    def test_wrong_phase_is_refused(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        with pytest.raises(JournalRecordError, match="phase"):
+            journal.intent(lease, outcome(1))
+        with pytest.raises(JournalRecordError, match="phase"):
+            journal.outcome(lease, intent(1))
+        assert journal.load("run-1").steps == ()
+
+    def test_forward_and_compensation_helpers(self, make_journal: MakeJournal) -> None:
+        journal = make_journal(clock=FakeClock())
+        lease = new_run(journal)
+        i1, o1 = intent(1, attempts=1), outcome(1, status="failed", attempts=1)
+        i1b = intent(1, attempts=2)
+        o2 = outcome(2, status="skipped")
+        i3, o3 = intent(3), outcome(3, result={"refund_id": "R-9"})
+        c3i, c3o = intent(3, "compensation"), outcome(3, "compensation", status="compensated")
+        c1i = intent(1, "compensation")
+        for record in (i1, o1, i1b, o2, i3, o3, c3i, c3o, c1i):
+            (journal.intent if record.phase == "intent" else journal.outcome)(lease, record)
+        state = journal.load("run-1")
+        stamp = state.steps[0].ts
+
+        def at(r: StepRecord) -> StepRecord:
+            return StepRecord(**{**fields_of(r), "ts": stamp})
+
+        assert state.forward(1) == (at(i1b), None)  # the retry started and did not finish
+        assert state.forward(2) == (None, at(o2))
+        assert state.forward(3) == (at(i3), at(o3))
+        assert state.forward(9) == (None, None)
+        assert state.compensation(3) == (at(c3i), at(c3o))
+        assert state.compensation(1) == (at(c1i), None)
+        assert state.compensation(2) == (None, None)
+        assert [(r.step_id, r.kind, r.phase) for r in state.steps] == [
+            (1, "forward", "intent"),
+            (1, "forward", "outcome"),
+            (1, "forward", "intent"),
+            (2, "forward", "outcome"),
+            (3, "forward", "intent"),
+            (3, "forward", "outcome"),
+            (3, "compensation", "intent"),
+            (3, "compensation", "outcome"),
+            (1, "compensation", "intent"),
+        ]
+
+    # --- leases and fencing -------------------------------------------------------------
+
+    def test_fencing_after_takeover(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        stale = new_run(journal, ttl_s=10)
+        journal.intent(stale, intent(1))
+        clock.advance(10.5)
+        fresh = journal.acquire("run-1", BOB, ttl_s=10)
+        assert (fresh.owner, fresh.epoch, fresh.expires_at) == (BOB, 2, clock.now + 10)
+        before = journal.load("run-1")
+
+        writes: list[Callable[[], object]] = [
+            lambda: journal.intent(stale, intent(2)),
+            lambda: journal.outcome(stale, outcome(1)),
+            lambda: journal.set_status(stale, "succeeded", "stale says done"),
+            lambda: journal.renew(stale, 60),
+            lambda: journal.release(stale),
+        ]
+        for write in writes:
+            with pytest.raises(FencedError, match=BOB) as info:
+                write()
+            assert (info.value.epoch, info.value.current_epoch, info.value.holder) == (1, 2, BOB)
+        assert journal.load("run-1") == before
+        assert before.run.owner == BOB and before.run.epoch == 2
+
+        journal.outcome(fresh, outcome(1))
+        journal.set_status(fresh, "succeeded")
+        after = journal.load("run-1")
+        assert after.run.status == "succeeded" and len(after.steps) == 2
+
+    def test_acquire_refused_while_another_owner_holds_an_unexpired_lease(
+        self, make_journal: MakeJournal
+    ) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, ttl_s=30)
+        clock.advance(29)
+        with pytest.raises(LeaseHeldError) as info:
+            journal.acquire("run-1", BOB)
+        assert ALICE in str(info.value) and "run-1" in str(info.value)
+        assert (info.value.holder, info.value.expires_at) == (ALICE, lease.expires_at)
+        run = journal.load("run-1").run
+        assert (run.owner, run.epoch) == (ALICE, 1)
+        journal.intent(lease, intent(1))  # the holder is unaffected
+
+    def test_acquire_allowed_after_expiry(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        new_run(journal, ttl_s=30)
+        clock.advance(30)
+        lease = journal.acquire("run-1", BOB, ttl_s=5)
+        assert (lease.epoch, lease.expires_at) == (2, clock.now + 5)
+        run = journal.load("run-1").run
+        assert (run.owner, run.epoch, run.lease_expires_at) == (BOB, 2, lease.expires_at)
+
+    def test_renew_extends_the_lease(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, ttl_s=10)
+        clock.advance(8)
+        renewed = journal.renew(lease, ttl_s=10)
+        assert renewed == Lease("run-1", ALICE, 1, clock.now + 10)
+        clock.advance(8)  # past the first expiry, within the renewed one
+        with pytest.raises(LeaseHeldError):
+            journal.acquire("run-1", BOB)
+        journal.intent(lease, intent(1))  # renewing keeps the epoch: both objects still write
+
+    def test_same_owner_reacquires_at_a_new_epoch(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        first = new_run(journal, ttl_s=300)
+        second = journal.acquire("run-1", ALICE)
+        assert (second.owner, second.epoch) == (ALICE, 2)
+        third = journal.acquire("run-1", ALICE)
+        assert third.epoch == 3
+        journal.intent(third, intent(1))
+        journal.outcome(third, outcome(1))
+        for old in (first, second):
+            with pytest.raises(FencedError):
+                journal.intent(old, intent(2))
+        assert len(journal.load("run-1").steps) == 2
+
+    def test_release(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal, ttl_s=300)
+        journal.release(lease)
+        journal.release(lease)  # twice is fine
+        run = journal.load("run-1").run
+        assert (run.owner, run.epoch) == ("", 1)
+        with pytest.raises(FencedError, match="released"):
+            journal.intent(lease, intent(1))
+        with pytest.raises(FencedError):
+            journal.set_status(lease, "failed")
+        with pytest.raises(FencedError):
+            journal.renew(lease)
+        taken = journal.acquire("run-1", BOB, ttl_s=300)  # free at once, no expiry wait
+        assert taken.epoch == 2
+        with pytest.raises(FencedError):
+            journal.release(lease)
+        assert journal.load("run-1").steps == ()
+
+    def test_acquire_refused_while_a_live_local_process_holds_it(
+        self, make_journal: MakeJournal
+    ) -> None:
+        journal = make_journal()
+        proc, holder = spawn_owner_process("sleep")
+        try:
+            new_run(journal, owner=holder, ttl_s=300)
+            with pytest.raises(LeaseHeldError, match=holder):
+                journal.acquire("run-1", make_owner())
+        finally:
+            proc.kill()
+            proc.wait()
+        lease = journal.acquire("run-1", make_owner())  # now it is gone
+        assert lease.epoch == 2
+
+    def test_acquire_from_a_dead_local_process_is_immediate(
+        self, make_journal: MakeJournal
+    ) -> None:
+        journal = make_journal()
+        proc, holder = spawn_owner_process()
+        assert proc.wait() == 0
+        assert holder.split(":")[0] == socket.gethostname().replace(":", "_")
+        new_run(journal, owner=holder, ttl_s=3600)
+        lease = journal.acquire("run-1", BOB)
+        assert (lease.owner, lease.epoch) == (BOB, 2)
+
+    @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to tell process start times apart")
+    def test_a_recycled_pid_does_not_count_as_alive(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        host, pid, start = make_owner().split(":")
+        new_run(journal, owner=f"{host}:{pid}:{int(start) - 1}", ttl_s=3600)  # same pid, earlier
+        new_run(journal, "run-2", owner=f"{host}:{pid}:{start}:other-tag", ttl_s=3600)
+        assert journal.acquire("run-1", BOB).epoch == 2
+        with pytest.raises(LeaseHeldError):  # this process is alive: a tagged owner of it holds
+            journal.acquire("run-2", BOB)
+
+    @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to see zombie processes")
+    def test_an_exited_unreaped_holder_is_dead(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        proc, holder = spawn_owner_process("sleep")
+        try:
+            new_run(journal, owner=holder, ttl_s=3600)
+            os.kill(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while proc_state(proc.pid) != "Z" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert proc_state(proc.pid) == "Z"
+            assert journal.acquire("run-1", BOB).epoch == 2
+        finally:
+            proc.kill()
+            proc.wait()
