@@ -7,8 +7,9 @@ is the framework.
 
     python bench/overhead.py [--runs N] [--steps 2,20,100]
 
-Prints, per K: the median wall time of one run divided by K (per-request work
-amortised), and the marginal cost of one more step ((T(K) - T(2)) / (K - 2)).
+Prints, per K and journal backend (in-memory, durable SQLite): the median wall
+time of one run divided by K (per-request work amortised), and the marginal
+cost of one more step ((T(K) - T(2)) / (K - 2)).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def wire(k: int) -> dict:
     }
 
 
-async def measure(k: int, runs: int, warmup: int) -> list[float]:
-    system = make_system(NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": []})
+async def measure(k: int, runs: int, warmup: int, journal: str) -> list[float]:
+    system = make_system(
+        NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": []}, config={"journal": {"backend": journal}}
+    )
     times = []
     async with system:
         for n in range(warmup + runs):
@@ -68,20 +71,21 @@ def main() -> None:
     parser.add_argument("--steps", default="2,20,100")
     args = parser.parse_args()
     ks = [int(k) for k in args.steps.split(",")]
-    with tempfile.TemporaryDirectory() as home:
-        os.environ["AGENTKEEL_HOME"] = home
-        medians = {}
-        print(f"python {sys.version.split()[0]}, {args.runs} runs per K after {args.warmup} warm-up runs")
-        print(f"{'K steps':>8} {'median run (ms)':>16} {'per step (us)':>14} {'marginal step (us)':>19}")
-        for k in ks:
-            runs = max(10, args.runs * 2 // max(k, 2)) if k > 20 else args.runs
-            times = asyncio.run(measure(k, runs, args.warmup))
-            medians[k] = statistics.median(times)
-            base_k = ks[0]
-            marginal = (
-                f"{(medians[k] - medians[base_k]) / (k - base_k) * 1e6:19.1f}" if k != base_k else f"{'-':>19}"
-            )
-            print(f"{k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} {marginal}")
+    print(f"python {sys.version.split()[0]}, {args.runs} runs per K after {args.warmup} warm-up runs")
+    print("journal=memory: in-memory journal; journal=sqlite: durable SQLite journal (WAL, synchronous=NORMAL)")
+    print(f"{'journal':>8} {'K steps':>8} {'median run (ms)':>16} {'per step (us)':>14} {'marginal step (us)':>19}")
+    for journal in ("memory", "sqlite"):
+        with tempfile.TemporaryDirectory() as home:
+            os.environ["AGENTKEEL_HOME"] = home
+            medians: dict[int, float] = {}
+            for k in ks:
+                runs = max(10, args.runs * 20 // k) if k > 20 else args.runs
+                medians[k] = statistics.median(asyncio.run(measure(k, runs, args.warmup, journal)))
+                base_k = ks[0]
+                marginal = (
+                    f"{(medians[k] - medians[base_k]) / (k - base_k) * 1e6:19.1f}" if k != base_k else f"{'-':>19}"
+                )
+                print(f"{journal:>8} {k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} {marginal}")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,12 @@ def default_path(config: Config) -> Path:
     return Path(config.home) / AUDIT_FILENAME
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(obj: dict[str, Any]) -> bytes:
     """The bytes that are hashed: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def line_hash(body: dict[str, Any]) -> str:

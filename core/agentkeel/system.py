@@ -7,6 +7,7 @@ steps (``agentkeel.executor``) -> memory -> response.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Iterable, Mapping
 from time import perf_counter
 from types import TracebackType
@@ -85,7 +86,8 @@ class AgentSystem:
         self.rate_limits = RateLimiterBoard()
         self._audit: AuditLog | None = None
         self._journal: Journal | None = None
-        self.owner = make_owner()
+        # One owner per system, so two systems in one process fence each other too.
+        self.owner = f"{make_owner()}:{uuid.uuid4().hex[:8]}"
         self.lease_ttl_s = float(self.config.section("journal").get("lease_ttl_s", 30.0))
         self._started = False
         self._closed = False
@@ -257,7 +259,7 @@ class AgentSystem:
         if rollback.problems:
             detail += "; rollback incomplete: " + "; ".join(rollback.problems)
         elif any(s.status is StepStatus.COMPENSATED for s in steps):
-            done = ", ".join(str(s.step_id) for s in steps if s.status is StepStatus.COMPENSATED)
+            done = ", ".join(str(s.step_id) for s in reversed(steps) if s.status is StepStatus.COMPENSATED)
             detail += f"; rolled back step(s) {done}"
         return steps, detail
 

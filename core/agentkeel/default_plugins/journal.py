@@ -21,4 +21,4 @@ def agentkeel_open_journal(config: Config) -> Journal:
         return MemoryJournal()
     from agentkeel.journal_sqlite import SQLiteJournal
 
-    return SQLiteJournal(config.home)
+    return SQLiteJournal(config.home, synchronous=section.get("synchronous", "normal"))
