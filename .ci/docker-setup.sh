@@ -55,4 +55,4 @@ if ! docker image inspect python:3.12-slim >/dev/null 2>&1; then
     fi
 fi
 
-"$PYTHON" -c "from agentkeel.cli_sandbox import sandbox; sandbox()" build --quiet
+"$PYTHON" -m agentkeel sandbox build --quiet
