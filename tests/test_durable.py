@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-
 from agentkeel import AgentRequest, Decision, RunStatus, StepStatus, hookimpl, tool
 from agentkeel.errors import LeaseHeldError, RunNotFoundError
 from agentkeel.journal import StepRecord

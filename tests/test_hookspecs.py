@@ -19,7 +19,7 @@ def test_every_hookspec_is_documented() -> None:
         spec = getattr(hookspecs, name)
         doc = inspect.getdoc(spec) or ""
         assert "firstresult" in doc, f"{name} must say whether it is firstresult"
-        opts = getattr(spec, "agentkeel_spec")
+        opts = spec.agentkeel_spec
         if opts.get("firstresult"):
             assert "Not firstresult" not in doc, name
         else:

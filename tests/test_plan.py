@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from agentkeel.errors import PlanRejectedError
 from agentkeel.plan import (
     PlanTemplate,

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from agentkeel import RunStatus, StepStatus, ToolError, Verdict, hookimpl, tool
 from agentkeel.audit import verify
 from agentkeel.testing import ScriptedPlanner, make_system

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-
 from agentkeel import ToolSpecError, tool
 from agentkeel.tools import ToolRegistry, spec_of
 

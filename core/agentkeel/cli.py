@@ -5,17 +5,19 @@ Errors print one clean line; set ``AGENTKEEL_RAISE_ERRORS=1`` for the traceback.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from agentkeel.config import Config
 from agentkeel.errors import AgentkeelError
 from agentkeel.types import AgentRequest, AgentResponse, RunStatus
+
+if TYPE_CHECKING:
+    from agentkeel.system import AgentSystem
 
 EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.SUCCEEDED: 0,
@@ -47,7 +49,7 @@ def load_config(config_path: str | None) -> Config:
     return config
 
 
-def build_system(config: Config) -> Any:
+def build_system(config: Config) -> AgentSystem:
     from agentkeel.system import AgentSystem
 
     return AgentSystem(config)

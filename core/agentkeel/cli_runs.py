@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -37,7 +37,7 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
         ], indent=2))
         return
     for r in records:
-        when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{r.run_id}  {when}  {r.status:<16} {r.user_id:<12} {r.message[:60]}")
 
 

@@ -35,7 +35,7 @@ def prompt_token_upper_bound(messages: Iterable[Mapping[str, Any]]) -> int:
 class Reservation:
     """Money held for one call. Settle it with the real cost, or release it."""
 
-    __slots__ = ("_budget", "amount", "label", "_open")
+    __slots__ = ("_budget", "_open", "amount", "label")
 
     def __init__(self, budget: Budget, amount: float, label: str) -> None:
         self._budget = budget

@@ -26,7 +26,15 @@ from agentkeel.errors import BudgetExceededError, SandboxError, ToolError
 from agentkeel.journal import Lease, RunState, StepRecord
 from agentkeel.plan import RefError, evaluate_condition, resolve_args
 from agentkeel.sandbox import ToolCall
-from agentkeel.types import CostRecord, PlanStep, RunStatus, StepResult, StepStatus, ToolSpec, Verdict
+from agentkeel.types import (
+    CostRecord,
+    PlanStep,
+    RunStatus,
+    StepResult,
+    StepStatus,
+    ToolSpec,
+    Verdict,
+)
 from agentkeel.validation import args_errors
 
 if TYPE_CHECKING:

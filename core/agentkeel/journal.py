@@ -91,7 +91,7 @@ class StepRecord:
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
     phase: str = attrs.field(validator=attrs.validators.in_(PHASES))
     tool_name: str
-    args: dict[str, Any]
+    args: Mapping[str, Any]
     idempotency_key: str | None = None
     status: str | None = attrs.field(default=None, converter=_plain_str)
     result: Any = None

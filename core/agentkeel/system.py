@@ -23,7 +23,6 @@ from agentkeel.context import RunContext
 from agentkeel.cost import Budget, Pricer
 from agentkeel.errors import (
     BudgetExceededError,
-    PermissionDeniedError,
     PlanningError,
     PlanRejectedError,
     PluginError,
@@ -32,9 +31,9 @@ from agentkeel.errors import (
 from agentkeel.executor import PlanExecutor, step_result_from_record
 from agentkeel.journal import Journal, Lease, RunRecord, RunState, make_owner
 from agentkeel.plan import PlanTemplate, plan_from_dict
-from agentkeel.rollback import Rollback
 from agentkeel.plugins import Plugins, build_plugin_manager
 from agentkeel.ratelimit import RateLimiterBoard
+from agentkeel.rollback import Rollback
 from agentkeel.sandbox import SandboxBackend
 from agentkeel.tools import ToolRegistry
 from agentkeel.types import (

@@ -52,7 +52,7 @@ def _portable(schema: Any) -> bool:
 class CompiledSchema:
     """One schema: a fast ``is_valid`` and field-naming ``errors``."""
 
-    __slots__ = ("schema", "validator", "is_valid")
+    __slots__ = ("is_valid", "schema", "validator")
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self.schema = schema

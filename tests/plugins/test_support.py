@@ -19,7 +19,7 @@ from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookspecs
 from agentkeel.errors import ToolError
 from agentkeel.plan import evaluate_condition, parse_plan, resolve_args
 from agentkeel.tools import ToolRegistry
-from agentkeel.types import Plan, Principal, ToolSpec
+from agentkeel.types import Plan, ToolSpec
 from agentkeel_support import shop
 from agentkeel_support.plugin import TEMPLATES
 from agentkeel_support.tools import (

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agentkeel.config import Config
-from agentkeel.errors import ConfigError
+from agentkeel.errors import ConfigError, StoreError
 from agentkeel.markers import hookimpl
-from agentkeel.stores import ConnectionCache, StoreError, db_path
+from agentkeel.stores import ConnectionCache, db_path
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext
 
 if TYPE_CHECKING:

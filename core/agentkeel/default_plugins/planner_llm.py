@@ -33,7 +33,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-
 from agentkeel.cost import prompt_token_upper_bound
 from agentkeel.errors import PlanningError, PlanRejectedError
 from agentkeel.markers import hookimpl
@@ -42,6 +41,7 @@ from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec, Usage
 
 if TYPE_CHECKING:
     import openai
+
     from agentkeel.config import Config, ModelTier
     from agentkeel.context import RunContext
     from agentkeel.cost import Reservation

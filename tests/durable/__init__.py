@@ -1,0 +1,1 @@
+"""Crash harness and property tests for durable runs (journal, resume, rollback)."""
