@@ -56,6 +56,24 @@ def canonical(obj: dict[str, Any]) -> bytes:
     return _CANONICAL.encode(obj).encode()
 
 
+_str = json.encoder.encode_basestring  # the C encoder canonical() uses for strings
+
+
+def record_text(
+    *, ts: float, run_id: str, principal: str, action: str, tool: str, decision: str, reason: str,
+    arg_keys: tuple[str, ...], seq: int, prev: str,
+) -> bytes:
+    """``canonical()`` of one record, written out directly: keys in sorted order, the
+    same string and float encoders. About five times cheaper than the general
+    encoder, and it runs for every permission decision and tool call."""
+    keys = ",".join(map(_str, arg_keys))
+    return (
+        f'{{"action":{_str(action)},"arg_keys":[{keys}],"decision":{_str(decision)},'
+        f'"prev":{_str(prev)},"principal":{_str(principal)},"reason":{_str(reason)},'
+        f'"run_id":{_str(run_id)},"seq":{seq},"tool":{_str(tool)},"ts":{float.__repr__(ts)}}}'
+    ).encode()
+
+
 def line_hash(body: dict[str, Any]) -> str:
     """The hash of one line's fields, ``hash`` excluded."""
     return hashlib.sha256(canonical({k: v for k, v in body.items() if k != "hash"})).hexdigest()
@@ -150,16 +168,6 @@ class AuditLog:
             reason=reason,
             arg_keys=tuple(arg_keys),
         )
-        body: dict[str, Any] = {
-            "ts": rec.ts,
-            "run_id": rec.run_id,
-            "principal": rec.principal,
-            "action": rec.action,
-            "tool": rec.tool,
-            "decision": rec.decision,
-            "reason": rec.reason,
-            "arg_keys": list(rec.arg_keys),
-        }
         with self._lock:
             if self._pid != os.getpid():
                 self._reopen_after_fork()
@@ -173,9 +181,11 @@ class AuditLog:
                 size = os.fstat(fd).st_size
                 if size != self._size:
                     self._sync_tail(size)
-                body["seq"] = self._seq + 1
-                body["prev"] = self._prev
-                text = canonical(body)
+                seq = self._seq + 1
+                text = record_text(
+                    ts=rec.ts, run_id=run_id, principal=principal, action=action, tool=tool,
+                    decision=decision, reason=reason, arg_keys=rec.arg_keys, seq=seq, prev=self._prev,
+                )
                 digest = hashlib.sha256(text).hexdigest()
                 # Key order does not matter to verify(), so append "hash" without re-encoding.
                 data = text[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
@@ -189,7 +199,7 @@ class AuditLog:
                 if self.fsync:
                     os.fsync(fd)
                 self._size = size + written
-                self._seq = body["seq"]
+                self._seq = seq
                 self._prev = digest
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)

@@ -1,0 +1,542 @@
+"""Crash harness for durable runs: real effects, real processes, SIGKILL at chosen points.
+
+Child side (what runs inside ``python -m tests.durable.harness``):
+
+- Harness tools with real effects in the demo shop database (``agentkeel_support``):
+  ``h_lookup`` (idempotent), ``h_refund`` (takes the idempotency key, which the
+  shop honours; compensated by ``h_cancel``), ``h_cancel`` (idempotent),
+  ``h_email`` (never twice: no key) and ``h_gate`` (idempotent; with
+  ``HARNESS_GATE`` set it waits until that file exists). Every call appends rows
+  to a call log (its own SQLite file, ``HARNESS_CALL_LOG``) naming the tool, the
+  step tag (``"s<step>"``), the process label (``HARNESS_LABEL``) and pid.
+- Crash points, ``HARNESS_CRASH="<when>:<step>"``: ``start`` (step 1 authorized,
+  before its intent), ``before``/``after`` (inside the tool, just before / just
+  after the real effect), ``finished`` (outcome journaled, ``step_finished``),
+  ``comp_before``/``comp_after`` (inside the compensator) and ``compensated``
+  (compensation journaled). The process SIGKILLs itself there.
+- ``main``: ``run RUN_ID`` (plan from ``HARNESS_PLAN``), ``resume RUN_ID`` or
+  ``rollback RUN_ID``; prints one JSON line (status, message, step statuses).
+  Exit codes: 0 answered, 3 refused (``LeaseHeldError``), 4 other agentkeel error.
+
+Parent side: ``Paths``, ``run_child``/``start_child``, ``drive`` (a run, then
+resumes until a process survives) and ``check_invariants`` (the promises of
+issue 4, shared by the harness and the property tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentkeel import tool
+from agentkeel.errors import AgentkeelError, LeaseHeldError, ToolError
+from agentkeel.markers import hookimpl
+from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec
+
+from agentkeel_support.tools import cancel_refund, issue_refund, lookup_order, send_email
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CALL_LOG_ENV = "HARNESS_CALL_LOG"
+CRASH_ENV = "HARNESS_CRASH"
+LABEL_ENV = "HARNESS_LABEL"
+GATE_ENV = "HARNESS_GATE"
+PLAN_ENV = "HARNESS_PLAN"
+TTL_ENV = "HARNESS_LEASE_TTL"
+USER = "h"
+PERMISSIONS = ("read", "refunds", "email")
+GATE_WAIT_S = 50.0
+CHILD_TIMEOUT_S = 120.0
+EXIT_REFUSED = 3
+EXIT_ERROR = 4
+
+# Step kinds a plan is made of. "bounce" is an email the shop refuses (late failure).
+KINDS = ("lookup", "refund", "email", "bounce", "gate")
+NEVER_TWICE = ("email", "bounce")  # h_email: neither idempotent nor takes the key
+ORDER_IDS = ("1001", "1003", "ORD-123")
+CUSTOMERS = {"1001": "alice@example.com", "1003": "carol@example.com", "ORD-123": "erin@example.com"}
+BOUNCE_TO = "frank@mail.invalid"
+CRASH_POINTS = ("start", "before", "after", "finished", "comp_before", "comp_after", "compensated")
+
+
+# --- child side: call log and crash points -----------------------------------------------------------
+
+
+def _log_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT, pid INTEGER, "
+        "tool TEXT, tag TEXT, phase TEXT, detail TEXT, ts REAL)"
+    )
+    return conn
+
+
+def log_call(tool_name: str, tag: str, phase: str, detail: str = "") -> None:
+    """Append one row to the call log; committed before returning (survives SIGKILL)."""
+    path = os.environ.get(CALL_LOG_ENV)
+    if not path:
+        raise ToolError(f"{CALL_LOG_ENV} is not set: the harness tools need a call log", retryable=False)
+    conn = _log_db(path)
+    try:
+        conn.execute(
+            "INSERT INTO calls (label, pid, tool, tag, phase, detail, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (os.environ.get(LABEL_ENV, ""), os.getpid(), tool_name, tag, phase, detail, time.time()),
+        )
+    finally:
+        conn.close()
+
+
+def crash_if(when: str, step: int) -> None:
+    """SIGKILL this process when ``HARNESS_CRASH`` names this point."""
+    if os.environ.get(CRASH_ENV) == f"{when}:{step}":
+        log_call("-", f"s{step}", "crash", when)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _step_of(tag: str) -> int:
+    return int(tag[1:])
+
+
+def _effect(tool_name: str, tag: str, effect: Callable[[], dict[str, Any]], compensation: bool = False) -> Any:
+    """Run ``effect`` between crash points, logging before and after it."""
+    step = _step_of(tag)
+    log_call(tool_name, tag, "before")
+    crash_if("comp_before" if compensation else "before", step)
+    try:
+        result = effect()
+    except BaseException as exc:
+        log_call(tool_name, tag, "after", f"error: {exc}")
+        crash_if("comp_after" if compensation else "after", step)
+        raise
+    log_call(tool_name, tag, "after", "ok " + str(result.get("refund_id") or result.get("email_id") or ""))
+    crash_if("comp_after" if compensation else "after", step)
+    return result
+
+
+@tool(permissions=["read"], idempotent=True)
+def h_lookup(order_id: str, tag: str) -> dict[str, Any]:
+    """Look an order up in the shop (reads only)."""
+    return _effect("h_lookup", tag, lambda: lookup_order(order_id))
+
+
+@tool(permissions=["refunds"], rollback="h_cancel")
+def h_refund(order_id: str, amount: float, tag: str, idempotency_key: str | None = None) -> dict[str, Any]:
+    """Refund part of an order; the shop honours the idempotency key."""
+    return _effect("h_refund", tag, lambda: issue_refund(order_id, amount, idempotency_key=idempotency_key))
+
+
+@tool(permissions=["refunds"], idempotent=True)
+def h_cancel(
+    order_id: str,
+    tag: str,
+    refund_id: str | None = None,
+    amount: float | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """Cancel the refund of a harness step (the compensator of ``h_refund``)."""
+    return _effect(
+        "h_cancel", tag, lambda: cancel_refund(order_id, refund_id, amount, idempotency_key), compensation=True
+    )
+
+
+@tool(permissions=["email"])
+def h_email(to: str, subject: str, tag: str) -> dict[str, Any]:
+    """Send an email; the subject is prefixed with the step tag so the shop row names its step."""
+    return _effect("h_email", tag, lambda: send_email(to, f"[{tag}] {subject}", "sent by the crash harness"))
+
+
+@tool(permissions=["read"], idempotent=True, timeout=GATE_WAIT_S + 10)
+def h_gate(tag: str) -> dict[str, Any]:
+    """With ``HARNESS_GATE`` set, wait until that file exists (the test opens it)."""
+    log_call("h_gate", tag, "before")
+    gate = os.environ.get(GATE_ENV)
+    if gate:
+        log_call("h_gate", tag, "waiting")
+        deadline = time.monotonic() + GATE_WAIT_S
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise ToolError(f"gate {gate} was never opened", retryable=False)
+            time.sleep(0.01)
+    log_call("h_gate", tag, "after", "ok")
+    return {"opened": True}
+
+
+TOOLS = (h_lookup, h_refund, h_cancel, h_email, h_gate)
+FORWARD_TOOL = {"lookup": "h_lookup", "refund": "h_refund", "email": "h_email", "bounce": "h_email",
+                "gate": "h_gate"}
+
+
+class HarnessPlugin:
+    """Registers the harness tools and crashes at the step-boundary points of ``HARNESS_CRASH``."""
+
+    @hookimpl
+    def agentkeel_register_tools(self, register: Callable[[Any], None]) -> None:
+        for fn in TOOLS:
+            register(fn)
+
+    @hookimpl
+    def agentkeel_authorize(self, principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None) -> None:
+        if args is not None and tool.name != "h_cancel" and args.get("tag") == "s1":
+            crash_if("start", 1)
+        return None  # abstain: the default permissions plugin decides
+
+    @hookimpl
+    def agentkeel_event(self, event: Event) -> None:
+        if event.kind == "step_finished":
+            crash_if("finished", event.data["step"].step_id)
+        elif event.kind == "step_compensated":
+            crash_if("compensated", event.data["step_id"])
+
+
+# --- plans -----------------------------------------------------------------------------------------
+
+
+def plan_step(step: int, kind: str) -> dict[str, Any]:
+    """The wire-format step ``step`` (1-based) of kind ``kind``; arguments depend only on both."""
+    tag = f"s{step}"
+    order = ORDER_IDS[step % len(ORDER_IDS)]
+    if kind == "lookup":
+        return {"description": f"look up {order}", "tool_name": "h_lookup", "tool_args": {"order_id": order, "tag": tag}}
+    if kind == "refund":  # small distinct amounts: never more than an order's total
+        amount = round(1.0 + step / 100, 2)
+        return {"description": f"refund {amount} on {order}", "tool_name": "h_refund",
+                "tool_args": {"order_id": order, "amount": amount, "tag": tag}}
+    if kind in ("email", "bounce"):
+        to = BOUNCE_TO if kind == "bounce" else CUSTOMERS[order]
+        return {"description": f"email {to}", "tool_name": "h_email",
+                "tool_args": {"to": to, "subject": f"about order {order}", "tag": tag}}
+    if kind == "gate":
+        return {"description": "wait for the test", "tool_name": "h_gate", "tool_args": {"tag": tag}}
+    raise ValueError(f"unknown step kind {kind!r}; use one of {KINDS}")
+
+
+def wire_plan(kinds: Sequence[str]) -> dict[str, Any]:
+    return {"reasoning": "crash harness plan", "steps": [plan_step(i, k) for i, k in enumerate(kinds, start=1)]}
+
+
+# --- child entry point ---------------------------------------------------------------------------
+
+
+def build_system(wire: Mapping[str, Any] | None = None) -> Any:
+    """An ``AgentSystem`` with the harness tools (and a scripted planner for ``wire``)."""
+    from agentkeel.testing import ScriptedPlanner, make_system
+
+    plugins: list[object] = [HarnessPlugin()]
+    if wire is not None:
+        plugins.append(ScriptedPlanner(wire))
+    config: dict[str, Any] = {"retry": {"base_delay_s": 0.0, "max_delay_s": 0.0}}
+    if os.environ.get(TTL_ENV):
+        config["journal"] = {"lease_ttl_s": float(os.environ[TTL_ENV])}
+    return make_system(*plugins, principals={USER: PERMISSIONS}, config=config)
+
+
+def response_summary(response: AgentResponse) -> dict[str, Any]:
+    return {
+        "run_id": response.run_id,
+        "status": response.status.value,
+        "message": response.message,
+        "steps": {str(s.step_id): s.status.value for s in response.steps},
+    }
+
+
+async def serve(mode: str, run_id: str) -> AgentResponse:
+    """Do ``mode`` (run, resume or rollback) for ``run_id`` in this process."""
+    wire = json.loads(Path(os.environ[PLAN_ENV]).read_text()) if mode == "run" else None
+    async with build_system(wire) as system:
+        if mode == "run":
+            return await system.run(AgentRequest(message="crash harness", user_id=USER, run_id=run_id))
+        if mode == "resume":
+            return await system.resume(run_id)
+        return await system.rollback(run_id)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.durable.harness")
+    parser.add_argument("mode", choices=("run", "resume", "rollback"))
+    parser.add_argument("run_id")
+    args = parser.parse_args(argv)
+    try:
+        response = asyncio.run(serve(args.mode, args.run_id))
+    except LeaseHeldError as exc:
+        print(json.dumps({"refused": str(exc)}), flush=True)
+        return EXIT_REFUSED
+    except AgentkeelError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
+        return EXIT_ERROR
+    print(json.dumps(response_summary(response)), flush=True)
+    return 0
+
+
+# --- parent side -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where one scenario keeps its state."""
+
+    home: Path
+    shop_db: Path
+    call_log: Path
+    plan_file: Path
+
+    @classmethod
+    def under(cls, root: Path, home: Path | None = None, shop_db: Path | None = None) -> Paths:
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(home or root / "home", shop_db or root / "shop.db", root / "calls.db", root / "plan.json")
+
+    def env(self, label: str, crash: str | None = None, gate: Path | None = None,
+            ttl: float | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
+        env.update({"AGENTKEEL_HOME": str(self.home), "AGENTKEEL_SHOP_DB": str(self.shop_db),
+                    CALL_LOG_ENV: str(self.call_log), LABEL_ENV: label, PLAN_ENV: str(self.plan_file),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))})
+        for key in ("AGENTKEEL_CONFIG", "AGENTKEEL_LOAD_PLUGINS", "AGENTKEEL_DISABLE_PLUGINS"):
+            env.pop(key, None)
+        if crash:
+            env[CRASH_ENV] = crash
+        if gate is not None:
+            env[GATE_ENV] = str(gate)
+        if ttl is not None:
+            env[TTL_ENV] = str(ttl)
+        return env
+
+    def write_plan(self, kinds: Sequence[str]) -> None:
+        self.plan_file.write_text(json.dumps(wire_plan(kinds)))
+
+
+@dataclass
+class Child:
+    label: str
+    pid: int
+    crash: str | None
+    returncode: int
+    out: str
+    err: str
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+    @property
+    def answer(self) -> dict[str, Any]:
+        lines = [line for line in self.out.splitlines() if line.startswith("{")]
+        assert lines, f"child {self.label} printed no answer (rc {self.returncode}):\n{self.out}\n{self.err}"
+        parsed: dict[str, Any] = json.loads(lines[-1])
+        return parsed
+
+
+def start_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None,
+                gate: Path | None = None, ttl: float | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.durable.harness", mode, run_id],
+        cwd=REPO_ROOT, env=paths.env(label, crash, gate, ttl), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def finish_child(proc: subprocess.Popen[str], label: str, crash: str | None = None) -> Child:
+    try:
+        out, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"child {label} did not finish in {CHILD_TIMEOUT_S}s:\n{out}\n{err}") from None
+    return Child(label, proc.pid, crash, proc.returncode, out, err)
+
+
+def run_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None, **kw: Any) -> Child:
+    return finish_child(start_child(paths, mode, run_id, label, crash, **kw), label, crash)
+
+
+@dataclass
+class History:
+    """What happened to one run: each process, and what the journal held before each resume."""
+
+    run_id: str
+    kinds: tuple[str, ...]
+    children: list[Child] = field(default_factory=list)
+    done_before: dict[str, tuple[frozenset[int], frozenset[int]]] = field(default_factory=dict)
+
+    @property
+    def triggered(self) -> list[tuple[str, int]]:
+        """The crash points that fired, in order, as (when, step)."""
+        out = []
+        for child in self.children:
+            if child.killed:
+                assert child.crash, f"child {child.label} was killed without a crash point:\n{child.err}"
+                when, step = child.crash.split(":")
+                out.append((when, int(step)))
+        return out
+
+
+def load_state(paths: Paths, run_id: str) -> Any:
+    from agentkeel.journal_sqlite import SQLiteJournal
+
+    journal = SQLiteJournal(paths.home)
+    try:
+        return journal.load(run_id)
+    finally:
+        journal.close()
+
+
+def done_steps(state: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """(steps with a forward outcome, steps with a compensation outcome) in ``state``."""
+    forward = frozenset(r.step_id for r in state.steps if r.kind == "forward" and r.phase == "outcome")
+    undone = frozenset(r.step_id for r in state.steps if r.kind == "compensation" and r.phase == "outcome")
+    return forward, undone
+
+
+def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str | None],
+          first_mode: str = "run", history: History | None = None) -> History:
+    """Run (or resume / roll back) ``run_id`` with ``crashes[0]``, then resume with the next crash
+    points while processes die, and once more without one; every survivor must answer."""
+    if first_mode == "run":
+        paths.write_plan(kinds)
+    history = history or History(run_id, tuple(kinds))
+    index = 0
+    mode = first_mode
+    while True:
+        crash = crashes[index] if index < len(crashes) else None
+        label = f"p{len(history.children)}"
+        if mode != "run":
+            history.done_before[label] = done_steps(load_state(paths, run_id))
+        child = run_child(paths, mode, run_id, label, crash)
+        history.children.append(child)
+        if not child.killed:
+            assert child.returncode == 0, f"child {label} failed (rc {child.returncode}):\n{child.out}\n{child.err}"
+            assert "status" in child.answer, child.answer
+            return history
+        index += 1
+        mode = "resume"
+        assert index < 20, "a run kept crashing"
+
+
+def read_calls(paths: Paths) -> list[dict[str, Any]]:
+    if not paths.call_log.exists():
+        return []
+    conn = _log_db(paths.call_log)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM calls ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def read_shop(paths: Paths) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(refund rows, email rows) of the shop database."""
+    from agentkeel_support.shop import connect
+
+    with connect(paths.shop_db) as conn:
+        refunds = [dict(r) for r in conn.execute("SELECT * FROM refunds ORDER BY created_at, refund_id")]
+        emails = [dict(r) for r in conn.execute("SELECT * FROM emails")]
+    return refunds, emails
+
+
+# --- invariants -----------------------------------------------------------------------------------
+
+
+def expected_end(kinds: Sequence[str], triggered: Sequence[tuple[str, int]]) -> tuple[str, int | None]:
+    """(final run status, in-doubt step) implied by the plan and the crash points that fired.
+
+    A crash inside a never-twice step (before or after its effect) leaves it in doubt;
+    otherwise the run succeeds, or fails and is rolled back when it holds a bounce.
+    """
+    for when, step in triggered:
+        if when in ("before", "after") and kinds[step - 1] in NEVER_TWICE:
+            return "in_doubt", step
+    return ("failed" if "bounce" in kinds else "succeeded"), None
+
+
+def check_invariants(paths: Paths, history: History) -> Any:
+    """Check every promise for the run of ``history``; returns its final journal state.
+
+    1. never-twice effects (emails) happened once per succeeded step, never twice, and
+       only the step named by an ``in_doubt`` status has an unknown effect (0 or 1);
+    2. one refund per idempotency key of a succeeded refund step, none for others;
+    3. no step whose outcome was journaled is run again by a later process;
+    4. no step lost: every step up to where the run ended has an outcome, none after;
+    5. journal and shop agree (refund ids, email ids, compensated <-> cancelled).
+    """
+    run_id, kinds = history.run_id, history.kinds
+    state = load_state(paths, run_id)
+    run = state.run
+    refunds, emails = read_shop(paths)
+    calls = read_calls(paths)
+    status, doubt = expected_end(kinds, history.triggered)
+    last = history.children[-1]
+    where = f"run {run_id} kinds={kinds} crashes={history.triggered}: "
+    assert run.status == status, where + f"status {run.status!r} ({run.detail}), expected {status!r}"
+    assert last.answer["status"] == run.status, where + f"the last process answered {last.answer}"
+    assert run.owner == "", where + f"lease still held by {run.owner}"
+    end = doubt or (kinds.index("bounce") + 1 if "bounce" in kinds else len(kinds))
+    if doubt is not None:
+        assert f"step {doubt} (h_email)" in run.detail, where + run.detail
+    for record in state.steps:
+        assert record.idempotency_key == f"{run_id}:{record.step_id}", where + repr(record)
+    succeeded_refunds: set[str] = set()
+    for step, kind in enumerate(kinds, start=1):
+        tag, key = f"s{step}", f"{run_id}:{step}"
+        intent, outcome = state.forward(step)
+        _, undo = state.compensation(step)
+        mine = [c for c in calls if c["tag"] == tag and c["tool"] == FORWARD_TOOL[kind]]
+        # 4: no step lost, none run past the end
+        if step < end or (step == end and doubt is None):
+            want = "failed" if kind == "bounce" else "succeeded"
+            assert outcome is not None and outcome.status == want, where + f"step {step}: {outcome}"
+        elif step == doubt:
+            assert intent is not None and outcome is None, where + f"step {step} should be in doubt"
+        else:
+            assert intent is None and outcome is None and not mine, where + f"step {step} ran after the end"
+        # 3: no completed step re-executed by a later process
+        for label, (forward_done, undone_before) in history.done_before.items():
+            assert step not in forward_done or not [c for c in mine if c["label"] == label], (
+                where + f"step {step} had an outcome before {label} started, and {label} ran it again")
+            assert step not in undone_before or not [
+                c for c in calls if c["tag"] == tag and c["tool"] == "h_cancel" and c["label"] == label
+            ], where + f"the compensation of step {step} was journaled before {label}, which ran it again"
+        effects = [c for c in mine if c["phase"] == "after" and c["detail"].startswith("ok")]
+        if kind in NEVER_TWICE:  # 1
+            rows = [e for e in emails if e["subject"].startswith(f"[{tag}] ")]
+            assert len([c for c in mine if c["phase"] == "before"]) <= 1, where + f"step {step} emailed twice"
+            assert len(rows) == len(effects) <= 1, where + f"step {step}: {rows} vs {effects}"
+            if outcome is not None and outcome.status == "succeeded":
+                assert len(rows) == 1 and rows[0]["email_id"] == outcome.result["email_id"], where + f"{step}"
+            elif step != doubt:
+                assert not rows, where + f"step {step} has no succeeded outcome but sent {rows}"
+        elif kind == "refund":  # 2 and 5
+            rows = [r for r in refunds if r["idempotency_key"] == key]
+            if outcome is not None:
+                assert len(rows) == 1 and rows[0]["refund_id"] == outcome.result["refund_id"], where + f"{rows}"
+                succeeded_refunds.add(rows[0]["refund_id"])
+                cancelled = undo is not None and undo.status == "succeeded"
+                assert rows[0]["status"] == ("cancelled" if cancelled else "issued"), where + f"{rows} {undo}"
+                assert cancelled == (run.status == "failed"), where + f"step {step} compensation: {undo}"
+            else:
+                assert not rows, where + f"step {step} never finished but refunded {rows}"
+        undos = [r for r in state.steps if r.step_id == step and r.kind == "compensation" and r.phase == "outcome"]
+        assert len([r for r in undos if r.status == "succeeded"]) <= 1, where + f"step {step} undone twice"
+    # 5: nothing in the shop that the journal does not account for
+    assert {r["refund_id"] for r in refunds} == succeeded_refunds, where + f"stray refunds {refunds}"
+    tagged = {e["subject"].split("]")[0] + "]" for e in emails}
+    assert tagged <= {f"[s{i}]" for i, k in enumerate(kinds, 1) if k in NEVER_TWICE}, where + f"{emails}"
+    if run.status == "failed":  # rolled back, last step first
+        order = [r.step_id for r in state.steps if r.kind == "compensation" and r.phase == "intent"]
+        firsts = list(dict.fromkeys(order))
+        assert firsts == sorted(firsts, reverse=True), where + f"compensated in order {order}"
+        assert not [r for r in refunds if r["status"] == "issued"], where + f"refunds left {refunds}"
+    return state
+
+
+if __name__ == "__main__":
+    sys.exit(main())
