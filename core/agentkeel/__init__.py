@@ -1,6 +1,7 @@
 """agentkeel: run AI agents in production through pluggable, audited components."""
 
-from agentkeel.config import Config, ModelTier
+from typing import TYPE_CHECKING, Any
+
 from agentkeel.errors import (
     AgentkeelError,
     BudgetExceededError,
@@ -18,7 +19,6 @@ from agentkeel.errors import (
     UnknownModelPriceError,
 )
 from agentkeel.markers import hookimpl, hookspec
-from agentkeel.plan import PlanTemplate
 from agentkeel.tools import tool
 from agentkeel.types import (
     AgentRequest,
@@ -40,6 +40,26 @@ from agentkeel.types import (
     Usage,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from agentkeel.config import Config, ModelTier
+    from agentkeel.plan import PlanTemplate
+
+# Imported on first use: a tool running in a sandbox child process needs only
+# ``tool`` and the types, not the configuration and JSON Schema machinery.
+_LAZY = {"Config": "agentkeel.config", "ModelTier": "agentkeel.config", "PlanTemplate": "agentkeel.plan"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agentkeel' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AgentRequest",

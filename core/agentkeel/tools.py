@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
-import jsonschema
 
 from agentkeel.errors import ConfigError, ToolSpecError
 from agentkeel.types import ISOLATIONS, ToolSpec
@@ -174,6 +173,8 @@ class ToolRegistry:
         return register
 
     def add(self, spec: ToolSpec, plugin: str) -> None:
+        import jsonschema  # not at module level: sandbox children import this module
+
         existing = self._tools.get(spec.name)
         if existing is not None:
             raise ToolSpecError(

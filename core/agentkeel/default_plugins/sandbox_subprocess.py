@@ -5,7 +5,7 @@ What it promises:
 - The tool runs in ``python -m agentkeel.child`` (see that module for the
   protocol) in a new session and process group, under RLIMIT_AS (memory),
   RLIMIT_CPU, RLIMIT_NOFILE and no core dumps, with a minimal environment:
-  PATH, HOME, locale, TZ, TMPDIR and the import path, never the host's secrets.
+  PATH, HOME, locale, TZ, TMPDIR, AGENTKEEL_HOME and the import path, never the host's secrets.
 - Past the call's timeout the whole process group (the child and anything it
   spawned) is killed with SIGKILL and ``ToolTimeoutError`` is raised.
   Cancelling the awaiting task kills and reaps the same way. Processes that
@@ -48,7 +48,7 @@ from agentkeel.sandbox import SandboxBackend, ToolCall
 from agentkeel.types import ToolSpec
 
 CHILD_MODULE = "agentkeel.child"
-BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "AGENTKEEL_HOME")
 READ_CHUNK = 64 * 1024
 STREAM_LIMIT = 64 * 1024
 STDERR_GRACE_S = 0.5
