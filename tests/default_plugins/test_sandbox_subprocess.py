@@ -360,21 +360,3 @@ def test_plugin_registers_the_subprocess_backend() -> None:
         register=lambda name, b: registered.setdefault(name, b), config=Config.from_dict({})
     )
     assert isinstance(registered["subprocess"], SubprocessBackend)
-
-
-@pytest.mark.skipif(not os.environ.get("AGENTKEEL_BENCH"), reason="benchmark; set AGENTKEEL_BENCH=1 to run")
-@pytest.mark.parametrize("prestart", [0, 1])
-async def test_noop_overhead_is_printed(prestart: int) -> None:
-    """Benchmark, not a test of speed: prints p50 of 50 no-op calls (run with -s)."""
-    backend = SubprocessBackend(SubprocessSettings(prestart=prestart))
-    durations = []
-    try:
-        for _ in range(50):
-            started = time.perf_counter()
-            await backend.run(call(tools.noop))
-            durations.append(time.perf_counter() - started)
-            if prestart:
-                await asyncio.sleep(0.3)  # calls spaced out, so the spare is warm
-    finally:
-        await backend.aclose()
-    print(f"\nsubprocess no-op, prestart={prestart}: p50 {statistics.median(durations) * 1000:.1f} ms")
