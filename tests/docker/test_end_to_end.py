@@ -44,3 +44,29 @@ async def test_request_runs_docker_tool_and_run_python(
     total, hostname = code.result["stdout"].split()
     assert total == "45"
     assert hostname != info.result["hostname"]  # each step in its own container
+
+
+def test_cli_runs_docker_tool_and_run_python_each_in_its_own_container(
+    pycode_image: str, tmp_path: Any
+) -> None:
+    """The issue's "done when": `agentkeel run` of a request whose steps include a
+    docker-isolated tool and run_python, through the demo templates."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentkeel", "run",
+         "describe the sandbox and run python: import socket; print(6 * 7, socket.gethostname())",
+         "--user", "demo", "--json"],
+        cwd=tmp_path, env={**os.environ, "AGENTKEEL_LOAD_PLUGINS": "pycode"},
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    info, code = (s["result"] for s in out["steps"])
+    assert info["uid"] == 10001 and info["network"] == ["lo"]
+    answer, hostname = code["stdout"].split()
+    assert answer == "42"
+    assert hostname != info["hostname"]

@@ -34,6 +34,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
+import multiprocessing
+import multiprocessing.forkserver
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,21 +264,37 @@ async def serve(mode: str, run_id: str) -> AgentResponse:
         return await system.rollback(run_id)
 
 
+def answer(mode: str, run_id: str) -> tuple[int, dict[str, Any]]:
+    """Serve ``mode`` for ``run_id``: (exit code, the JSON answer)."""
+    try:
+        response = asyncio.run(serve(mode, run_id))
+    except LeaseHeldError as exc:
+        return EXIT_REFUSED, {"refused": str(exc)}
+    except AgentkeelError as exc:
+        return EXIT_ERROR, {"error": type(exc).__name__, "message": str(exc)}
+    return 0, response_summary(response)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.durable.harness")
     parser.add_argument("mode", choices=("run", "resume", "rollback"))
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
+    code, result = answer(args.mode, args.run_id)
+    print(json.dumps(result), flush=True)
+    return code
+
+
+def forked_child(mode: str, run_id: str, env: dict[str, str], answer_file: str) -> None:
+    """Target of a forkserver child: ``main`` with ``env`` as the whole environment."""
+    os.environ.clear()
+    os.environ.update(env)
     try:
-        response = asyncio.run(serve(args.mode, args.run_id))
-    except LeaseHeldError as exc:
-        print(json.dumps({"refused": str(exc)}), flush=True)
-        return EXIT_REFUSED
-    except AgentkeelError as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
-        return EXIT_ERROR
-    print(json.dumps(response_summary(response)), flush=True)
-    return 0
+        code, result = answer(mode, run_id)
+    except BaseException:
+        result, code = {"error": "crash", "message": traceback.format_exc()}, 1
+    Path(answer_file).write_text(json.dumps(result))
+    sys.exit(code)
 
 
 # --- parent side -----------------------------------------------------------------------------------
@@ -285,15 +304,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 class Paths:
     """Where one scenario keeps its state."""
 
+    root: Path
     home: Path
     shop_db: Path
-    call_log: Path
-    plan_file: Path
 
     @classmethod
     def under(cls, root: Path, home: Path | None = None, shop_db: Path | None = None) -> Paths:
         root.mkdir(parents=True, exist_ok=True)
-        return cls(home or root / "home", shop_db or root / "shop.db", root / "calls.db", root / "plan.json")
+        return cls(root, home or root / "home", shop_db or root / "shop.db")
+
+    @property
+    def call_log(self) -> Path:
+        return self.root / "calls.db"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.root / "plan.json"
 
     def env(self, label: str, crash: str | None = None, gate: Path | None = None,
             ttl: float | None = None) -> dict[str, str]:
@@ -317,12 +343,14 @@ class Paths:
 
 @dataclass
 class Child:
+    """A finished child process: killed (returncode -9), or what it answered."""
+
     label: str
     pid: int
     crash: str | None
     returncode: int
     out: str
-    err: str
+    err: str = ""
 
     @property
     def killed(self) -> bool:
@@ -331,13 +359,14 @@ class Child:
     @property
     def answer(self) -> dict[str, Any]:
         lines = [line for line in self.out.splitlines() if line.startswith("{")]
-        assert lines, f"child {self.label} printed no answer (rc {self.returncode}):\n{self.out}\n{self.err}"
+        assert lines, f"child {self.label} gave no answer (rc {self.returncode}):\n{self.out}\n{self.err}"
         parsed: dict[str, Any] = json.loads(lines[-1])
         return parsed
 
 
 def start_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None,
                 gate: Path | None = None, ttl: float | None = None) -> subprocess.Popen[str]:
+    """``python -m tests.durable.harness MODE RUN_ID``: a fresh interpreter (slow, ~1s to import)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tests.durable.harness", mode, run_id],
         cwd=REPO_ROOT, env=paths.env(label, crash, gate, ttl), text=True,
@@ -355,8 +384,62 @@ def finish_child(proc: subprocess.Popen[str], label: str, crash: str | None = No
     return Child(label, proc.pid, crash, proc.returncode, out, err)
 
 
-def run_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None, **kw: Any) -> Child:
-    return finish_child(start_child(paths, mode, run_id, label, crash, **kw), label, crash)
+_PRELOAD = ["tests.durable.harness", "agentkeel.system", "agentkeel.testing", "agentkeel.journal_sqlite",
+            "agentkeel.default_plugins.pricing", "agentkeel.default_plugins.memory_sqlite",
+            "agentkeel.default_plugins.sandbox_docker", "agentkeel.default_plugins.planner_llm"]
+
+
+def _forkserver() -> Any:
+    """The forkserver context, started with the agentkeel modules imported (children start in ms)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), saved]))
+    try:  # the server imports the preload in a fresh interpreter: it needs the repo on its path
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return ctx
+
+
+class ForkedChild:
+    """A child forked from the forkserver: a real process, started without paying for imports."""
+
+    def __init__(self, paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None,
+                 gate: Path | None = None, ttl: float | None = None) -> None:
+        self.label, self.crash = label, crash
+        self.answer_file = paths.root / f"answer-{label}.json"
+        self.answer_file.unlink(missing_ok=True)
+        env = paths.env(label, crash, gate, ttl)
+        self.process = _forkserver().Process(
+            target=forked_child, args=(mode, run_id, env, str(self.answer_file)), name=f"harness-{label}"
+        )
+        self.process.start()
+
+    @property
+    def pid(self) -> int:
+        pid: int = self.process.pid
+        return pid
+
+    def finish(self, timeout: float = CHILD_TIMEOUT_S) -> Child:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            raise AssertionError(f"child {self.label} did not finish in {timeout}s")
+        out = self.answer_file.read_text() if self.answer_file.exists() else ""
+        return Child(self.label, self.pid, self.crash, self.process.exitcode, out)
+
+
+def run_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None, *,
+              fresh: bool = False, **kw: Any) -> Child:
+    """Run one child to its end: forked from the forkserver, or with ``fresh`` a new interpreter."""
+    if fresh:
+        return finish_child(start_child(paths, mode, run_id, label, crash, **kw), label, crash)
+    return ForkedChild(paths, mode, run_id, label, crash, **kw).finish()
 
 
 @dataclass
@@ -398,7 +481,7 @@ def done_steps(state: Any) -> tuple[frozenset[int], frozenset[int]]:
 
 
 def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str | None],
-          first_mode: str = "run", history: History | None = None) -> History:
+          first_mode: str = "run", history: History | None = None, fresh: bool = False) -> History:
     """Run (or resume / roll back) ``run_id`` with ``crashes[0]``, then resume with the next crash
     points while processes die, and once more without one; every survivor must answer."""
     if first_mode == "run":
@@ -411,7 +494,7 @@ def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str
         label = f"p{len(history.children)}"
         if mode != "run":
             history.done_before[label] = done_steps(load_state(paths, run_id))
-        child = run_child(paths, mode, run_id, label, crash)
+        child = run_child(paths, mode, run_id, label, crash, fresh=fresh)
         history.children.append(child)
         if not child.killed:
             assert child.returncode == 0, f"child {label} failed (rc {child.returncode}):\n{child.out}\n{child.err}"

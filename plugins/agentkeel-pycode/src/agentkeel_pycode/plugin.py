@@ -92,6 +92,49 @@ def run_python(code: str) -> dict[str, Any]:
     return run_source(code)
 
 
+@tool(
+    permissions=["code"],
+    idempotent=True,
+    isolation="docker",
+    timeout=10.0,
+    output_schema={"type": "object", "required": ["uid", "hostname", "python", "network"]},
+)
+def describe_sandbox() -> dict[str, Any]:
+    """Describe the sandbox a docker tool runs in: user id, host name, Python
+    version and which network interfaces it sees."""
+    import platform
+    import socket
+
+    return {
+        "uid": os.getuid(),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "network": sorted(name for _, name in socket.if_nameindex()),
+    }
+
+
 @hookimpl
 def agentkeel_register_tools(register: Callable[[Any], None]) -> None:
     register(run_python)
+    register(describe_sandbox)
+
+
+@hookimpl
+def agentkeel_register_plan_templates(register: Callable[[Any], None]) -> None:
+    from agentkeel import PlanTemplate
+
+    register(PlanTemplate(
+        name="pycode:run",
+        pattern=r"run python:?\s+(?P<code>.+)",
+        reasoning="run the given code in the sandbox",
+        steps=[{"description": "run the code", "tool_name": "run_python", "tool_args": {"code": "{code}"}}],
+    ))
+    register(PlanTemplate(
+        name="pycode:describe-and-run",
+        pattern=r"describe the sandbox and run python:?\s+(?P<code>.+)",
+        reasoning="inspect the sandbox, then run the code in a fresh one",
+        steps=[
+            {"description": "describe the sandbox", "tool_name": "describe_sandbox", "tool_args": {}},
+            {"description": "run the code", "tool_name": "run_python", "tool_args": {"code": "{code}"}},
+        ],
+    ))
