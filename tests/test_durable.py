@@ -68,6 +68,19 @@ def plan(*steps: dict) -> dict:
 USER = {"u": []}
 
 
+def crashed_run(system: Any, wire: dict, *records: StepRecord) -> None:
+    """Journal what a process that crashed mid-run leaves behind: run "crashed",
+    ``records`` written, and a lease that has already expired."""
+    from agentkeel.plan import parse_plan
+
+    lease = system.journal.create_run(run_id="crashed", user_id="u", session_id="s", message="m",
+                                      principal="u", budget_usd=None, plan=parse_plan(wire).to_dict(),
+                                      owner="elsewhere:1:1", ttl_s=0.001)
+    for record in records:
+        (system.journal.intent if record.phase == "intent" else system.journal.outcome)(lease, record)
+    time.sleep(0.01)  # the crashed holder's lease expires
+
+
 async def test_every_step_is_journaled_and_listed() -> None:
     ledger = Ledger()
     system = make_system(ledger, ScriptedPlanner(plan(step("charge", {"amount": 5}), step("notify", {"text": "hi"}))),
@@ -111,17 +124,14 @@ async def test_non_idempotent_step_started_but_unfinished_is_in_doubt() -> None:
     wire = plan(step("charge", {"amount": 5}), step("notify", {"text": "hi"}), step("notify", {"text": "bye"}))
     system = make_system(ledger, ScriptedPlanner(wire), principals=USER)
     async with system:
-        # What a crash in the middle of step 2 leaves behind: step 1 done, step 2 started.
-        from agentkeel.plan import parse_plan
-
-        lease = system.journal.create_run(run_id="crashed", user_id="u", session_id="s", message="m",
-                                          principal="u", budget_usd=None,
-                                          plan=parse_plan(wire).to_dict(), owner="elsewhere:1:1", ttl_s=0.001)
-        system.journal.intent(lease, StepRecord(1, "forward", "intent", "charge", {"amount": 5}, "crashed:1"))
-        system.journal.outcome(lease, StepRecord(1, "forward", "outcome", "charge", {"amount": 5}, "crashed:1",
-                                                 "succeeded", {"charge_id": "crashed:1", "amount": 5}))
-        system.journal.intent(lease, StepRecord(2, "forward", "intent", "notify", {"text": "hi"}, "crashed:2"))
-        time.sleep(0.01)  # the crashed holder's lease expires
+        # A crash in the middle of step 2: step 1 done, step 2 started.
+        crashed_run(
+            system, wire,
+            StepRecord(1, "forward", "intent", "charge", {"amount": 5}, "crashed:1"),
+            StepRecord(1, "forward", "outcome", "charge", {"amount": 5}, "crashed:1", "succeeded",
+                       {"charge_id": "crashed:1", "amount": 5}),
+            StepRecord(2, "forward", "intent", "notify", {"text": "hi"}, "crashed:2"),
+        )
         response = await system.resume("crashed")
     assert response.status is RunStatus.IN_DOUBT
     assert "step 2 (notify)" in response.message and "A human must check" in response.message
@@ -134,14 +144,8 @@ async def test_key_taking_step_started_but_unfinished_is_rerun_with_the_same_key
     wire = plan(step("charge", {"amount": 5}), step("notify", {"text": "hi"}))
     system = make_system(ledger, ScriptedPlanner(wire), principals=USER)
     async with system:
-        from agentkeel.plan import parse_plan
-
-        lease = system.journal.create_run(run_id="crashed", user_id="u", session_id="s", message="m",
-                                          principal="u", budget_usd=None,
-                                          plan=parse_plan(wire).to_dict(), owner="elsewhere:1:1", ttl_s=0.001)
-        system.journal.intent(lease, StepRecord(1, "forward", "intent", "charge", {"amount": 5}, "crashed:1"))
+        crashed_run(system, wire, StepRecord(1, "forward", "intent", "charge", {"amount": 5}, "crashed:1"))
         ledger.charges["crashed:1"] = 5  # the charge went through before the crash
-        time.sleep(0.01)  # the crashed holder's lease expires
         response = await system.resume("crashed")
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert ledger.charges == {"crashed:1": 5}  # same key: still one charge

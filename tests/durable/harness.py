@@ -33,6 +33,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import multiprocessing
@@ -76,8 +77,9 @@ CRASH_POINTS = ("start", "before", "after", "finished", "comp_before", "comp_aft
 
 
 def _log_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # a commit survives SIGKILL; power loss is not tested
     conn.execute(
         "CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, label TEXT, pid INTEGER, "
         "tool TEXT, tag TEXT, phase TEXT, detail TEXT, ts REAL)"
@@ -85,19 +87,23 @@ def _log_db(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return conn
 
 
+_log_conn: tuple[int, str, sqlite3.Connection] | None = None
+_log_lock = threading.Lock()
+
+
 def log_call(tool_name: str, tag: str, phase: str, detail: str = "") -> None:
     """Append one row to the call log; committed before returning (survives SIGKILL)."""
+    global _log_conn
     path = os.environ.get(CALL_LOG_ENV)
     if not path:
         raise ToolError(f"{CALL_LOG_ENV} is not set: the harness tools need a call log", retryable=False)
-    conn = _log_db(path)
-    try:
-        conn.execute(
+    with _log_lock:
+        if _log_conn is None or _log_conn[:2] != (os.getpid(), path):
+            _log_conn = (os.getpid(), path, _log_db(path))  # one per process and file
+        _log_conn[2].execute(
             "INSERT INTO calls (label, pid, tool, tag, phase, detail, ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (os.environ.get(LABEL_ENV, ""), os.getpid(), tool_name, tag, phase, detail, time.time()),
         )
-    finally:
-        conn.close()
 
 
 def crash_if(when: str, step: int) -> None:
@@ -386,7 +392,8 @@ def finish_child(proc: subprocess.Popen[str], label: str, crash: str | None = No
 
 _PRELOAD = ["tests.durable.harness", "agentkeel.system", "agentkeel.testing", "agentkeel.journal_sqlite",
             "agentkeel.default_plugins.pricing", "agentkeel.default_plugins.memory_sqlite",
-            "agentkeel.default_plugins.sandbox_docker", "agentkeel.default_plugins.planner_llm"]
+            "agentkeel.default_plugins.sandbox_docker", "agentkeel.default_plugins.planner_llm",
+            "pytest"]  # a child started under the ``pytest`` script re-imports it as its main module
 
 
 def _forkserver() -> Any:
