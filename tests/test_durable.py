@@ -207,3 +207,22 @@ async def test_rollback_on_request_of_a_finished_run() -> None:
     assert ledger.refunded == [f"{done.run_id}:1"]
     assert again.status is RunStatus.ROLLED_BACK
     assert ledger.calls.count("refund") == 1  # already compensated: not run again
+
+
+@pytest.mark.parametrize(("happened", "sent"), [(True, []), (False, ["hi"])])
+async def test_operator_resolves_an_in_doubt_step(happened: bool, sent: list[str]) -> None:
+    from agentkeel.errors import AgentkeelError
+
+    ledger = Ledger()
+    wire = plan(step("notify", {"text": "hi"}), step("notify", {"text": "bye"}))
+    system = make_system(ledger, ScriptedPlanner(wire), principals=USER)
+    async with system:
+        crashed_run(system, wire, StepRecord(1, "forward", "intent", "notify", {"text": "hi"}, "crashed:1"))
+        doubt = await system.resume("crashed")
+        assert doubt.status is RunStatus.IN_DOUBT
+        assert "--resolve 1=done" in doubt.message
+        with pytest.raises(AgentkeelError, match="step 2 .* is not in doubt"):
+            await system.resume("crashed", {2: True})
+        response = await system.resume("crashed", {1: happened})
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert ledger.notified == [*sent, "bye"]

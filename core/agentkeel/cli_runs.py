@@ -55,17 +55,30 @@ def show(run_id: str, config_path: str | None, as_json: bool) -> None:
         print_response(response)
 
 
+def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
+    out = {}
+    for value in values:
+        step, _, verdict = value.partition("=")
+        if not step.isdigit() or verdict not in ("done", "not-done"):
+            raise click.BadParameter(f"{value!r}: expected STEP=done or STEP=not-done", param_hint="--resolve")
+        out[int(step)] = verdict == "done"
+    return out
+
+
 @click.command()
 @click.argument("run_id")
+@click.option("--resolve", "resolve", multiple=True, metavar="STEP=done|not-done",
+              help="Settle an in-doubt step: its effect happened (done) or did not (not-done: run it again).")
 @config_option
 @click.option("--json", "as_json", is_flag=True)
-def resume(run_id: str, config_path: str | None, as_json: bool) -> None:
+def resume(run_id: str, resolve: tuple[str, ...], config_path: str | None, as_json: bool) -> None:
     """Continue an unfinished run from its journal (never re-plans)."""
+    resolutions = _resolutions(resolve)
     system = build_system(load_config(config_path))
 
     async def main() -> AgentResponse:
         async with system:
-            return await system.resume(run_id)
+            return await system.resume(run_id, resolutions)
 
     _finish(asyncio.run(main()), as_json)
 

@@ -75,6 +75,11 @@ class Budget:
             self.reserved_usd += amount_usd
         return Reservation(self, amount_usd, label)
 
+    def record_spent(self, amount_usd: float) -> None:
+        """Count money already spent elsewhere (a resumed run's earlier steps)."""
+        with self._lock:
+            self.spent_usd += amount_usd
+
     def _settle(self, reservation: Reservation, actual_usd: float) -> None:
         with self._lock:
             if not reservation._open:

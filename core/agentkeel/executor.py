@@ -129,8 +129,8 @@ class PlanExecutor:
         if self.state is None:
             return None
         _, outcome = self.state.forward(step.step_id)
-        if outcome is None:
-            return None
+        if outcome is None or outcome.status == StepStatus.PENDING.value:
+            return None  # never finished, or an operator said its effect did not happen
         status = StepStatus(outcome.status)
         if status is StepStatus.SKIPPED and outcome.error == "condition not met":
             self.condition_skipped.add(step.step_id)
@@ -139,8 +139,8 @@ class PlanExecutor:
     def _in_doubt(self, step: PlanStep) -> bool:
         """A step started but not finished by a crashed process: may it run again?"""
         assert self.state is not None
-        intent, _ = self.state.forward(step.step_id)
-        if intent is None:
+        intent, outcome = self.state.forward(step.step_id)
+        if intent is None or outcome is not None:
             return False
         spec = self.system.tools.get(intent.tool_name)
         if spec is not None and spec.retry_safe:
@@ -150,7 +150,9 @@ class PlanExecutor:
             f"step {step.step_id} ({intent.tool_name}) started but its outcome was never recorded, and "
             f"{intent.tool_name} is neither idempotent nor takes an idempotency key, so it was not run again. "
             f"A human must check whether {intent.tool_name} took effect for arguments "
-            f"{dict(intent.args)} (idempotency key {intent.idempotency_key})."
+            f"{dict(intent.args)} (idempotency key {intent.idempotency_key}), then run "
+            f"`agentkeel resume {self.run.run_id} --resolve {step.step_id}=done` (it happened) or "
+            f"`--resolve {step.step_id}=not-done` (run it again)."
         )
         self.outcomes[step.step_id] = StepResult(step.step_id, intent.tool_name, StepStatus.IN_DOUBT,
                                                  intent.args, error=self.detail)

@@ -22,6 +22,7 @@ from agentkeel.config import Config
 from agentkeel.context import RunContext
 from agentkeel.cost import Budget, Pricer
 from agentkeel.errors import (
+    AgentkeelError,
     BudgetExceededError,
     PlanningError,
     PlanRejectedError,
@@ -29,7 +30,7 @@ from agentkeel.errors import (
     UnknownModelPriceError,
 )
 from agentkeel.executor import PlanExecutor, step_result_from_record
-from agentkeel.journal import Journal, Lease, RunRecord, RunState, make_owner
+from agentkeel.journal import Journal, Lease, RunRecord, RunState, StepRecord, make_owner
 from agentkeel.plan import PlanTemplate, plan_from_dict
 from agentkeel.plugins import Plugins, build_plugin_manager
 from agentkeel.ratelimit import RateLimiterBoard
@@ -248,7 +249,7 @@ class AgentSystem:
         finally:
             self.journal.release(executor.lease)
         message = detail or _summary(status, steps)
-        return self._respond(run.request, status, started, plan, steps, run.costs, message)
+        return self._respond(run.request, status, started, plan, steps, run.costs, message, remember=state is None)
 
     async def _compensate(
         self, run: RunContext, lease: Lease, state: RunState | None, steps: list[StepResult], detail: str
@@ -283,11 +284,16 @@ class AgentSystem:
         budget = Budget(budget_usd)
         return RunContext(request, principal, self.config, budget, self.pricer, self), request
 
-    async def resume(self, run_id: str) -> AgentResponse:
+    async def resume(self, run_id: str, resolve: Mapping[int, bool] | None = None) -> AgentResponse:
         """Continue a run from its journal: completed steps are not run again, a step
         that started but never finished is re-run only if its tool is retry-safe, and
-        an interrupted rollback is completed. Raises ``LeaseHeldError`` when another
-        live process is running it, ``RunNotFoundError`` when there is no such run."""
+        an interrupted rollback is completed.
+
+        ``resolve`` settles in-doubt steps by an operator's word: ``{3: True}`` means
+        step 3's effect happened (it is recorded as succeeded, with no result),
+        ``{3: False}`` that it did not (the step runs again). Raises ``LeaseHeldError``
+        when another live process is running the run, ``RunNotFoundError`` when there
+        is no such run, ``AgentkeelError`` when a step to resolve is not in doubt."""
         started = perf_counter()
         await self.start()
         state = self.journal.load(run_id)
@@ -296,6 +302,13 @@ class AgentSystem:
             return self.show(run_id)
         lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)
         state = self.journal.load(run_id)  # what the previous holder wrote before losing the lease
+        if resolve:
+            try:
+                self._resolve(lease, state, resolve)
+            except BaseException:
+                self.journal.release(lease)
+                raise
+            state = self.journal.load(run_id)
         run, request = self._context_for(state.run)
         plan = plan_from_dict(state.run.plan)
         if run is None:
@@ -303,12 +316,26 @@ class AgentSystem:
             self.journal.release(lease)
             return self._respond(request, RunStatus.DENIED, started, plan, (), [],
                                  f"unknown principal {record.user_id!r}", remember=False)
-        spent = sum(s.cost_usd for s in state.steps if s.phase == "outcome")
-        if spent:
-            run.budget.reserve(0.0, "resume").settle(spent)
+        run.budget.record_spent(sum(s.cost_usd for s in state.steps if s.phase == "outcome"))
         if state.run.status == RunStatus.ROLLING_BACK.value:
             return await self._finish_rollback(run, plan, lease, state, started, RunStatus(_aborted_status(state)))
         return await self._execute(run, plan, lease, state, started)
+
+    def _resolve(self, lease: Lease, state: RunState, resolve: Mapping[int, bool]) -> None:
+        for step_id, happened in resolve.items():
+            intent, outcome = state.forward(step_id)
+            if intent is None or outcome is not None:
+                raise AgentkeelError(f"step {step_id} of run {state.run.run_id} is not in doubt; nothing to resolve")
+            status = StepStatus.SUCCEEDED if happened else StepStatus.PENDING
+            note = "it happened" if happened else "it did not happen; run it again"
+            self.journal.outcome(lease, StepRecord(
+                step_id, "forward", "outcome", intent.tool_name, intent.args, intent.idempotency_key,
+                status.value, None, f"resolved by an operator: {note}",
+            ))
+            self.audit.record(
+                run_id=state.run.run_id, principal=state.run.principal, action="resolve", tool=intent.tool_name,
+                decision="happened" if happened else "not_happened", reason="operator", arg_keys=tuple(intent.args),
+            )
 
     async def rollback(self, run_id: str) -> AgentResponse:
         """Compensate the completed steps of a finished run, last first."""

@@ -234,6 +234,18 @@ def wire_plan(kinds: Sequence[str]) -> dict[str, Any]:
     return {"reasoning": "crash harness plan", "steps": [plan_step(i, k) for i, k in enumerate(kinds, start=1)]}
 
 
+def crash_points(kinds: Sequence[str]) -> list[str]:
+    """Every step boundary, both sides of every effect, and (with a bounce) every point of the rollback."""
+    points = ["start:1"]
+    for step in range(1, len(kinds) + 1):
+        points += [f"before:{step}", f"after:{step}", f"finished:{step}"]
+    if "bounce" in kinds:
+        for step, kind in enumerate(kinds, start=1):
+            if kind == "refund":
+                points += [f"comp_before:{step}", f"comp_after:{step}", f"compensated:{step}"]
+    return points
+
+
 # --- child entry point ---------------------------------------------------------------------------
 
 
@@ -626,6 +638,27 @@ def check_invariants(paths: Paths, history: History) -> Any:
         assert firsts == sorted(firsts, reverse=True), where + f"compensated in order {order}"
         assert not [r for r in refunds if r["status"] == "issued"], where + f"refunds left {refunds}"
     return state
+
+
+async def assert_resume_changes_nothing(paths: Paths, run_id: str, setenv: Callable[[str, str], None]) -> None:
+    """Resuming a finished or in-doubt run again, in this process, runs nothing and writes no step.
+
+    ``setenv`` (e.g. ``monkeypatch.setenv``) points this process at the scenario's state.
+    """
+    for name, value in paths.env("in-process").items():
+        if name.startswith(("AGENTKEEL_", "HARNESS_")):
+            setenv(name, value)
+    calls, shop, state = read_calls(paths), read_shop(paths), load_state(paths, run_id)
+    async with build_system() as system:
+        response = await system.resume(run_id)
+        shown = system.show(run_id)
+    assert response.status.value == state.run.status == shown.status.value
+    assert read_calls(paths) == calls
+    assert read_shop(paths) == shop
+    assert load_state(paths, run_id).steps == state.steps
+    if state.run.status == "failed":
+        refunds = [s for s in shown.steps if s.tool_name == "h_refund"]
+        assert all(s.status.value == "compensated" for s in refunds), shown.steps
 
 
 if __name__ == "__main__":

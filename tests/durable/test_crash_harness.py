@@ -14,25 +14,21 @@ The ``random-*`` cases chain up to three crashes (seeded).
 
 from __future__ import annotations
 
-import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
-from agentkeel.types import RunStatus
 
 from tests.durable.harness import (
-    CALL_LOG_ENV,
-    LABEL_ENV,
     NEVER_TWICE,
     Paths,
-    build_system,
+    assert_resume_changes_nothing,
     check_invariants,
+    crash_points,
     drive,
     expected_end,
-    load_state,
-    read_calls,
-    read_shop,
+    log_call,
 )
 
 PLAN_OK = ("lookup", "refund", "email", "lookup", "refund", "email", "refund", "lookup", "email", "refund")
@@ -40,18 +36,6 @@ PLAN_LATE_FAIL = (*PLAN_OK[:9], "bounce")
 PLANS = {"ok": PLAN_OK, "late_fail": PLAN_LATE_FAIL}
 RANDOM_CASES = 16
 RANDOM_SEED = 20240604
-
-
-def crash_points(kinds: tuple[str, ...]) -> list[str]:
-    """Every step boundary, both sides of every effect, and every point of the rollback."""
-    points = ["start:1"]
-    for step in range(1, len(kinds) + 1):
-        points += [f"before:{step}", f"after:{step}", f"finished:{step}"]
-    if "bounce" in kinds:
-        for step, kind in enumerate(kinds, start=1):
-            if kind == "refund":
-                points += [f"comp_before:{step}", f"comp_after:{step}", f"compensated:{step}"]
-    return points
 
 
 def _matrix() -> list[pytest.param]:
@@ -64,32 +48,11 @@ def _matrix() -> list[pytest.param]:
     return cases
 
 
-def _paths(tmp_path: Path, home: Path) -> Paths:
-    return Paths.under(tmp_path / "harness", home=home, shop_db=Path(os.environ["AGENTKEEL_SHOP_DB"]))
-
-
-async def assert_resume_changes_nothing(paths: Paths, run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resuming a finished or in-doubt run again runs nothing and writes no step."""
-    monkeypatch.setenv(CALL_LOG_ENV, str(paths.call_log))
-    monkeypatch.setenv(LABEL_ENV, "in-process")
-    calls, shop, state = read_calls(paths), read_shop(paths), load_state(paths, run_id)
-    async with build_system() as system:
-        response = await system.resume(run_id)
-        shown = system.show(run_id)
-    assert response.status.value == state.run.status == shown.status.value
-    assert read_calls(paths) == calls
-    assert read_shop(paths) == shop
-    assert load_state(paths, run_id).steps == state.steps
-    if state.run.status == RunStatus.FAILED.value:
-        refunds = [s for s in shown.steps if s.tool_name == "h_refund"]
-        assert refunds and all(s.status.value == "compensated" for s in refunds), shown.steps
-
-
 @pytest.mark.parametrize(("plan", "crashes"), _matrix())
 async def test_crash_then_resume(
-    plan: str, crashes: tuple[str, ...], tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+    plan: str, crashes: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paths = _paths(tmp_path, isolated_home)
+    paths = Paths.under(tmp_path / "harness")
     kinds = PLANS[plan]
     history = drive(paths, "harness-run", kinds, crashes)
     assert history.children[0].killed, f"crash point {crashes[0]} never fired: {history.children[0].answer}"
@@ -98,9 +61,55 @@ async def test_crash_then_resume(
         _, step = expected_end(kinds, history.triggered)
         assert step is not None and kinds[step - 1] in NEVER_TWICE
         assert "A human must check whether h_email took effect" in state.run.detail
-    await assert_resume_changes_nothing(paths, "harness-run", monkeypatch)
+    await assert_resume_changes_nothing(paths, "harness-run", monkeypatch.setenv)
 
 
 def test_matrix_is_at_least_fifty_crashing_runs() -> None:
     """The issue asks for at least 50 runs killed at chosen and random points."""
     assert len(_matrix()) >= 50 + RANDOM_CASES
+
+
+@pytest.mark.parametrize("crash", ["after:3", "after:5", "finished:9"])
+def test_crash_then_resume_in_fresh_interpreters(crash: str, tmp_path: Path) -> None:
+    """The same, with every process a new ``python -m tests.durable.harness`` (the command itself)."""
+    paths = Paths.under(tmp_path / "harness")
+    history = drive(paths, "fresh-run", PLAN_OK, [crash], fresh=True)
+    assert history.children[0].killed
+    check_invariants(paths, history)
+
+
+# --- the checks can fail ----------------------------------------------------------------------------
+
+
+def _finished_after_a_crash(tmp_path: Path) -> tuple[Paths, object]:
+    paths = Paths.under(tmp_path / "harness")
+    history = drive(paths, "check-run", PLAN_OK, ["finished:3"])
+    check_invariants(paths, history)
+    return paths, history
+
+
+def test_invariants_catch_a_second_email(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, history = _finished_after_a_crash(tmp_path)
+    with sqlite3.connect(paths.shop_db) as conn:
+        conn.execute("INSERT INTO emails (email_id, to_addr, subject, body, sent_at) "
+                     "VALUES ('E-twice', 'alice@example.com', '[s3] again', 'x', 'now')")
+    with pytest.raises(AssertionError, match="step 3"):
+        check_invariants(paths, history)  # type: ignore[arg-type]
+
+
+def test_invariants_catch_a_completed_step_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, history = _finished_after_a_crash(tmp_path)
+    monkeypatch.setenv("HARNESS_CALL_LOG", str(paths.call_log))
+    monkeypatch.setenv("HARNESS_LABEL", "p1")  # the resuming process
+    log_call("h_lookup", "s1", "before")
+    with pytest.raises(AssertionError, match="ran it again"):
+        check_invariants(paths, history)  # type: ignore[arg-type]
+
+
+def test_invariants_catch_a_refund_without_its_step(tmp_path: Path) -> None:
+    paths, history = _finished_after_a_crash(tmp_path)
+    with sqlite3.connect(paths.shop_db) as conn:
+        conn.execute("INSERT INTO refunds (refund_id, order_id, amount, idempotency_key, status, created_at) "
+                     "VALUES ('R-stray', '1001', 1.0, 'check-run:99', 'issued', 'now')")
+    with pytest.raises(AssertionError, match="stray refunds"):
+        check_invariants(paths, history)  # type: ignore[arg-type]
