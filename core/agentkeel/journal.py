@@ -88,8 +88,8 @@ class StepRecord:
     """One journal entry for a step: an intent (before the tool starts) or an outcome (after)."""
 
     step_id: int
-    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
-    phase: str = attrs.field(validator=attrs.validators.in_(PHASES))
+    kind: str  # one of KINDS; checked by the journal on write (check_record), not here:
+    phase: str  # one of PHASES; records are built twice per step on the hot path
     tool_name: str
     args: Mapping[str, Any]
     idempotency_key: str | None = None
@@ -412,6 +412,8 @@ def decode(text: str | None) -> Any:
 def check_record(record: StepRecord, phase: str) -> None:
     if not isinstance(record, StepRecord):
         raise JournalRecordError(f"expected a StepRecord, got {type(record).__name__}")
+    if record.kind not in KINDS:
+        raise JournalRecordError(f"step {record.step_id}: kind must be one of {KINDS}, got {record.kind!r}")
     if record.phase != phase:
         raise JournalRecordError(
             f"step {record.step_id} ({record.kind}): the {phase}() call needs a record with "

@@ -208,7 +208,7 @@ class AgentSystem:
         try:
             visible = self.visible_tools(run)
             plan = await self._plan(run, visible)
-            denials = self._permission_problems(run, plan)
+            denials = self._permission_problems(run, plan, visible)
             if denials:
                 return self._respond(request, RunStatus.DENIED, started, plan, (), run.costs,
                                      "permission denied: " + "; ".join(denials))
@@ -392,13 +392,13 @@ class AgentSystem:
             raise PlanningError("no planner produced a plan for this request")
         return planned
 
-    def _permission_problems(self, run: RunContext, plan: Plan) -> list[str]:
+    def _permission_problems(self, run: RunContext, plan: Plan, visible: Mapping[str, ToolSpec]) -> list[str]:
         """Steps naming a registered tool the principal may not call: a denial, audited."""
         problems = []
         for step in plan.steps:
             spec = self.tools.get(step.tool_name)
-            if spec is None:
-                continue  # an unknown tool is the plan check's business
+            if spec is None or step.tool_name in visible:
+                continue  # unknown tools are the plan check's business; visible ones are allowed
             decision = self.plugins.authorize(run.principal, spec, None)
             if not decision.allowed:
                 self.audit_decision(run, spec.name, decision, None)

@@ -8,6 +8,7 @@ every permission the tool declares, the tool is on its ``tools`` allow-list
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,12 @@ def agentkeel_authorize(principal: Principal, tool: ToolSpec, args: Mapping[str,
         error = _constraint_error(principal, tool.name, constraints, args)
         if error:
             return Decision(False, error)
-    return Decision(True, "holds " + (", ".join(sorted(tool.permissions)) or "no permission needed"))
+    return _allowed(tool.permissions)
+
+
+@functools.lru_cache(maxsize=1024)
+def _allowed(permissions: frozenset[str]) -> Decision:
+    return Decision(True, "holds " + (", ".join(sorted(permissions)) or "no permission needed"))
 
 
 def _constraint_error(
