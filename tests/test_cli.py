@@ -123,3 +123,18 @@ def test_plugin_allow_and_block_lists(workdir: Path) -> None:
     proc = agentkeel("plugins", "--json", cwd=workdir, env={"AGENTKEEL_LOAD_PLUGINS": "support"})
     names = {p["name"] for p in json.loads(proc.stdout)}
     assert "support" in names and "pycode" not in names
+
+
+def test_late_failure_shows_the_compensation(workdir: Path) -> None:
+    proc = agentkeel("run", "refund order 1005 and email the customer", "--user", "demo", cwd=workdir)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("   ")}
+    assert "compensated" in lines["issue_refund"]
+    assert "bounced" in lines["send_email"]
+    assert "rolled back step(s) 2" in proc.stdout
+    assert refunds(os.environ["AGENTKEEL_SHOP_DB"]) == [("1005", 19.5, "cancelled")]
+    runs = agentkeel("runs", "--json", cwd=workdir)
+    assert json.loads(runs.stdout)[0]["status"] == "failed"
+    run_id = json.loads(runs.stdout)[0]["run_id"]
+    shown = json.loads(agentkeel("show", run_id, "--json", cwd=workdir).stdout)
+    assert [s["status"] for s in shown["steps"]] == ["succeeded", "compensated", "failed"]
