@@ -14,13 +14,17 @@ Child side (what runs inside ``python -m tests.durable.harness``):
   after the real effect), ``finished`` (outcome journaled, ``step_finished``),
   ``comp_before``/``comp_after`` (inside the compensator) and ``compensated``
   (compensation journaled). The process SIGKILLs itself there.
-- ``main``: ``run RUN_ID`` (plan from ``HARNESS_PLAN``), ``resume RUN_ID`` or
-  ``rollback RUN_ID``; prints one JSON line (status, message, step statuses).
-  Exit codes: 0 answered, 3 refused (``LeaseHeldError``), 4 other agentkeel error.
+- ``main``: ``run RUN_ID`` (plan from ``HARNESS_PLAN``), ``resume RUN_ID`` (settling
+  the in-doubt steps of ``HARNESS_RESOLVE="3=done,5=not-done"``) or ``rollback
+  RUN_ID``; prints one JSON line (status, message, step statuses). Exit codes:
+  0 answered, 3 refused (``LeaseHeldError``), 4 another agentkeel error.
 
-Parent side: ``Paths``, ``run_child``/``start_child``, ``drive`` (a run, then
-resumes until a process survives) and ``check_invariants`` (the promises of
-issue 4, shared by the harness and the property tests).
+Parent side: ``Paths``; ``run_child`` runs one child to its end, forked from a
+forkserver that has agentkeel imported (a child starts in milliseconds, not the
+~1s an interpreter needs to import) or, with ``fresh=True``, as a new
+``python -m tests.durable.harness``; ``drive`` runs a plan, then resumes while
+processes die; ``settle`` plays the operator of an in-doubt run; and
+``check_invariants`` checks the promises of issue 4.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sqlite3
@@ -36,8 +42,6 @@ import sys
 import threading
 import time
 import traceback
-import multiprocessing
-import multiprocessing.forkserver
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +50,8 @@ from typing import Any
 from agentkeel import tool
 from agentkeel.errors import AgentkeelError, LeaseHeldError, ToolError
 from agentkeel.markers import hookimpl
+from agentkeel.system import AgentSystem
 from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec
-
 from agentkeel_support.tools import cancel_refund, issue_refund, lookup_order, send_email
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +61,7 @@ LABEL_ENV = "HARNESS_LABEL"
 GATE_ENV = "HARNESS_GATE"
 PLAN_ENV = "HARNESS_PLAN"
 TTL_ENV = "HARNESS_LEASE_TTL"
+RESOLVE_ENV = "HARNESS_RESOLVE"
 USER = "h"
 PERMISSIONS = ("read", "refunds", "email")
 GATE_WAIT_S = 50.0
@@ -70,7 +75,6 @@ NEVER_TWICE = ("email", "bounce")  # h_email: neither idempotent nor takes the k
 ORDER_IDS = ("1001", "1003", "ORD-123")
 CUSTOMERS = {"1001": "alice@example.com", "1003": "carol@example.com", "ORD-123": "erin@example.com"}
 BOUNCE_TO = "frank@mail.invalid"
-CRASH_POINTS = ("start", "before", "after", "finished", "comp_before", "comp_after", "compensated")
 
 
 # --- child side: call log and crash points -----------------------------------------------------------
@@ -117,7 +121,9 @@ def _step_of(tag: str) -> int:
     return int(tag[1:])
 
 
-def _effect(tool_name: str, tag: str, effect: Callable[[], dict[str, Any]], compensation: bool = False) -> Any:
+def _effect(
+    tool_name: str, tag: str, effect: Callable[[], dict[str, Any]], compensation: bool = False
+) -> dict[str, Any]:
     """Run ``effect`` between crash points, logging before and after it."""
     step = _step_of(tag)
     log_call(tool_name, tag, "before")
@@ -198,7 +204,7 @@ class HarnessPlugin:
     def agentkeel_authorize(self, principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None) -> None:
         if args is not None and tool.name != "h_cancel" and args.get("tag") == "s1":
             crash_if("start", 1)
-        return None  # abstain: the default permissions plugin decides
+        # abstain: the default permissions plugin decides
 
     @hookimpl
     def agentkeel_event(self, event: Event) -> None:
@@ -249,7 +255,7 @@ def crash_points(kinds: Sequence[str]) -> list[str]:
 # --- child entry point ---------------------------------------------------------------------------
 
 
-def build_system(wire: Mapping[str, Any] | None = None) -> Any:
+def build_system(wire: Mapping[str, Any] | None = None) -> AgentSystem:
     """An ``AgentSystem`` with the harness tools (and a scripted planner for ``wire``)."""
     from agentkeel.testing import ScriptedPlanner, make_system
 
@@ -272,13 +278,18 @@ def response_summary(response: AgentResponse) -> dict[str, Any]:
 
 
 async def serve(mode: str, run_id: str) -> AgentResponse:
-    """Do ``mode`` (run, resume or rollback) for ``run_id`` in this process."""
+    """Do ``mode`` (run, resume or rollback) for ``run_id`` in this process.
+
+    A resume settles the in-doubt steps named by ``HARNESS_RESOLVE`` (``"3=done,5=not-done"``).
+    """
     wire = json.loads(Path(os.environ[PLAN_ENV]).read_text()) if mode == "run" else None
     async with build_system(wire) as system:
         if mode == "run":
             return await system.run(AgentRequest(message="crash harness", user_id=USER, run_id=run_id))
         if mode == "resume":
-            return await system.resume(run_id)
+            resolve = {int(k): v == "done" for k, _, v in
+                       (item.partition("=") for item in os.environ.get(RESOLVE_ENV, "").split(",") if item)}
+            return await system.resume(run_id, resolve or None)
         return await system.rollback(run_id)
 
 
@@ -309,7 +320,7 @@ def forked_child(mode: str, run_id: str, env: dict[str, str], answer_file: str) 
     os.environ.update(env)
     try:
         code, result = answer(mode, run_id)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
         result, code = {"error": "crash", "message": traceback.format_exc()}, 1
     Path(answer_file).write_text(json.dumps(result))
     sys.exit(code)
@@ -340,7 +351,7 @@ class Paths:
         return self.root / "plan.json"
 
     def env(self, label: str, crash: str | None = None, gate: Path | None = None,
-            ttl: float | None = None) -> dict[str, str]:
+            ttl: float | None = None, resolve: Mapping[int, bool] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HARNESS_")}
         env.update({"AGENTKEEL_HOME": str(self.home), "AGENTKEEL_SHOP_DB": str(self.shop_db),
                     CALL_LOG_ENV: str(self.call_log), LABEL_ENV: label, PLAN_ENV: str(self.plan_file),
@@ -353,6 +364,8 @@ class Paths:
             env[GATE_ENV] = str(gate)
         if ttl is not None:
             env[TTL_ENV] = str(ttl)
+        if resolve:
+            env[RESOLVE_ENV] = ",".join(f"{k}={'done' if v else 'not-done'}" for k, v in resolve.items())
         return env
 
     def write_plan(self, kinds: Sequence[str]) -> None:
@@ -369,6 +382,7 @@ class Child:
     returncode: int
     out: str
     err: str = ""
+    resolved: dict[int, bool] = field(default_factory=dict)  # in-doubt steps it was told to settle
 
     @property
     def killed(self) -> bool:
@@ -383,11 +397,11 @@ class Child:
 
 
 def start_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None,
-                gate: Path | None = None, ttl: float | None = None) -> subprocess.Popen[str]:
+                **env_options: Any) -> subprocess.Popen[str]:
     """``python -m tests.durable.harness MODE RUN_ID``: a fresh interpreter (slow, ~1s to import)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tests.durable.harness", mode, run_id],
-        cwd=REPO_ROOT, env=paths.env(label, crash, gate, ttl), text=True,
+        cwd=REPO_ROOT, env=paths.env(label, crash, **env_options), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
 
@@ -428,11 +442,11 @@ class ForkedChild:
     """A child forked from the forkserver: a real process, started without paying for imports."""
 
     def __init__(self, paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None,
-                 gate: Path | None = None, ttl: float | None = None) -> None:
+                 **env_options: Any) -> None:
         self.label, self.crash = label, crash
         self.answer_file = paths.root / f"answer-{label}.json"
         self.answer_file.unlink(missing_ok=True)
-        env = paths.env(label, crash, gate, ttl)
+        env = paths.env(label, crash, **env_options)
         self.process = _forkserver().Process(
             target=forked_child, args=(mode, run_id, env, str(self.answer_file)), name=f"harness-{label}"
         )
@@ -454,11 +468,14 @@ class ForkedChild:
 
 
 def run_child(paths: Paths, mode: str, run_id: str, label: str, crash: str | None = None, *,
-              fresh: bool = False, **kw: Any) -> Child:
+              fresh: bool = False, **env_options: Any) -> Child:
     """Run one child to its end: forked from the forkserver, or with ``fresh`` a new interpreter."""
     if fresh:
-        return finish_child(start_child(paths, mode, run_id, label, crash, **kw), label, crash)
-    return ForkedChild(paths, mode, run_id, label, crash, **kw).finish()
+        child = finish_child(start_child(paths, mode, run_id, label, crash, **env_options), label, crash)
+    else:
+        child = ForkedChild(paths, mode, run_id, label, crash, **env_options).finish()
+    child.resolved = dict(env_options.get("resolve") or {})
+    return child
 
 
 @dataclass
@@ -473,13 +490,21 @@ class History:
     @property
     def triggered(self) -> list[tuple[str, int]]:
         """The crash points that fired, in order, as (when, step)."""
-        out = []
+        return [(when, step) for when, step in self.events() if when not in ("done", "not-done")]
+
+    def events(self) -> list[tuple[str, int]]:
+        """Crashes that fired and operator resolutions (``"done"``/``"not-done"``), in order."""
+        out: list[tuple[str, int]] = []
         for child in self.children:
+            out += [("done" if happened else "not-done", step) for step, happened in child.resolved.items()]
             if child.killed:
                 assert child.crash, f"child {child.label} was killed without a crash point:\n{child.err}"
                 when, step = child.crash.split(":")
                 out.append((when, int(step)))
         return out
+
+    def resolutions(self, step: int) -> list[bool]:
+        return [happened for child in self.children for s, happened in child.resolved.items() if s == step]
 
 
 def load_state(paths: Paths, run_id: str) -> Any:
@@ -493,16 +518,23 @@ def load_state(paths: Paths, run_id: str) -> Any:
 
 
 def done_steps(state: Any) -> tuple[frozenset[int], frozenset[int]]:
-    """(steps with a forward outcome, steps with a compensation outcome) in ``state``."""
-    forward = frozenset(r.step_id for r in state.steps if r.kind == "forward" and r.phase == "outcome")
-    undone = frozenset(r.step_id for r in state.steps if r.kind == "compensation" and r.phase == "outcome")
-    return forward, undone
+    """(steps whose latest attempt has an outcome, steps whose compensation succeeded) in ``state``.
+
+    An operator's "it did not happen" (an outcome with status ``pending``) is not an outcome:
+    that step is meant to run again.
+    """
+    ids = {r.step_id for r in state.steps}
+    forward = {i for i in ids if (o := state.forward(i)[1]) is not None and o.status != "pending"}
+    undone = {i for i in ids if (o := state.compensation(i)[1]) is not None and o.status == "succeeded"}
+    return frozenset(forward), frozenset(undone)
 
 
 def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str | None],
-          first_mode: str = "run", history: History | None = None, fresh: bool = False) -> History:
+          first_mode: str = "run", history: History | None = None, fresh: bool = False,
+          resolve: Mapping[int, bool] | None = None) -> History:
     """Run (or resume / roll back) ``run_id`` with ``crashes[0]``, then resume with the next crash
-    points while processes die, and once more without one; every survivor must answer."""
+    points while processes die, and once more without one; every survivor must answer.
+    ``resolve`` is given to the first process (a resume settling in-doubt steps)."""
     if first_mode == "run":
         paths.write_plan(kinds)
     history = history or History(run_id, tuple(kinds))
@@ -513,7 +545,8 @@ def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str
         label = f"p{len(history.children)}"
         if mode != "run":
             history.done_before[label] = done_steps(load_state(paths, run_id))
-        child = run_child(paths, mode, run_id, label, crash, fresh=fresh)
+        child = run_child(paths, mode, run_id, label, crash, fresh=fresh, resolve=resolve)
+        resolve = None
         history.children.append(child)
         if not child.killed:
             assert child.returncode == 0, f"child {label} failed (rc {child.returncode}):\n{child.out}\n{child.err}"
@@ -548,16 +581,34 @@ def read_shop(paths: Paths) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 # --- invariants -----------------------------------------------------------------------------------
 
 
-def expected_end(kinds: Sequence[str], triggered: Sequence[tuple[str, int]]) -> tuple[str, int | None]:
-    """(final run status, in-doubt step) implied by the plan and the crash points that fired.
+def expected_end(kinds: Sequence[str], events: Sequence[tuple[str, int]]) -> tuple[str, int | None]:
+    """(final run status, in-doubt step) implied by the plan and ``History.events()``.
 
-    A crash inside a never-twice step (before or after its effect) leaves it in doubt;
-    otherwise the run succeeds, or fails and is rolled back when it holds a bounce.
+    A crash inside a never-twice step (before or after its effect) leaves it in doubt
+    until an operator settles it; otherwise the run succeeds, or fails and is rolled
+    back when it holds a bounce.
     """
-    for when, step in triggered:
-        if when in ("before", "after") and kinds[step - 1] in NEVER_TWICE:
-            return "in_doubt", step
+    doubt: int | None = None
+    for when, step in events:
+        if when in ("done", "not-done"):
+            assert step == doubt, f"step {step} was resolved but step {doubt} was in doubt"
+            doubt = None
+        elif when in ("before", "after") and kinds[step - 1] in NEVER_TWICE:
+            assert doubt is None, f"step {step} crashed while step {doubt} was in doubt"
+            doubt = step
+    if doubt is not None:
+        return "in_doubt", doubt
     return ("failed" if "bounce" in kinds else "succeeded"), None
+
+
+def settle(paths: Paths, history: History, crashes: Sequence[str | None] = ()) -> History:
+    """The operator's part of an in-doubt run: look in the shop whether the step's email went
+    out, say so (``resume --resolve STEP=done|not-done``), and continue (crashing at ``crashes``)."""
+    status, doubt = expected_end(history.kinds, history.events())
+    assert status == "in_doubt" and doubt is not None, status
+    sent = any(e["subject"].startswith(f"[s{doubt}] ") for e in read_shop(paths)[1])
+    return drive(paths, history.run_id, history.kinds, crashes, first_mode="resume", history=history,
+                 resolve={doubt: sent})
 
 
 def check_invariants(paths: Paths, history: History) -> Any:
@@ -575,9 +626,9 @@ def check_invariants(paths: Paths, history: History) -> Any:
     run = state.run
     refunds, emails = read_shop(paths)
     calls = read_calls(paths)
-    status, doubt = expected_end(kinds, history.triggered)
+    status, doubt = expected_end(kinds, history.events())
     last = history.children[-1]
-    where = f"run {run_id} kinds={kinds} crashes={history.triggered}: "
+    where = f"run {run_id} kinds={kinds} events={history.events()}: "
     assert run.status == status, where + f"status {run.status!r} ({run.detail}), expected {status!r}"
     assert last.answer["status"] == run.status, where + f"the last process answered {last.answer}"
     assert run.owner == "", where + f"lease still held by {run.owner}"
@@ -610,16 +661,22 @@ def check_invariants(paths: Paths, history: History) -> Any:
         effects = [c for c in mine if c["phase"] == "after" and c["detail"].startswith("ok")]
         if kind in NEVER_TWICE:  # 1
             rows = [e for e in emails if e["subject"].startswith(f"[{tag}] ")]
-            assert len([c for c in mine if c["phase"] == "before"]) <= 1, where + f"step {step} emailed twice"
+            reruns = history.resolutions(step).count(False)  # an operator said "it did not happen"
+            assert len([c for c in mine if c["phase"] == "before"]) <= 1 + reruns, where + f"step {step} rerun"
             assert len(rows) == len(effects) <= 1, where + f"step {step}: {rows} vs {effects}"
-            if outcome is not None and outcome.status == "succeeded":
-                assert len(rows) == 1 and rows[0]["email_id"] == outcome.result["email_id"], where + f"{step}"
+            if outcome is not None and outcome.status == "succeeded" and outcome.result is None:
+                assert outcome.error and outcome.error.startswith("resolved by an operator"), where + f"{outcome}"
+                assert len(rows) == 1, where + f"step {step} was settled as done, but its emails are {rows}"
+            elif outcome is not None and outcome.status == "succeeded":
+                assert len(rows) == 1 and rows[0]["email_id"] == outcome.result["email_id"], (
+                    where + f"step {step} succeeded, but its emails are {rows}")
             elif step != doubt:
                 assert not rows, where + f"step {step} has no succeeded outcome but sent {rows}"
         elif kind == "refund":  # 2 and 5
             rows = [r for r in refunds if r["idempotency_key"] == key]
             if outcome is not None:
-                assert len(rows) == 1 and rows[0]["refund_id"] == outcome.result["refund_id"], where + f"{rows}"
+                assert len(rows) == 1 and rows[0]["refund_id"] == outcome.result["refund_id"], (
+                    where + f"step {step} succeeded, but the refunds with key {key} are {rows}")
                 succeeded_refunds.add(rows[0]["refund_id"])
                 cancelled = undo is not None and undo.status == "succeeded"
                 assert rows[0]["status"] == ("cancelled" if cancelled else "issued"), where + f"{rows} {undo}"
