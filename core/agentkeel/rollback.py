@@ -51,13 +51,29 @@ class Rollback:
     problems: list[str] = attrs.field(factory=list)
 
     async def compensate(self, steps: list[StepResult]) -> list[StepResult]:
-        """Compensate the completed steps of ``steps``; returns the steps with their new status."""
+        """Compensate the completed steps of ``steps``; returns the steps with their new status.
+
+        A step interrupted by a crash (status ``running``, from the journal) is
+        compensated too when its tool takes the idempotency key: its compensator
+        gets the same key and can find, or not find, the effect to undo."""
         by_id = {s.step_id: s for s in steps}
         for step in sorted(steps, key=lambda s: s.step_id, reverse=True):
-            if step.status is not StepStatus.SUCCEEDED:
+            if step.status not in (StepStatus.SUCCEEDED, StepStatus.RUNNING):
                 continue
+            where = f"step {step.step_id} ({step.tool_name})"
             spec = self.system.tools.get(step.tool_name)
-            if spec is None or spec.rollback is None:
+            if spec is None:
+                self.problems.append(f"{where} left uncompensated: no loaded plugin provides {step.tool_name}")
+                continue
+            if spec.rollback is None:
+                continue
+            if step.status is StepStatus.RUNNING and not spec.accepts_key:
+                # Interrupted by a crash: its effect is unknown, and without the key its
+                # compensator cannot find out. Compensating a maybe-effect is not safe.
+                self.problems.append(
+                    f"{where} was interrupted and its effect is unknown; {spec.name} takes no idempotency "
+                    f"key, so {spec.rollback} cannot tell whether there is anything to undo: check by hand"
+                )
                 continue
             if await self._compensate_one(step, spec, self.system.tools[spec.rollback]):
                 by_id[step.step_id] = attrs.evolve(step, status=StepStatus.COMPENSATED)

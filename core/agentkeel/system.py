@@ -296,12 +296,13 @@ class AgentSystem:
         is no such run, ``AgentkeelError`` when a step to resolve is not in doubt."""
         started = perf_counter()
         await self.start()
-        state = self.journal.load(run_id)
-        record = state.run
-        if record.status not in _RESUMABLE:
+        if self.journal.load(run_id).run.status not in _RESUMABLE:
             return self.show(run_id)
-        lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)
-        state = self.journal.load(run_id)  # what the previous holder wrote before losing the lease
+        lease, state = self._take(run_id)
+        record = state.run
+        if record.status not in _RESUMABLE:  # another process finished it while we waited
+            self.journal.release(lease)
+            return self.show(run_id)
         if resolve:
             try:
                 self._resolve(lease, state, resolve)
@@ -318,8 +319,25 @@ class AgentSystem:
                                  f"unknown principal {record.user_id!r}", remember=False)
         run.budget.record_spent(sum(s.cost_usd for s in state.steps if s.phase == "outcome"))
         if state.run.status == RunStatus.ROLLING_BACK.value:
-            return await self._finish_rollback(run, plan, lease, state, started, RunStatus(_aborted_status(state)))
+            final = RunStatus(_aborted_status(state))
+            return await self._finish_rollback(run, plan, lease, state, started, final, state.run.detail)
         return await self._execute(run, plan, lease, state, started)
+
+    def _take(self, run_id: str) -> tuple[Lease, RunState]:
+        """Lease a journaled run for this process; the state is read after the lease is held."""
+        lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)  # LeaseHeldError first
+        state = self.journal.load(run_id)  # what the previous holder wrote before losing the lease
+        plan = plan_from_dict(state.run.plan)
+        needed = {s.tool_name for s in plan.steps} | {r.tool_name for r in state.steps}
+        needed |= {spec.rollback for name in needed if (spec := self.tools.get(name)) and spec.rollback}
+        missing = sorted(name for name in needed if name not in self.tools)
+        if missing:
+            self.journal.release(lease)
+            raise AgentkeelError(
+                f"run {run_id} needs tools that no loaded plugin provides: {', '.join(missing)}; install or "
+                "enable the plugins that register them (see `agentkeel tools`), then try again"
+            )
+        return lease, state
 
     def _resolve(self, lease: Lease, state: RunState, resolve: Mapping[int, bool]) -> None:
         for step_id, happened in resolve.items():
@@ -341,9 +359,7 @@ class AgentSystem:
         """Compensate the completed steps of a finished run, last first."""
         started = perf_counter()
         await self.start()
-        self.journal.load(run_id)  # RunNotFoundError before taking a lease
-        lease = self.journal.acquire(run_id, self.owner, self.lease_ttl_s)  # refuses a live holder
-        state = self.journal.load(run_id)
+        lease, state = self._take(run_id)  # refuses a live holder
         run, request = self._context_for(state.run)
         plan = plan_from_dict(state.run.plan)
         if run is None:
@@ -351,14 +367,16 @@ class AgentSystem:
             return self._respond(request, RunStatus.DENIED, started, plan, (), [],
                                  f"unknown principal {state.run.user_id!r}", remember=False)
         self.journal.set_status(lease, RunStatus.ROLLING_BACK.value, "rollback requested")
-        return await self._finish_rollback(run, plan, lease, state, started, RunStatus.ROLLED_BACK)
+        return await self._finish_rollback(run, plan, lease, state, started, RunStatus.ROLLED_BACK,
+                                           "rollback requested")
 
     async def _finish_rollback(
-        self, run: RunContext, plan: Plan, lease: Lease, state: RunState, started: float, final: RunStatus
+        self, run: RunContext, plan: Plan, lease: Lease, state: RunState, started: float, final: RunStatus,
+        detail: str,
     ) -> AgentResponse:
         steps = steps_from_journal(plan, state)
         try:
-            steps, detail = await self._compensate(run, lease, state, steps, state.run.detail)
+            steps, detail = await self._compensate(run, lease, state, steps, detail)
             status = RunStatus.FAILED if "rollback incomplete" in detail and final is RunStatus.ROLLED_BACK else final
             self.journal.set_status(lease, status.value, detail)
         finally:

@@ -10,7 +10,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import attrs
 
@@ -79,6 +79,30 @@ def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
         "required": required,
         "additionalProperties": False,
     }
+
+
+@overload
+def tool(fn: F) -> F: ...
+
+
+@overload
+def tool(
+    fn: None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    args_schema: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+    permissions: Iterable[str] = (),
+    idempotent: bool = False,
+    rollback: str | None = None,
+    fallback: str | None = None,
+    isolation: str = "inprocess",
+    timeout: float = 30.0,
+    rate_limit: float | None = None,
+    cost_usd: float = 0.0,
+    image: str | None = None,
+) -> Callable[[F], F]: ...
 
 
 def tool(

@@ -242,7 +242,7 @@ def test_runs_json_lists_a_crashed_run_as_running_newest_first(paths: Paths) -> 
     assert [(r["run_id"], r["status"]) for r in after] == [("newer", "succeeded"), ("older", "succeeded")]
 
 
-# --- known bugs (xfail until fixed in core; see each reason) ----------------------------------------
+# --- regressions: bugs the harness found in core, now fixed ------------------------------------------
 
 
 class _JournalLosingTheRace(SQLiteJournal):
@@ -267,10 +267,6 @@ class _LosingTheRace:
         return _JournalLosingTheRace(config.home, self.paths)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core bug: AgentSystem.resume checks the run's status before acquire (system.py:301) but not after the "
-    "reload that follows it (system.py:304); a resumer that gets the lease after another process finished the "
-    "run replays it from the journal and overwrites 'rolled_back' with 'succeeded'"))
 async def test_a_resumer_that_gets_the_lease_after_the_run_finished_leaves_it_alone(paths: Paths) -> None:
     paths.write_plan(["refund", "email"])
     assert run_child(paths, "run", "late", "p0").answer["status"] == "succeeded"
@@ -285,10 +281,6 @@ async def test_a_resumer_that_gets_the_lease_after_the_run_finished_leaves_it_al
     assert response.status is RunStatus.ROLLED_BACK
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core bug: rolling back a crashed run skips a step that started but has no outcome (steps_from_journal "
-    "marks it RUNNING, Rollback.compensate only undoes SUCCEEDED, rollback.py:57), so a refund issued just "
-    "before the crash stays issued while the run reports 'rolled_back'"))
 def test_rolling_back_a_crashed_run_undoes_or_reports_the_step_in_flight(paths: Paths) -> None:
     paths.write_plan(["refund", "refund", "email"])
     assert run_child(paths, "run", "inflight", "p0", "after:2").killed  # refund 2 issued, no outcome
@@ -298,22 +290,17 @@ def test_rolling_back_a_crashed_run_undoes_or_reports_the_step_in_flight(paths: 
     assert answer["status"] != "rolled_back" or not left, f"reported {answer['status']} but {left} still issued"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "core bug: Rollback.compensate skips a step whose tool is not registered in this process "
-    "(rollback.py:60, `spec is None`) silently, and the run is reported 'rolled_back' with its refund kept"))
 async def test_rollback_without_the_steps_tool_is_not_reported_done(paths: Paths) -> None:
     paths.write_plan(["refund", "email"])
     assert run_child(paths, "run", "notool", "p0").answer["status"] == "succeeded"
     async with make_system(principals={USER: PERMISSIONS}) as system:  # no harness plugin: no h_refund
-        response = await system.rollback("notool")
+        with pytest.raises(AgentkeelError, match="h_refund"):
+            await system.rollback("notool")
     refunds, _ = read_shop(paths)
-    assert response.status is not RunStatus.ROLLED_BACK or refunds[0]["status"] == "cancelled"
-    assert "h_refund" in response.message
+    assert refunds[0]["status"] == "issued"  # nothing was claimed, nothing was changed
+    assert load_state(paths, "notool").run.status == "succeeded"
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "core bug: resuming a run whose next step's tool is not registered raises a bare KeyError from "
-    "executor.py:183 (`system.tools[step.tool_name]`) instead of an AgentkeelError naming the missing tool"))
 async def test_resume_without_the_steps_tool_fails_with_an_error_that_names_it(paths: Paths) -> None:
     crashed(paths, "notool", ["refund", "email"], "finished:1")
     async with make_system(principals={USER: PERMISSIONS}) as system:

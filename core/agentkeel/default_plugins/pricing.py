@@ -5,9 +5,6 @@ genai-prices ships its price table inside the package, so lookups work offline.
 
 from __future__ import annotations
 
-from genai_prices import Usage as PriceUsage
-from genai_prices import calc_price
-
 from agentkeel.config import Config
 from agentkeel.markers import hookimpl
 from agentkeel.types import ModelPrice
@@ -27,6 +24,9 @@ def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
 @hookimpl(trylast=True, specname="agentkeel_model_price")
 def price_from_table(model: str) -> ModelPrice | None:
     """Look the model up in the genai-prices table; None when it is not listed."""
+    from genai_prices import Usage as PriceUsage  # imported on first use: it loads the whole table
+    from genai_prices import calc_price
+
     try:
         per_input = calc_price(PriceUsage(input_tokens=_MTOK, output_tokens=0), model_ref=model)
         per_output = calc_price(PriceUsage(input_tokens=0, output_tokens=_MTOK), model_ref=model)
