@@ -207,7 +207,6 @@ class PlanExecutor:
                 self.budget_exhausted = True
                 return self._finish(step, StepStatus.FAILED, started, args=args, error=str(exc), attempts=attempt)
             except StepFailure as failure:
-                system.audit_call(run, spec.name, "failed", str(failure), args)
                 recovery = system.plugins.recover(step, spec, str(failure), attempt, failure.retryable, run)
                 system.plugins.event("step_attempt_failed", run.run_id, step_id=step.step_id, error=str(failure),
                                      action=recovery.action)
@@ -223,7 +222,6 @@ class PlanExecutor:
                     continue
                 return self._finish(step, StepStatus.FAILED, started, args=args, tool=spec.name,
                                     error=f"{failure} ({recovery.reason})", attempts=attempt)
-            system.audit_call(run, spec.name, "succeeded", "", args)
             return self._finish(step, StepStatus.SUCCEEDED, started, args=args, tool=spec.name, result=result,
                                 cost=cost, attempts=attempt, verdict=verdict)
 

@@ -130,7 +130,6 @@ class Rollback:
             StepRecord(step.step_id, "compensation", "outcome", comp.name, args, key, status.value, result,
                        error, perf_counter() - started, 0.0, attempt),
         )
-        self.system.audit_call(self.run, comp.name, status.value, error or "", args)
         self.system.plugins.event("step_compensated", self.run.run_id, step_id=step.step_id, tool=comp.name,
                                   error=error)
         if error:

@@ -156,25 +156,17 @@ class AgentSystem:
         return self._audit
 
     def audit_decision(self, run: RunContext, tool: str, decision: Decision, args: Mapping[str, Any] | None) -> None:
+        """Append a permission decision. One is made before every tool call attempt
+        (``action="tool_call"``, with the argument names), so the log holds every
+        call made and every call refused; what a call returned is in the journal."""
         self.audit.record(
             run_id=run.run_id,
             principal=run.principal.name,
-            action="authorize",
+            action="tool_call" if args is not None else "authorize",
             tool=tool,
             decision="allow" if decision.allowed else "deny",
             reason=decision.reason,
             arg_keys=tuple(args) if args else (),
-        )
-
-    def audit_call(self, run: RunContext, tool: str, outcome: str, reason: str, args: Mapping[str, Any]) -> None:
-        self.audit.record(
-            run_id=run.run_id,
-            principal=run.principal.name,
-            action="tool_call",
-            tool=tool,
-            decision=outcome,
-            reason=reason,
-            arg_keys=tuple(args),
         )
 
     # --- requests ---------------------------------------------------------------
