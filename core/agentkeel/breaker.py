@@ -171,8 +171,8 @@ class CircuitBreaker:
             f"tool {self.name!r} is unavailable: its circuit breaker is {why} after repeated failures; "
             f"retry in {wait_s:.1f}s or use a fallback tool",
             retryable=False,
+            retry_after_s=wait_s,
         )
-        error.retry_after_s = wait_s  # type: ignore[attr-defined]
         return error
 
 

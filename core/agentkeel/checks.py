@@ -29,14 +29,6 @@ def plan_problems(plan: Plan, tools: Mapping[str, ToolSpec]) -> list[str]:
         if spec is None:
             problems.append(f"{where}: no tool {step.tool_name!r} is registered")
             continue
-        if not has_refs(step.tool_args):
+        if not step.arg_refs:
             problems.extend(f"{where}: {e}" for e in args_errors(spec, step.tool_args))
     return problems
-
-
-def has_refs(value: object) -> bool:
-    if isinstance(value, Mapping):
-        return "$ref" in value or any(has_refs(v) for v in value.values())
-    if isinstance(value, list):
-        return any(has_refs(v) for v in value)
-    return False

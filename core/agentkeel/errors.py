@@ -50,10 +50,17 @@ class UnknownModelPriceError(AgentkeelError):
 
 
 class ToolError(AgentkeelError):
-    """A tool call failed. `retryable` says whether the failure is transient."""
+    """A tool call failed. ``retryable`` says whether the failure is transient,
+    ``retry_after_s`` (when known) how soon trying again could succeed, and
+    ``stderr_tail`` what the tool's process last wrote to stderr (out-of-process
+    sandboxes)."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_after_s: float | None = None, stderr_tail: str = ""
+    ) -> None:
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.stderr_tail = stderr_tail
         super().__init__(message)
 
 

@@ -176,14 +176,14 @@ class PlanExecutor:
             if step.when is not None and not evaluate_condition(step.when, self.results):
                 self.condition_skipped.add(step.step_id)
                 return self._finish(step, StepStatus.SKIPPED, started, error="condition not met")
-            args = resolve_args(step.tool_args, self.results) if step.depends_on else step.tool_args
+            args = resolve_args(step.tool_args, self.results) if step.arg_refs else step.tool_args
         except RefError as exc:
             return self._finish(step, StepStatus.FAILED, started, error=str(exc))
 
         spec = system.tools[step.tool_name]
         # The plan check validated arguments that hold no references; the rest,
         # and any fallback tool's arguments, are validated here.
-        must_validate = bool(step.depends_on)
+        must_validate = bool(step.arg_refs)
         attempt = 0
         while True:
             if must_validate:

@@ -145,7 +145,8 @@ def parse_plan(data: Any, planner: str = "") -> Plan:
     for index, raw in enumerate(data["steps"], start=1):
         args = raw["tool_args"]
         when = raw.get("when")
-        depends = set(refs_in_args(args))
+        arg_refs = frozenset(refs_in_args(args))
+        depends = set(arg_refs)
         if when is not None:
             depends.update(refs_in_condition(when))
         steps.append(
@@ -157,6 +158,7 @@ def parse_plan(data: Any, planner: str = "") -> Plan:
                 when=when,
                 expect=raw.get("expect"),
                 depends_on=frozenset(depends),
+                arg_refs=arg_refs,
             )
         )
     return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner)

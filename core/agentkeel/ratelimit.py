@@ -109,8 +109,8 @@ class TokenBucket:
             f"in {wait:.2f}s, longer than the {timeout:g}s allowed to wait; retry later or raise "
             f"[tools.{self.name or 'NAME'}] rate_limit",
             retryable=True,
+            retry_after_s=wait,
         )
-        error.retry_after_s = wait  # type: ignore[attr-defined]
         return error
 
 

@@ -127,7 +127,8 @@ class PlanStep:
 
     `when` is a declarative condition on earlier results (see `agentkeel.plan`),
     `expect` a JSON Schema the result must satisfy, `depends_on` the earlier
-    steps whose results this step reads (through `when` or `{"$ref": ...}` args).
+    steps whose results this step reads (through `when` or `{"$ref": ...}` args),
+    `arg_refs` those its arguments read (arguments without them are final as planned).
     """
 
     step_id: int
@@ -137,6 +138,7 @@ class PlanStep:
     when: Mapping[str, Any] | None = None
     expect: Mapping[str, Any] | None = None
     depends_on: frozenset[int] = frozenset()
+    arg_refs: frozenset[int] = frozenset()
 
 
 @attrs.frozen

@@ -474,7 +474,7 @@ class SubprocessBackend:
 
     @staticmethod
     def _with_tail(error: ToolError, tail: _StderrTail) -> ToolError:
-        error.stderr_tail = tail.text()  # type: ignore[attr-defined]
+        error.stderr_tail = tail.text()
         return error
 
 
