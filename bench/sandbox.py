@@ -26,10 +26,10 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
-from agentkeel.docker_sandbox import DockerBackend, DockerSettings
-from agentkeel.docker_sandbox.client import connect
-from agentkeel.docker_sandbox.images import SANDBOX_IMAGE
-from agentkeel.sandbox import ToolCall
+from agentkeel.sandbox.docker import DockerBackend, DockerSettings
+from agentkeel.sandbox.docker.client import connect
+from agentkeel.sandbox.docker.images import SANDBOX_IMAGE
+from agentkeel.sandbox.protocol import ToolCall
 from agentkeel.types import ToolSpec
 
 

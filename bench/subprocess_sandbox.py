@@ -13,9 +13,9 @@ import time
 
 from bench_tools import noop
 
-from agentkeel.default_plugins.sandbox_subprocess import SubprocessBackend, SubprocessSettings
-from agentkeel.sandbox import ToolCall
-from agentkeel.tools import spec_of
+from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
+from agentkeel.sandbox.protocol import ToolCall
+from agentkeel.tools.decorator import spec_of
 
 
 async def measure(prestart: int, calls: int, spacing_s: float) -> list[float]:

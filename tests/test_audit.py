@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentkeel.audit import (
+from agentkeel.permissions.audit import (
     GENESIS,
     RECORD_FIELDS,
     AuditLog,
@@ -21,7 +21,7 @@ from agentkeel.audit import (
     line_hash,
     verify,
 )
-from agentkeel.cli_audit import audit
+from agentkeel.cli.audit import audit
 from agentkeel.config import Config
 from agentkeel.types import AuditRecord
 from click.testing import CliRunner
@@ -276,7 +276,7 @@ def test_default_location_is_under_home(tmp_path: Path, monkeypatch: pytest.Monk
 _WRITER = """
 import os, sys, time
 from pathlib import Path
-from agentkeel.audit import AuditLog
+from agentkeel.permissions.audit import AuditLog
 path, go, name, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 log = AuditLog(path)
 Path(str(go) + "." + name).touch()  # ready
@@ -405,7 +405,7 @@ def test_cli_verify_finds_the_log_through_the_config(
 
 
 def test_cli_as_a_subprocess(log_path: Path) -> None:
-    code = "from agentkeel.cli_audit import audit; audit(prog_name='agentkeel audit')"
+    code = "from agentkeel.cli.audit import audit; audit(prog_name='agentkeel audit')"
     ok = subprocess.run(
         [sys.executable, "-c", code, "verify", str(log_path)],
         capture_output=True,

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentkeel.audit import canonical, record_text
+from agentkeel.permissions.audit import canonical, record_text
 
 text = st.text(max_size=30)
 

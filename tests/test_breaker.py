@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from agentkeel.breaker import Admission, BreakerBoard, BreakerState, BreakerStore, CircuitBreaker
+from agentkeel.tools.breaker import Admission, BreakerBoard, BreakerState, BreakerStore, CircuitBreaker
 from agentkeel.config import Config
 from agentkeel.errors import CircuitOpenError, ToolError
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from agentkeel import AgentRequest, Decision, RunStatus, StepStatus, hookimpl, tool
 from agentkeel.errors import LeaseHeldError, RunNotFoundError
-from agentkeel.journal import StepRecord
+from agentkeel.journal.base import StepRecord
 from agentkeel.testing import ScriptedPlanner, make_system
 
 
@@ -71,7 +71,7 @@ USER = {"u": []}
 def crashed_run(system: Any, wire: dict, *records: StepRecord) -> None:
     """Journal what a process that crashed mid-run leaves behind: run "crashed",
     ``records`` written, and a lease that has already expired."""
-    from agentkeel.plan import parse_plan
+    from agentkeel.planner.plan import parse_plan
 
     lease = system.journal.create_run(run_id="crashed", user_id="u", session_id="s", message="m",
                                       principal="u", budget_usd=None, plan=parse_plan(wire).to_dict(),
@@ -157,8 +157,8 @@ async def test_live_holder_refuses_a_second_resumer() -> None:
     wire = plan(step("notify", {"text": "hi"}))
     system = make_system(ledger, ScriptedPlanner(wire), principals=USER)
     async with system:
-        from agentkeel.journal import make_owner
-        from agentkeel.plan import parse_plan
+        from agentkeel.journal.base import make_owner
+        from agentkeel.planner.plan import parse_plan
 
         system.journal.create_run(run_id="busy", user_id="u", session_id="s", message="m", principal="u",
                                   budget_usd=None, plan=parse_plan(wire).to_dict(), owner=make_owner() + ":other",

@@ -64,7 +64,7 @@ async def test_every_hook_is_called_by_one_request() -> None:
     step = response.plan.steps[0] if response.plan else None
     assert step is not None
     from agentkeel.context import RunContext
-    from agentkeel.cost import Budget
+    from agentkeel.cost.budget import Budget
 
     run = RunContext(AgentRequest(message="m", user_id="agent"), system.config.principals["agent"],
                      system.config, Budget(1.0), system.pricer, system)

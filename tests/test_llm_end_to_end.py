@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus
-from agentkeel.system import AgentSystem
+from agentkeel.runtime.system import AgentSystem
 from agentkeel.testing.server import ScriptedOpenAIServer
 
 CONFIG = {

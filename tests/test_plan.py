@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 from agentkeel.errors import PlanRejectedError
-from agentkeel.plan import (
+from agentkeel.planner.plan import (
     PlanTemplate,
     RefError,
     evaluate_condition,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agentkeel import PluginError, RunStatus, ToolSpecError, UnknownModelPriceError, hookimpl, tool
-from agentkeel.plugins import DEFAULT_PLUGINS, Plugins, build_plugin_manager
+from agentkeel.plugin.manager import DEFAULT_PLUGINS, Plugins, build_plugin_manager
 from agentkeel.testing import ScriptedPlanner, make_system
 
 

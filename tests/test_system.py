@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from agentkeel import RunStatus, StepStatus, ToolError, Verdict, hookimpl, tool
-from agentkeel.audit import verify
+from agentkeel.permissions.audit import verify
 from agentkeel.testing import ScriptedPlanner, make_system
 
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 import pytest
 from agentkeel import ToolSpecError, tool
-from agentkeel.tools import ToolRegistry, spec_of
+from agentkeel.tools.decorator import ToolRegistry, spec_of
 
 
 def test_schema_and_metadata_come_from_the_function() -> None:

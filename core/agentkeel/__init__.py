@@ -19,7 +19,7 @@ from agentkeel.errors import (
     UnknownModelPriceError,
 )
 from agentkeel.markers import hookimpl, hookspec
-from agentkeel.tools import tool
+from agentkeel.tools.decorator import tool
 from agentkeel.types import (
     AgentRequest,
     AgentResponse,
@@ -43,11 +43,11 @@ from agentkeel.types import (
 
 if TYPE_CHECKING:
     from agentkeel.config import Config, ModelTier
-    from agentkeel.plan import PlanTemplate
+    from agentkeel.planner.plan import PlanTemplate
 
 # Imported on first use: a tool running in a sandbox child process needs only
 # ``tool`` and the types, not the configuration and JSON Schema machinery.
-_LAZY = {"Config": "agentkeel.config", "ModelTier": "agentkeel.config", "PlanTemplate": "agentkeel.plan"}
+_LAZY = {"Config": "agentkeel.config", "ModelTier": "agentkeel.config", "PlanTemplate": "agentkeel.planner.plan"}
 
 
 def __getattr__(name: str) -> Any:

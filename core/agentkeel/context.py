@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.cost import Budget, Pricer, Reservation, prompt_token_upper_bound
+from agentkeel.cost.budget import Budget, Pricer, Reservation, prompt_token_upper_bound
 from agentkeel.types import AgentRequest, CostRecord, Principal, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
-    from agentkeel.system import AgentSystem
+    from agentkeel.runtime.system import AgentSystem
 
 
 @attrs.define(eq=False)

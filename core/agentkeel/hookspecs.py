@@ -6,9 +6,13 @@ breaking plugins. Hooks documented as "may return an awaitable" are awaited by
 the host when they do.
 
 The three ``agentkeel_register_*`` hooks are called by the host once per
-implementation, with a ``register`` callback bound to that plugin, so that
-everything registered is attributed to the plugin that registered it; hook
-wrappers do not wrap them.
+implementing plugin (through a pluggy subset hook caller), with a ``register``
+callback bound to that plugin, so that everything registered is attributed to
+the plugin that registered it.
+
+No hook receives the ``AgentSystem``: each gets the narrow arguments it needs.
+The lifecycle hooks still accept a ``system`` argument for one release; it is
+deprecated, and nothing in agentkeel or its default plugins reads it.
 
 Hook options used on purpose:
 - ``firstresult``: "who handles this" — the first non-None answer wins.
@@ -18,7 +22,7 @@ Hook options used on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agentkeel.markers import hookspec
@@ -26,10 +30,9 @@ from agentkeel.markers import hookspec
 if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
-    from agentkeel.journal import Journal
-    from agentkeel.plan import PlanTemplate
-    from agentkeel.sandbox import SandboxBackend
-    from agentkeel.system import AgentSystem
+    from agentkeel.journal.base import Journal
+    from agentkeel.planner.plan import PlanTemplate
+    from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
     from agentkeel.types import (
         AgentRequest,
         AgentResponse,
@@ -51,32 +54,46 @@ if TYPE_CHECKING:
 
 @hookspec
 def agentkeel_register_tools(register: Callable[[Any], None]) -> None:
-    """Register tools: call ``register(fn)`` for each function decorated with
-    ``@agentkeel.tool`` (or ``register(spec)`` with a ready ``ToolSpec``).
+    """Register tools.
+
+    :param register: call ``register(fn)`` for each function decorated with
+        ``@agentkeel.tool`` (or ``register(spec)`` with a ready ``ToolSpec``).
 
     The host attributes each tool to the plugin whose implementation called
     ``register`` and validates it (duplicate names, unknown rollback or fallback
-    targets, invalid JSON Schemas), raising ``ToolSpecError`` naming the plugin.
-    Return value: ignored. Not firstresult: every plugin registers.
+    targets, invalid JSON Schemas, unknown sandboxes), raising ``ToolSpecError``
+    naming the plugin.
+
+    :return: ignored. Not firstresult: every plugin registers.
     """
 
 
 @hookspec
 def agentkeel_register_plan_templates(register: Callable[[PlanTemplate], None]) -> None:
-    """Register rule-planner templates: ``register(PlanTemplate(pattern, steps))``.
+    """Register rule-planner templates.
 
-    A template whose regular expression fully matches the request message yields
-    a plan without any LLM call. Return value: ignored. Not firstresult.
+    :param register: call ``register(PlanTemplate(pattern=..., steps=[...]))`` per
+        template. A template whose regular expression fully matches the request
+        message yields a plan without any LLM call.
+
+    :return: ignored. Not firstresult: every plugin registers.
     """
 
 
 @hookspec
-def agentkeel_register_sandboxes(register: Callable[[str, SandboxBackend], None], config: Config) -> None:
-    """Register execution sandbox backends: ``register(isolation_name, backend)``.
+def agentkeel_register_sandboxes(register: Callable[..., None], config: Config) -> None:
+    """Register execution sandbox backends.
 
-    ``backend`` implements ``agentkeel.sandbox.SandboxBackend``. Names must be
-    unique; the built-in ones are "inprocess", "subprocess" and "docker".
-    Return value: ignored. Not firstresult.
+    :param register: call ``register(name, backend, replace=False)``. ``backend``
+        implements ``agentkeel.SandboxBackend`` and declares its isolation
+        ``strength`` (an int; the built-ins are inprocess 0, subprocess 10,
+        docker 20), so configuration can tighten a tool's isolation but never
+        loosen it. A name already registered is refused unless ``replace=True``,
+        which replaces that backend explicitly. Any registered name is usable as
+        a tool's ``isolation``.
+    :param config: the validated configuration.
+
+    :return: ignored. Not firstresult: every plugin registers.
     """
 
 
@@ -84,18 +101,35 @@ def agentkeel_register_sandboxes(register: Callable[[str, SandboxBackend], None]
 
 
 @hookspec
-def agentkeel_startup(system: AgentSystem) -> Awaitable[None] | None:
-    """Called once before the first request is served (open stores, warm pools).
+def agentkeel_startup(
+    config: Config, tools: Mapping[str, ToolSpec], sandboxes: Mapping[str, SandboxBackend], system: Any
+) -> Awaitable[None] | None:
+    """Called once before the first request is served (open stores, check settings).
 
-    May return an awaitable. Not firstresult: every implementation runs.
+    :param config: the validated configuration.
+    :param tools: every registered tool, by name (read-only).
+    :param sandboxes: every registered sandbox backend, by name (read-only).
+    :param system: deprecated, kept for one release; do not use it.
+
+    :return: None, or an awaitable the host awaits. Not firstresult: every
+        implementation runs.
     """
 
 
 @hookspec
-def agentkeel_shutdown(system: AgentSystem) -> Awaitable[None] | None:
-    """Called once when the system closes (release stores, stop containers).
+def agentkeel_shutdown(
+    config: Config, tools: Mapping[str, ToolSpec], sandboxes: Mapping[str, SandboxBackend], system: Any
+) -> Awaitable[None] | None:
+    """Called once when the system closes (release stores). Sandbox backends are
+    closed by the host after this hook (``backend.aclose()``).
 
-    May return an awaitable. Not firstresult: every implementation runs.
+    :param config: the validated configuration.
+    :param tools: every registered tool, by name (read-only).
+    :param sandboxes: every registered sandbox backend, by name (read-only).
+    :param system: deprecated, kept for one release; do not use it.
+
+    :return: None, or an awaitable the host awaits. Not firstresult: every
+        implementation runs.
     """
 
 
@@ -104,10 +138,14 @@ def agentkeel_shutdown(system: AgentSystem) -> Awaitable[None] | None:
 
 @hookspec(firstresult=True)
 def agentkeel_resolve_principal(user_id: str, config: Config) -> Principal | None:
-    """Authenticate ``user_id`` and return its ``Principal``, or None when unknown.
+    """Authenticate a caller.
 
-    firstresult. If no implementation returns a principal the request is denied:
-    an unknown caller never gets tools.
+    :param user_id: who the request says it comes from.
+    :param config: the validated configuration.
+
+    :return: the caller's ``Principal``, or None when unknown. firstresult: the
+        first principal returned wins. If no implementation returns one the
+        request is denied: an unknown caller never gets tools.
     """
 
 
@@ -115,12 +153,18 @@ def agentkeel_resolve_principal(user_id: str, config: Config) -> Principal | Non
 def agentkeel_authorize(
     principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None
 ) -> Decision | None:
-    """Decide whether ``principal`` may call ``tool``.
+    """Decide whether a principal may call a tool.
 
-    ``args`` is None for the tool-level check (which tools the planner may see)
-    and the resolved arguments for the per-step check. Return a ``Decision`` or
-    None to abstain. Not firstresult: the call is allowed only when at least one
-    implementation allows it and none denies it (deny by default).
+    :param principal: the authenticated caller.
+    :param tool: the tool to be called.
+    :param args: None for the tool-level check (which tools the planner may see,
+        made once per plan), the resolved arguments for the check made before
+        every call attempt.
+
+    :return: a ``Decision``, or None to abstain. Not firstresult: the call is
+        allowed only when at least one implementation allows it and none denies
+        it (deny by default). ``Decision(False, reason, wait=True)`` pauses the
+        run as ``waiting`` instead of denying.
     """
 
 
@@ -129,10 +173,14 @@ def agentkeel_authorize(
 
 @hookspec(firstresult=True)
 def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
-    """Return the price of ``model`` in USD per million tokens, or None if unknown.
+    """Price a model.
 
-    firstresult. When nobody knows the price the call is refused with
-    ``UnknownModelPriceError``: an unknown price is never treated as free.
+    :param model: the model name as sent to the LLM server.
+    :param config: the validated configuration.
+
+    :return: the price in USD per million tokens, or None if unknown.
+        firstresult. When nobody knows the price the call is refused with
+        ``UnknownModelPriceError``: an unknown price is never treated as free.
     """
 
 
@@ -141,15 +189,26 @@ def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
 
 @hookspec(firstresult=True)
 def agentkeel_load_context(request: AgentRequest, config: Config) -> MemoryContext | None:
-    """Load the context the planner sees for ``request`` (recent turns, facts).
+    """Load the context the planner sees for a request.
 
-    firstresult. With no memory plugin the request runs with an empty context.
+    :param request: the request being served.
+    :param config: the validated configuration.
+
+    :return: a ``MemoryContext`` (recent turns, facts), or None to abstain.
+        firstresult. With no memory plugin the request runs with an empty context.
     """
 
 
 @hookspec
 def agentkeel_save_turn(request: AgentRequest, response: AgentResponse, config: Config) -> None:
-    """Persist what was learned from a finished request. Not firstresult."""
+    """Persist what was learned from a finished request.
+
+    :param request: the request that was served.
+    :param response: its response.
+    :param config: the validated configuration.
+
+    :return: ignored. Not firstresult: every implementation runs.
+    """
 
 
 # --- journal (durable runs) ---------------------------------------------------
@@ -159,8 +218,12 @@ def agentkeel_save_turn(request: AgentRequest, response: AgentResponse, config: 
 def agentkeel_open_journal(config: Config) -> Journal | None:
     """Open the journal that records runs and step intents/outcomes.
 
-    firstresult. The default (``trylast``) is SQLite under ``config.home``, or an
-    in-memory journal when ``[journal] backend = "memory"``. Called once per system.
+    :param config: the validated configuration.
+
+    :return: a ``Journal``, or None to let the next plugin open one.
+        firstresult. The default (``trylast``) is SQLite under ``config.home``,
+        or an in-memory journal when ``[journal] backend = "memory"``. Called
+        once per system, on first use.
     """
 
 
@@ -173,12 +236,20 @@ def agentkeel_plan(
     context: MemoryContext,
     tools: Mapping[str, ToolSpec],
     run: RunContext,
-) -> Plan | Awaitable[Plan] | None:
-    """Turn ``request`` into a ``Plan`` using only ``tools`` (those the principal may call).
+    templates: Sequence[PlanTemplate],
+) -> Plan | Awaitable[Plan | None] | None:
+    """Turn a request into a ``Plan``.
 
-    firstresult; may return an awaitable, which must resolve to a Plan or raise
-    ``PlanningError``. Return None to let the next planner try. Priced calls
-    must reserve budget through ``run`` first.
+    :param request: the request being served.
+    :param context: what the memory manager loaded for it.
+    :param tools: the tools the principal may call: the only ones to plan with.
+    :param run: the run's context; priced calls must reserve budget through it
+        (``run.reserve_llm``) first.
+    :param templates: every registered ``PlanTemplate``, in registration order.
+
+    :return: a Plan, None to let the next planner try, or an awaitable resolving
+        to either (an async planner may abstain too). firstresult: the first
+        plan wins. Raise ``PlanningError`` when planning failed.
     """
 
 
@@ -186,10 +257,39 @@ def agentkeel_plan(
 def agentkeel_check_plan(
     plan: Plan, tools: Mapping[str, ToolSpec], principal: Principal
 ) -> list[str] | None:
-    """Check a plan before anything runs; return a list of problems (empty if fine).
+    """Check a plan before anything runs.
 
-    Not firstresult: the problems of every implementation are collected and a
-    plan with any problem is rejected with all of them.
+    :param plan: the plan to check.
+    :param tools: the tools the principal may call.
+    :param principal: the authenticated caller.
+
+    :return: a list of problems (empty or None if fine). Not firstresult: the
+        problems of every implementation are collected and a plan with any
+        problem is rejected with all of them.
+    """
+
+
+# --- tool router ----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def agentkeel_call_tool(call: ToolCall, sandbox: SandboxBackend, run: RunContext) -> Awaitable[Any]:
+    """Make one tool call attempt, forward or compensating, inside the tool router
+    (after the budget, rate limit, breaker and journal intent; before settlement).
+
+    :param call: the call: ``call.spec``, ``call.args`` (final, with the
+        idempotency key when the tool takes it), ``call.timeout``, ``call.run_id``,
+        ``call.step_id``, ``call.kind`` ("forward" or "compensation") and
+        ``call.attempt`` (1-based).
+    :param sandbox: the backend of the tool's isolation.
+    :param run: the run's context.
+
+    :return: an awaitable of the tool's result. firstresult; the default
+        (``trylast``) is ``sandbox.run(call)``. Plugins trace, guard or time
+        every call with a ``wrapper=True`` implementation, which receives the
+        inner awaitable from ``yield`` and returns one (e.g. a coroutine that
+        awaits it). With no wrapper registered the host calls the sandbox
+        directly, so this hook costs nothing when unused.
     """
 
 
@@ -198,10 +298,17 @@ def agentkeel_check_plan(
 
 @hookspec
 def agentkeel_evaluate(step: PlanStep, tool: ToolSpec, result: Any) -> Verdict | None:
-    """Judge a step's result. Return a ``Verdict`` or None to abstain.
+    """Judge a step's result.
 
-    Not firstresult: the step passes only if every verdict passes; its score is
-    the lowest score given.
+    :param step: the plan step (its ``expect`` schema included). For a
+        compensation, a step whose tool is the compensating tool.
+    :param tool: the tool that produced the result.
+    :param result: what the tool returned.
+
+    :return: a ``Verdict``, or None to abstain. Not firstresult: the step passes
+        only if every verdict passes; its score is the lowest score given. A
+        rejected result of a tool that is not retry-safe is never retried: the
+        effect stays journaled and is compensated if the run aborts.
     """
 
 
@@ -217,12 +324,19 @@ def agentkeel_recover(
     retryable: bool,
     run: RunContext,
 ) -> RecoveryDecision | None:
-    """Decide what to do after attempt number ``attempt`` (1-based) of ``step`` failed
-    with ``error``; ``retryable`` is False when the failure is known to be permanent
-    (bad input, a refusal) rather than transient.
+    """Decide what to do after a call attempt failed (compensations included).
 
-    firstresult. The host never retries a tool that is not retry-safe (neither
-    idempotent nor accepting an idempotency key), whatever a plugin answers.
+    :param step: the plan step (for a compensation, a step of the compensating tool).
+    :param tool: the tool whose attempt failed.
+    :param error: what went wrong.
+    :param attempt: the attempt number, 1-based.
+    :param retryable: False when the failure is known to be permanent (bad input,
+        a refusal, a rejected effect) rather than transient.
+    :param run: the run's context (``run.config`` holds ``[retry]``).
+
+    :return: a ``RecoveryDecision``, or None to abstain. firstresult. The host
+        never retries a tool that is not retry-safe (neither idempotent nor
+        accepting an idempotency key), whatever a plugin answers.
     """
 
 
@@ -231,8 +345,11 @@ def agentkeel_recover(
 
 @hookspec
 def agentkeel_event(event: Event) -> None:
-    """Observe run events ("run_started", "step_finished", "run_finished", ...).
+    """Observe run events ("run_started", "step_finished", "step_compensated",
+    "run_finished", ...).
 
-    Not firstresult; return value ignored. Called only when some plugin
-    implements it, so observers cost nothing when absent.
+    :param event: the event: ``kind``, ``run_id`` and ``data``.
+
+    :return: ignored. Not firstresult. Called only when some plugin implements
+        it, so observers cost nothing when absent.
     """

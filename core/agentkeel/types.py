@@ -125,7 +125,7 @@ class ToolSpec:
 class PlanStep:
     """One tool call in a plan.
 
-    `when` is a declarative condition on earlier results (see `agentkeel.plan`),
+    `when` is a declarative condition on earlier results (see `agentkeel.planner.plan`),
     `expect` a JSON Schema the result must satisfy, `depends_on` the earlier
     steps whose results this step reads (through `when` or `{"$ref": ...}` args),
     `arg_refs` those its arguments read (arguments without them are final as planned).

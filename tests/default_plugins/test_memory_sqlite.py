@@ -12,10 +12,10 @@ import pluggy
 import pytest
 from agentkeel import hookspecs
 from agentkeel.config import Config
-from agentkeel.default_plugins import memory_sqlite
+from agentkeel.memory import sqlite as memory_sqlite
 from agentkeel.errors import ConfigError
 from agentkeel.markers import PROJECT_NAME
-from agentkeel.plugins import Plugins
+from agentkeel.plugin.manager import Plugins
 from agentkeel.stores import (
     DB_FILENAME,
     MIGRATIONS,

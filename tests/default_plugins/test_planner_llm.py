@@ -11,13 +11,14 @@ import pytest
 from agentkeel import hookspecs
 from agentkeel.config import Config
 from agentkeel.context import RunContext
-from agentkeel.cost import Budget, Pricer
-from agentkeel.default_plugins import planner_llm, pricing
+from agentkeel.cost.budget import Budget, Pricer
+from agentkeel.cost import pricing
+from agentkeel.planner import llm as planner_llm
 from agentkeel.errors import BudgetExceededError, PlanningError, PlanRejectedError
 from agentkeel.markers import PROJECT_NAME
-from agentkeel.plugins import Plugins
+from agentkeel.plugin.manager import Plugins
 from agentkeel.testing.server import ScriptedOpenAIServer
-from agentkeel.tools import tool
+from agentkeel.tools.decorator import tool
 from agentkeel.types import AgentRequest, CostRecord, MemoryContext, Principal, ToolSpec, Usage
 
 

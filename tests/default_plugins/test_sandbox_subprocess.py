@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tools_for_tests as tools
 from agentkeel.config import Config
-from agentkeel.default_plugins import sandbox_subprocess
-from agentkeel.default_plugins.sandbox_subprocess import SubprocessBackend, SubprocessSettings
+from agentkeel.sandbox.subprocess import backend as sandbox_subprocess
+from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 from agentkeel.errors import ConfigError, ToolError, ToolTimeoutError
-from agentkeel.sandbox import SandboxBackend, ToolCall
-from agentkeel.tools import spec_of
+from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
+from agentkeel.tools.decorator import spec_of
 
 # Generous: a loaded CI machine can take a second or more to start an interpreter.
 SLOW_START_S = 20.0
@@ -110,13 +110,13 @@ def test_child_protocol_on_the_command_line() -> None:
     """The runner speaks the documented protocol by itself: one JSON in, one JSON out."""
     request = {"tool": "tools_for_tests:noisy", "args": {}, "sys_path": sys.path}
     done = subprocess.run(
-        [sys.executable, "-m", "agentkeel.child"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
+        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
     )
     assert done.returncode == 0
     assert json.loads(done.stdout) == {"ok": True, "value": {"clean": "yes"}}
     assert b"hello from print" in done.stderr and b"from a grandchild" in done.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "agentkeel.child"], input=b'{"tool": "no_such_module:f"}', capture_output=True, timeout=60, check=False
+        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=b'{"tool": "no_such_module:f"}', capture_output=True, timeout=60, check=False
     )
     error = json.loads(bad.stdout)["error"]
     assert error["type"] == "RequestError" and "no_such_module" in error["message"] and not error["retryable"]

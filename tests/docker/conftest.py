@@ -32,7 +32,7 @@ _problem: list[str | None] = []
 def docker_problem() -> str | None:
     """None when the engine answers, else why not (computed once)."""
     if not _problem:
-        from agentkeel.docker_sandbox.client import connect
+        from agentkeel.sandbox.docker.client import connect
         from agentkeel.errors import SandboxError
 
         try:
@@ -63,7 +63,7 @@ def skip_or_fail_without_docker() -> None:
 @pytest.fixture(scope="session")
 def docker_api() -> Iterator[Any]:
     skip_or_fail_without_docker()  # session fixtures are set up before the autouse check
-    from agentkeel.docker_sandbox.client import connect
+    from agentkeel.sandbox.docker.client import connect
 
     api = connect(timeout=600)
     yield api
@@ -73,8 +73,8 @@ def docker_api() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def pycode_image(docker_api: Any) -> str:
     """The pycode plugin image (built when missing: slow, once)."""
-    from agentkeel.docker_sandbox.build import build_plugin_image, build_sandbox_image, image_exists
-    from agentkeel.docker_sandbox.images import SANDBOX_IMAGE, entry_point_plugins, plugin_image
+    from agentkeel.sandbox.docker.build import build_plugin_image, build_sandbox_image, image_exists
+    from agentkeel.sandbox.docker.images import SANDBOX_IMAGE, entry_point_plugins, plugin_image
 
     dist = entry_point_plugins().get("pycode")
     if dist is None:
@@ -90,7 +90,7 @@ def pycode_image(docker_api: Any) -> str:
 @pytest.fixture(scope="session")
 def tools_image(docker_api: Any, pycode_image: str) -> str:
     """The pycode image plus the abuse tools module, tagged by their content."""
-    from agentkeel.docker_sandbox.build import docker_build, probe_image
+    from agentkeel.sandbox.docker.build import docker_build, probe_image
 
     source = (TOOLS_DIR / "agentkeel_abuse_tools.py").read_bytes()
     base_id = docker_api.inspect_image(pycode_image)["Id"]
@@ -112,7 +112,7 @@ def tools_image(docker_api: Any, pycode_image: str) -> str:
 def abuse_specs(tools_image: str) -> dict[str, Any]:
     """ToolSpecs of the abuse tools, pointed at the test image."""
     import agentkeel_abuse_tools
-    from agentkeel.tools import spec_of
+    from agentkeel.tools.decorator import spec_of
 
     specs = {}
     for fn in agentkeel_abuse_tools.ALL:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agentkeel.docker_sandbox import DockerBackend, DockerSettings
+from agentkeel.sandbox.docker import DockerBackend, DockerSettings
 from agentkeel.errors import ToolError, ToolTimeoutError
-from agentkeel.sandbox import ToolCall
+from agentkeel.sandbox.protocol import ToolCall
 
 pytestmark = pytest.mark.docker
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import attrs
 import pytest
-from agentkeel.docker_sandbox import DockerBackend, DockerSettings
-from agentkeel.docker_sandbox.labels import LABEL_OWNER, LABEL_SANDBOX, container_labels
+from agentkeel.sandbox.docker import DockerBackend, DockerSettings
+from agentkeel.sandbox.docker.labels import LABEL_OWNER, LABEL_SANDBOX, container_labels
 from agentkeel.errors import SandboxError, ToolError
-from agentkeel.sandbox import ToolCall
-from agentkeel.tools import spec_of
+from agentkeel.sandbox.protocol import ToolCall
+from agentkeel.tools.decorator import spec_of
 
 pytestmark = pytest.mark.docker
 

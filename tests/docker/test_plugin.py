@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus
-from agentkeel.default_plugins import sandbox_docker
-from agentkeel.docker_sandbox import DockerBackend
+from agentkeel.sandbox.docker import plugin as sandbox_docker
+from agentkeel.sandbox.docker import DockerBackend
 from agentkeel.errors import SandboxError
-from agentkeel.sandbox import SandboxBackend, ToolCall
+from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 from agentkeel.testing import ScriptedPlanner, make_system
 
 
@@ -29,7 +29,7 @@ def test_registers_a_docker_backend_from_config() -> None:
 
 
 async def test_a_docker_call_without_docker_says_what_to_do(no_docker: None) -> None:
-    from agentkeel.tools import spec_of
+    from agentkeel.tools.decorator import spec_of
     from agentkeel_pycode.plugin import run_python
 
     backend = DockerBackend()

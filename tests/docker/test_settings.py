@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from agentkeel.docker_sandbox.settings import DockerSettings, host_config_kwargs, parse_size
+from agentkeel.sandbox.docker.settings import DockerSettings, host_config_kwargs, parse_size
 from agentkeel.errors import ConfigError
 
 

@@ -8,8 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from agentkeel.docker_sandbox.images import images_dir
-from agentkeel.docker_sandbox.wheels import (
+from agentkeel.sandbox.docker.images import images_dir
+from agentkeel.sandbox.docker.wheels import (
     dependency_closure,
     fits_target,
     host_target,

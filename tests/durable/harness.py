@@ -50,7 +50,7 @@ from typing import Any
 from agentkeel import tool
 from agentkeel.errors import AgentkeelError, LeaseHeldError, ToolError
 from agentkeel.markers import hookimpl
-from agentkeel.system import AgentSystem
+from agentkeel.runtime.system import AgentSystem
 from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec
 from agentkeel_support.tools import cancel_refund, issue_refund, lookup_order, send_email
 
@@ -416,9 +416,9 @@ def finish_child(proc: subprocess.Popen[str], label: str, crash: str | None = No
     return Child(label, proc.pid, crash, proc.returncode, out, err)
 
 
-_PRELOAD = ["tests.durable.harness", "agentkeel.system", "agentkeel.testing", "agentkeel.journal_sqlite",
-            "agentkeel.default_plugins.pricing", "agentkeel.default_plugins.memory_sqlite",
-            "agentkeel.default_plugins.sandbox_docker", "agentkeel.default_plugins.planner_llm",
+_PRELOAD = ["tests.durable.harness", "agentkeel.runtime.system", "agentkeel.testing", "agentkeel.journal.sqlite",
+            "agentkeel.cost.pricing", "agentkeel.memory.sqlite",
+            "agentkeel.sandbox.docker.plugin", "agentkeel.planner.llm",
             "pytest"]  # a child started under the ``pytest`` script re-imports it as its main module
 
 
@@ -508,7 +508,7 @@ class History:
 
 
 def load_state(paths: Paths, run_id: str) -> Any:
-    from agentkeel.journal_sqlite import SQLiteJournal
+    from agentkeel.journal.sqlite import SQLiteJournal
 
     journal = SQLiteJournal(paths.home)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from agentkeel.errors import AgentkeelError
-from agentkeel.journal_sqlite import SQLiteJournal
+from agentkeel.journal.sqlite import SQLiteJournal
 from agentkeel.markers import hookimpl
 from agentkeel.testing import ScriptedPlanner, make_system
 from agentkeel.types import AgentRequest, RunStatus, StepStatus

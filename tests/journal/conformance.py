@@ -31,7 +31,7 @@ from agentkeel.errors import (
     RunExistsError,
     RunNotFoundError,
 )
-from agentkeel.journal import Lease, StepRecord, make_owner
+from agentkeel.journal.base import Lease, StepRecord, make_owner
 from agentkeel.types import StepStatus
 
 from tests.journal.conformance_processes import ProcessConformance

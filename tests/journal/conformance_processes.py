@@ -17,7 +17,7 @@ from agentkeel.errors import (
     LeaseHeldError,
     RunNotFoundError,
 )
-from agentkeel.journal import Journal, make_owner
+from agentkeel.journal.base import Journal, make_owner
 
 from tests.journal.helpers import (
     ALICE,

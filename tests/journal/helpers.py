@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from agentkeel.journal import Journal, Lease, StepRecord
+from agentkeel.journal.base import Journal, Lease, StepRecord
 from agentkeel.types import Plan, PlanStep
 
 MakeJournal = Callable[..., Journal]
 
 ALICE = "host-a.invalid:101:5001"  # other hosts: liveness unknown, only expiry frees a run
 BOB = "host-b.invalid:202:6002"
-OWNER_SCRIPT = "from agentkeel.journal import make_owner; print(make_owner(), flush=True)"
+OWNER_SCRIPT = "from agentkeel.journal.base import make_owner; print(make_owner(), flush=True)"
 HAS_PROC = os.path.exists(f"/proc/{os.getpid()}/stat")
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from agentkeel.errors import ConfigError, StoreError
-from agentkeel.journal import Journal, StepRecord
-from agentkeel.journal_memory import MemoryJournal
-from agentkeel.journal_sqlite import SQLiteJournal
+from agentkeel.journal.base import Journal, StepRecord
+from agentkeel.journal.memory import MemoryJournal
+from agentkeel.journal.sqlite import SQLiteJournal
 from agentkeel.stores import MIGRATIONS, db_path, open_db, schema_version
 
 from tests.journal.conformance import JournalConformance

@@ -17,8 +17,8 @@ import pluggy
 import pytest
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookspecs
 from agentkeel.errors import ToolError
-from agentkeel.plan import evaluate_condition, parse_plan, resolve_args
-from agentkeel.tools import ToolRegistry
+from agentkeel.planner.plan import evaluate_condition, parse_plan, resolve_args
+from agentkeel.tools.decorator import ToolRegistry
 from agentkeel.types import Plan, ToolSpec
 from agentkeel_support import shop
 from agentkeel_support.plugin import TEMPLATES
@@ -338,7 +338,7 @@ def plan_for(message: str) -> tuple[str, Plan]:
 
 
 def assert_plan_checks(plan: Plan, tools: dict[str, ToolSpec]) -> None:
-    from agentkeel.checks import plan_problems
+    from agentkeel.planner.check import plan_problems
 
     assert plan_problems(plan, tools) == []
 
@@ -454,8 +454,8 @@ def test_other_messages_match_no_template(message: str) -> None:
 async def test_refund_in_the_subprocess_sandbox_honours_the_key(
     shop_db: Path, tools: dict[str, ToolSpec]
 ) -> None:
-    from agentkeel.default_plugins.sandbox_subprocess import SubprocessBackend, SubprocessSettings
-    from agentkeel.sandbox import ToolCall
+    from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
+    from agentkeel.sandbox.protocol import ToolCall
 
     # The child gets a minimal environment: the shop's location must be passed through.
     backend = SubprocessBackend(SubprocessSettings(pass_env=(shop.SHOP_DB_ENV,), prestart=0))
@@ -479,7 +479,7 @@ async def test_refund_in_the_subprocess_sandbox_honours_the_key(
 async def test_end_to_end_refunds_only_shipped_orders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agentkeel.system import AgentSystem
+    from agentkeel.runtime.system import AgentSystem
 
     home = tmp_path / "home"
     monkeypatch.delenv(shop.SHOP_DB_ENV, raising=False)

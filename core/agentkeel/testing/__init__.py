@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from agentkeel.config import Config
 from agentkeel.markers import hookimpl
-from agentkeel.plan import parse_plan
+from agentkeel.planner.plan import parse_plan
 from agentkeel.testing.server import OpenAIServer
 from agentkeel.types import Plan
 
 if TYPE_CHECKING:
-    from agentkeel.system import AgentSystem
+    from agentkeel.runtime.system import AgentSystem
 
 
 class ScriptedPlanner:
@@ -54,7 +54,7 @@ def make_system(
     configuration keys. Entry-point plugins are not loaded unless asked, so a
     test sees only the plugins it names.
     """
-    from agentkeel.system import AgentSystem
+    from agentkeel.runtime.system import AgentSystem
 
     data: dict[str, Any] = dict(config or {})
     data.setdefault(

@@ -46,6 +46,6 @@ def openai_server_env(
 
 def _forget_server_capabilities() -> None:
     """Ports are reused between tests: drop what the LLM planner learnt about old servers."""
-    planner = sys.modules.get("agentkeel.default_plugins.planner_llm")
+    planner = sys.modules.get("agentkeel.planner.llm")
     if planner is not None:
         planner.forget_json_schema_support()

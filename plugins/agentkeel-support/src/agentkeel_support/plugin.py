@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentkeel.markers import hookimpl
-from agentkeel.plan import PlanTemplate
+from agentkeel.planner.plan import PlanTemplate
 
 from agentkeel_support.tools import ALL_TOOLS, REFUNDABLE_STATUSES
 

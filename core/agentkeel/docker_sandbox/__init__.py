@@ -1,7 +1,0 @@
-"""The Docker execution sandbox: hardened single-use containers, a warm pool,
-offline-built images and a doctor. See ``sandbox_images/README.md``."""
-
-from agentkeel.docker_sandbox.backend import DockerBackend
-from agentkeel.docker_sandbox.settings import DockerSettings, Limits
-
-__all__ = ["DockerBackend", "DockerSettings", "Limits"]

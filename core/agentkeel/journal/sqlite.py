@@ -1,0 +1,364 @@
+"""The durable journal: tables ``runs`` and ``steps`` in ``<home>/agentkeel.db``.
+
+Promises, on top of the ``agentkeel.journal.Journal`` protocol:
+
+- Safe across threads and processes. Every fenced write is one conditional
+  statement (``INSERT ... SELECT ... WHERE epoch = ? AND owner = ?`` or
+  ``UPDATE ... WHERE epoch = ? AND owner = ?``); SQLite takes the write lock
+  before such a statement reads, so the check and the write are atomic.
+  ``acquire`` reads, decides and writes inside ``BEGIN IMMEDIATE``.
+- Each call has committed when it returns; ``intent`` and ``outcome`` are one
+  ``INSERT`` each (the run row is not touched; its ``updated_at`` is read as the
+  later of its own and its last step's timestamp). With ``synchronous="NORMAL"`` (the
+  default; WAL mode) a commit survives the process being killed at any point,
+  but the last commits before a power loss or kernel crash may be lost. With
+  ``synchronous="FULL"`` every commit is fsynced before the call returns, which
+  survives power loss as far as the disk honours fsync, at the cost of one fsync
+  per intent and outcome.
+- Busy waits follow ``busy_timeout_s``; a database still locked after that, or
+  one that cannot be read, raises ``StoreError`` naming the file.
+- After a fork, the child opens its own connection on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agentkeel.errors import ConfigError, RunExistsError, StoreError
+from agentkeel.journal.base import (
+    DEFAULT_TTL_S,
+    STEP_COLUMNS,
+    Lease,
+    RunRecord,
+    RunState,
+    StepRecord,
+    check_record,
+    check_takeover,
+    decode,
+    decode_step,
+    encode,
+    encode_step,
+    fenced,
+    not_found,
+)
+from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
+
+__all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal"]
+
+SYNCHRONOUS_MODES = ("NORMAL", "FULL", "EXTRA")
+
+_T = TypeVar("_T")
+
+_RUN_COLUMNS = (
+    "run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
+    "created_at, updated_at, owner, epoch, lease_expires_at"
+)
+# Step writes do not touch the run row (one statement per step); a run's
+# updated_at is read as the later of its own and its last step's timestamp.
+_SELECT_RUNS = (
+    "SELECT run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
+    "created_at, MAX(updated_at, COALESCE((SELECT ts FROM steps WHERE steps.run_id = runs.run_id "
+    "ORDER BY seq DESC LIMIT 1), updated_at)), owner, epoch, lease_expires_at FROM runs"
+)
+_INSERT_STEP = (
+    f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) "
+    f"SELECT run_id, {', '.join('?' * len(STEP_COLUMNS))} FROM runs "
+    "WHERE run_id = ? AND epoch = ? AND owner = ?"
+)
+_SELECT_STEPS = f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id = ? ORDER BY seq"
+
+
+class SQLiteJournal:
+    """The journal in ``<home>/agentkeel.db`` (the file the other embedded stores share).
+
+    ``clock`` gives the time used for timestamps and lease expiry (inject one in
+    tests); ``synchronous`` is SQLite's ``PRAGMA synchronous`` for this
+    connection (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        synchronous: str = "NORMAL",
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> None:
+        mode = str(synchronous).upper()
+        if mode not in SYNCHRONOUS_MODES:
+            raise ConfigError(
+                f"journal synchronous mode must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+                f"got {synchronous!r}"
+            )
+        self.home = Path(home)
+        self.path = db_path(self.home)
+        self.synchronous = mode
+        self._clock = clock
+        self._busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._closed = False
+        with self._lock:
+            self._connection()  # fail now, not at the first step, if the file is unusable
+
+    # --- connection -----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This process's connection; call with ``self._lock`` held."""
+        if self._closed:
+            raise StoreError(f"journal {self.path} is closed; open a new SQLiteJournal")
+        pid = os.getpid()
+        if self._conn is None or self._pid != pid:
+            try:
+                conn = open_db(self.home, busy_timeout_s=self._busy_timeout_s)
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the journal {self.path}: {exc}") from exc
+            self._conn, self._pid = conn, pid
+        return self._conn
+
+    def _run(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"journal {self.path}: {what} failed: {exc}; if the database is locked, "
+                    "another process holds it too long (raise busy_timeout_s)"
+                ) from exc
+
+    # --- runs and leases --------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        user_id: str,
+        session_id: str,
+        message: str,
+        principal: str,
+        budget_usd: float | None,
+        plan: dict[str, Any],
+        owner: str,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> Lease:
+        plan_json = encode(plan, f"the plan of run {run_id!r}")
+        budget = None if budget_usd is None else float(budget_usd)
+
+        def write(conn: sqlite3.Connection) -> Lease:
+            now = self._clock()
+            lease = Lease(run_id, owner, 1, now + ttl_s)
+            try:
+                conn.execute(
+                    f"INSERT INTO runs ({_RUN_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, 1, ?)",
+                    (
+                        run_id,
+                        user_id,
+                        session_id,
+                        message,
+                        principal,
+                        budget,
+                        plan_json,
+                        now,
+                        now,
+                        owner,
+                        lease.expires_at,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise RunExistsError(
+                    f"run {run_id!r} is already in the journal; use a new run id, "
+                    "or acquire the existing run to resume it",
+                    run_id=run_id,
+                ) from exc
+            return lease
+
+        return self._run("create_run", write)
+
+    def acquire(self, run_id: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+        def take(conn: sqlite3.Connection) -> Lease:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT owner, epoch, lease_expires_at FROM runs WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                if row is None:
+                    raise not_found(run_id)
+                holder, epoch, expires_at = row
+                now = self._clock()
+                check_takeover(run_id, holder, expires_at, owner, now)
+                lease = Lease(run_id, owner, epoch + 1, now + ttl_s)
+                conn.execute(
+                    "UPDATE runs SET owner = ?, epoch = ?, lease_expires_at = ?, updated_at = ? "
+                    "WHERE run_id = ?",
+                    (owner, lease.epoch, lease.expires_at, now, run_id),
+                )
+                conn.execute("COMMIT")
+                return lease
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        return self._run("acquire", take)
+
+    def renew(self, lease: Lease, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+        def write(conn: sqlite3.Connection) -> Lease:
+            now = self._clock()
+            renewed = Lease(lease.run_id, lease.owner, lease.epoch, now + ttl_s)
+            cur = conn.execute(
+                "UPDATE runs SET lease_expires_at = ? WHERE run_id = ? AND epoch = ? AND owner = ?",
+                (renewed.expires_at, lease.run_id, lease.epoch, lease.owner),
+            )
+            if cur.rowcount != 1:
+                raise self._refusal(conn, lease)
+            return renewed
+
+        return self._run("renew", write)
+
+    def release(self, lease: Lease) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE runs SET owner = '', lease_expires_at = 0, updated_at = ? "
+                "WHERE run_id = ? AND epoch = ? AND owner = ?",
+                (self._clock(), lease.run_id, lease.epoch, lease.owner),
+            )
+            if cur.rowcount != 1:
+                row = self._holder(conn, lease.run_id)
+                if row is not None and row == (lease.epoch, ""):
+                    return  # already released under this lease
+                raise self._refusal(conn, lease)
+
+        self._run("release", write)
+
+    def set_status(self, lease: Lease, status: str, detail: str = "") -> None:
+        status = getattr(status, "value", status)
+
+        def write(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE runs SET status = ?, detail = ?, updated_at = ? "
+                "WHERE run_id = ? AND epoch = ? AND owner = ?",
+                (status, detail, self._clock(), lease.run_id, lease.epoch, lease.owner),
+            )
+            if cur.rowcount != 1:
+                raise self._refusal(conn, lease)
+
+        self._run("set_status", write)
+
+    # --- steps ----------------------------------------------------------------------
+
+    def intent(self, lease: Lease, record: StepRecord) -> None:
+        check_record(record, "intent")
+        self._append(lease, record)
+
+    def outcome(self, lease: Lease, record: StepRecord) -> None:
+        check_record(record, "outcome")
+        self._append(lease, record)
+
+    def _append(self, lease: Lease, record: StepRecord) -> None:
+        fence = (lease.run_id, lease.epoch, lease.owner)
+
+        def write(conn: sqlite3.Connection) -> None:
+            # One statement, committed on return: the fence check and the insert are atomic.
+            if conn.execute(_INSERT_STEP, encode_step(record, self._clock()) + fence).rowcount != 1:
+                raise self._refusal(conn, lease)
+
+        self._run(f"writing step {record.step_id}", write)
+
+    # --- reads --------------------------------------------------------------------------
+
+    def load(self, run_id: str) -> RunState:
+        def read(conn: sqlite3.Connection) -> RunState:
+            conn.execute("BEGIN")  # one snapshot for the run and its steps
+            try:
+                row = conn.execute(f"{_SELECT_RUNS} WHERE run_id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise not_found(run_id)
+                steps = conn.execute(_SELECT_STEPS, (run_id,)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return RunState(_run_record(row), tuple(decode_step(s) for s in steps))
+
+        return self._run("load", read)
+
+    def list_runs(self, limit: int = 50) -> list[RunRecord]:
+        def read(conn: sqlite3.Connection) -> list[RunRecord]:
+            rows = conn.execute(
+                f"{_SELECT_RUNS} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (max(0, int(limit)),),
+            ).fetchall()
+            return [_run_record(row) for row in rows]
+
+        return self._run("list_runs", read)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._closed = True
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    # --- helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _holder(conn: sqlite3.Connection, run_id: str) -> tuple[int, str] | None:
+        row = conn.execute("SELECT epoch, owner FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def _refusal(self, conn: sqlite3.Connection, lease: Lease) -> Exception:
+        row = self._holder(conn, lease.run_id)
+        if row is None:
+            return not_found(lease.run_id)
+        return fenced(lease, row[0], row[1])
+
+    def __repr__(self) -> str:
+        return f"SQLiteJournal({str(self.home)!r}, synchronous={self.synchronous!r})"
+
+
+def _run_record(row: tuple[Any, ...]) -> RunRecord:
+    (
+        run_id,
+        user_id,
+        session_id,
+        message,
+        principal,
+        budget_usd,
+        plan,
+        status,
+        detail,
+        created_at,
+        updated_at,
+        owner,
+        epoch,
+        lease_expires_at,
+    ) = row
+    return RunRecord(
+        run_id=run_id,
+        user_id=user_id,
+        session_id=session_id,
+        message=message,
+        principal=principal,
+        budget_usd=budget_usd,
+        plan=decode(plan),
+        status=status,
+        detail=detail,
+        created_at=created_at,
+        updated_at=updated_at,
+        owner=owner,
+        epoch=epoch,
+        lease_expires_at=lease_expires_at,
+    )

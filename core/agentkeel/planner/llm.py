@@ -1,0 +1,287 @@
+"""The default LLM planner: a chat completion that returns a wire-format plan.
+
+Registered ``trylast`` so rule planners and third-party planners answer first.
+
+- Endpoint: ``[models] base_url`` from the config, else ``$OPENAI_BASE_URL``,
+  else OpenAI; key from ``$OPENAI_API_KEY`` (a placeholder when only a base URL
+  is set, for local servers that ignore it). Neither set: ``PlanningError``.
+- The model sees only ``tools`` (what the principal may call), the wire format
+  and the memory context. Output is requested with ``response_format`` of type
+  ``json_schema``; a server that answers 400 to it is asked again with
+  ``json_object``, and that base URL is remembered for the process.
+- Validation: ``json.loads`` + ``parse_plan`` + tool names in ``tools``,
+  required arguments present, references to earlier steps only. An invalid
+  answer gets ONE repair round (the answer and its errors are sent back); still
+  invalid, the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
+- Retries of failed HTTP calls happen in one layer only: the openai client's
+  (``max_retries``, honouring ``Retry-After``; ``[plugins.planner_llm]
+  max_retries`` in the config, default 2). This module never re-sends a failed
+  call itself: after the client gives up, the cascade moves to the next tier.
+- Budget: before every call the worst case is reserved with
+  ``run.reserve_llm`` (``BudgetExceededError`` propagates, nothing is sent);
+  after it the reservation is settled to the reported usage. A call that ends
+  in an HTTP error status is released (an error answer is not billed). A call
+  that may have been processed without us seeing usage (timeout, lost
+  connection, unreadable body, usage not reported) is settled to the worst
+  case: an unknown cost is never recorded as free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from agentkeel.cost.budget import prompt_token_upper_bound
+from agentkeel.errors import PlanningError, PlanRejectedError
+from agentkeel.markers import hookimpl
+from agentkeel.planner.plan import parse_plan, plan_wire_schema
+from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec, Usage
+
+if TYPE_CHECKING:
+    import openai
+
+    from agentkeel.config import Config, ModelTier
+    from agentkeel.context import RunContext
+    from agentkeel.cost.budget import Reservation
+
+DEFAULT_MAX_RETRIES = 2
+PLACEHOLDER_API_KEY = "not-needed"
+
+# Base URLs that answered 400 to response_format json_schema but accepted json_object.
+_NO_JSON_SCHEMA: set[str] = set()
+
+_WIRE_FORMAT = """\
+Answer with ONE JSON object and nothing else:
+{"reasoning": "<why these steps>",
+ "steps": [{"description": "<what the step does>", "tool_name": "<a tool above>",
+            "tool_args": {<arguments matching the tool's schema>}}]}
+Steps are numbered 1, 2, 3... in order. Optional fields of a step:
+- An argument may be {"$ref": "/N/field"}: a JSON Pointer into the result of an
+  EARLIER step N, e.g. {"order_id": {"$ref": "/1/id"}}.
+- "when": a condition on earlier results; the step is skipped when it is false:
+  {"ref": "/N/field", "op": OP, "value": V} with OP one of eq, ne, in, not_in,
+  gt, ge, lt, le (with "value"), exists, truthy (without); or {"all": [...]},
+  {"any": [...]}, {"not": {...}}.
+- "expect": a JSON Schema the step's result must satisfy.
+Use only the tools listed above. If the request needs no tool, return "steps": []."""
+
+
+def forget_json_schema_support() -> None:
+    """Forget which servers lack json_schema (tests reusing a port call this)."""
+    _NO_JSON_SCHEMA.clear()
+
+
+class _InvalidAnswer(Exception):
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+@hookimpl(trylast=True)
+async def agentkeel_plan(
+    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
+) -> Plan:
+    """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError."""
+    import openai  # imported on first use: it takes longer to import than the rest of agentkeel
+
+    config = run.config
+    if not config.tiers:
+        raise PlanningError(
+            "no plan template matched and no LLM tiers are configured; add [[models.tiers]]"
+        )
+    messages = build_messages(request, context, tools)
+    reasons: list[str] = []
+    only_rejections = True
+    async with _client(config) as client:
+        for tier in config.tiers:
+            try:
+                return await _plan_with_tier(client, tier, messages, tools, run)
+            except _InvalidAnswer as exc:
+                reasons.append(f"tier {tier.name!r} ({tier.model}): " + "; ".join(exc.errors))
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise PlanningError(
+                    f"the LLM server refused the credentials: {exc}; check OPENAI_API_KEY"
+                ) from exc
+            except PlanningError as exc:
+                only_rejections = False
+                reasons.append(f"tier {tier.name!r} ({tier.model}): {exc}")
+    if only_rejections:
+        raise PlanRejectedError(reasons)
+    raise PlanningError("every LLM tier failed: " + " | ".join(reasons))
+
+
+def _client(config: Config) -> openai.AsyncOpenAI:
+    import openai
+
+    base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = os.environ.get("OPENAI_API_KEY")
+    if not api_key and not base_url:
+        raise PlanningError(
+            "no plan template matched and no LLM is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
+            "OpenAI-compatible server), or set [models] base_url in agentkeel.toml"
+        )
+    retries = config.section("plugins", "planner_llm").get("max_retries", DEFAULT_MAX_RETRIES)
+    return openai.AsyncOpenAI(
+        api_key=api_key or PLACEHOLDER_API_KEY,
+        base_url=base_url,
+        timeout=config.llm_timeout_s,
+        max_retries=int(retries),
+    )
+
+
+def build_messages(
+    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec]
+) -> list[dict[str, str]]:
+    """The system prompt (tools, wire format, memory) and the user's message."""
+    lines = ["You plan tool calls for an agent. Tools you may use:"]
+    for name in sorted(tools):
+        spec = tools[name]
+        lines.append(
+            f"- {name}: {spec.description}\n  args (JSON Schema): {json.dumps(spec.args_schema, sort_keys=True)}"
+        )
+    if not tools:
+        lines.append("(none: the plan must have no steps)")
+    lines += ["", _WIRE_FORMAT]
+    memory = context.render()
+    if memory:
+        lines += ["", "What you know about this user and conversation:", memory]
+    return [
+        {"role": "system", "content": "\n".join(lines)},
+        {"role": "user", "content": request.message},
+    ]
+
+
+async def _plan_with_tier(
+    client: openai.AsyncOpenAI,
+    tier: ModelTier,
+    messages: list[dict[str, str]],
+    tools: Mapping[str, ToolSpec],
+    run: RunContext,
+) -> Plan:
+    """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or PlanningError."""
+    answer, truncated = await _complete(client, tier, messages, tools, run)
+    try:
+        return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
+    except _InvalidAnswer as exc:
+        repair = [
+            *messages,
+            {"role": "assistant", "content": answer or ""},
+            {"role": "user", "content": _repair_prompt(exc.errors)},
+        ]
+    answer, truncated = await _complete(client, tier, repair, tools, run)
+    return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
+
+
+def _repair_prompt(errors: Sequence[str]) -> str:
+    listed = "\n".join(f"- {e}" for e in errors)
+    return f"Your plan was rejected:\n{listed}\nAnswer again with the corrected plan as one JSON object only."
+
+
+def validate_answer(
+    answer: str | None, tools: Mapping[str, ToolSpec], *, planner: str, truncated: bool = False
+) -> Plan:
+    """Parse and check one answer; raises _InvalidAnswer listing every problem."""
+    if not answer:
+        raise _InvalidAnswer(["the answer was empty; return the plan as a JSON object"])
+    try:
+        data = json.loads(answer)
+    except json.JSONDecodeError as exc:
+        cut = " (it was cut off at max_tokens: make the plan shorter)" if truncated else ""
+        raise _InvalidAnswer([f"the answer is not valid JSON{cut}: {exc}"]) from exc
+    try:
+        plan = parse_plan(data, planner=planner)
+    except PlanRejectedError as exc:
+        raise _InvalidAnswer(exc.reasons) from exc
+    errors: list[str] = []
+    for step in plan.steps:
+        where = f"steps[{step.step_id - 1}] (step {step.step_id})"
+        spec = tools.get(step.tool_name)
+        if spec is None:
+            available = ", ".join(sorted(tools)) or "none"
+            errors.append(
+                f"{where}: tool {step.tool_name!r} is not available; use one of: {available}"
+            )
+            continue
+        missing = [a for a in spec.args_schema.get("required", ()) if a not in step.tool_args]
+        if missing:
+            errors.append(
+                f"{where}: {step.tool_name} is missing required argument(s) {', '.join(missing)}"
+            )
+        later = sorted(d for d in step.depends_on if d >= step.step_id)
+        if later:
+            errors.append(
+                f"{where}: refers to step(s) {later}; a step may only refer to earlier steps"
+            )
+    if errors:
+        raise _InvalidAnswer(errors)
+    return plan
+
+
+async def _complete(
+    client: openai.AsyncOpenAI,
+    tier: ModelTier,
+    messages: list[dict[str, str]],
+    tools: Mapping[str, ToolSpec],
+    run: RunContext,
+) -> tuple[str | None, bool]:
+    """One priced chat completion (with the json_schema -> json_object fallback).
+
+    Returns the answer's text and whether it was cut off at ``max_tokens``.
+    """
+    import openai
+
+    key = str(client.base_url)
+    use_schema = key not in _NO_JSON_SCHEMA
+    while True:
+        if use_schema:
+            response_format: dict[str, Any] = {
+                "type": "json_schema",
+                "json_schema": {"name": "plan", "schema": plan_wire_schema(tools), "strict": False},
+            }
+        else:
+            response_format = {"type": "json_object"}
+        reservation = run.reserve_llm(tier.model, messages, tier.max_tokens)
+        try:
+            response = await client.chat.completions.create(  # type: ignore[call-overload]
+                model=tier.model,
+                messages=messages,
+                max_tokens=tier.max_tokens,
+                temperature=tier.temperature,
+                response_format=response_format,
+            )
+        except openai.BadRequestError as exc:
+            reservation.release()
+            if use_schema:
+                use_schema = False
+                continue
+            raise PlanningError(f"{tier.model} rejected the request (400): {exc.message}") from exc
+        except openai.APIStatusError as exc:
+            reservation.release()
+            if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+                raise
+            raise PlanningError(
+                f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}"
+            ) from exc
+        except (openai.APIError, json.JSONDecodeError) as exc:
+            _settle_worst_case(run, reservation, tier, messages)
+            raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
+        if response_format["type"] == "json_object" and key not in _NO_JSON_SCHEMA:
+            _NO_JSON_SCHEMA.add(key)
+        if response.usage is None:
+            _settle_worst_case(run, reservation, tier, messages)
+        else:
+            usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+            run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=usage)
+        if not response.choices:
+            return None, False
+        choice = response.choices[0]
+        return choice.message.content, choice.finish_reason == "length"
+
+
+def _settle_worst_case(
+    run: RunContext, reservation: Reservation, tier: ModelTier, messages: list[dict[str, str]]
+) -> None:
+    worst = Usage(prompt_token_upper_bound(messages), tier.max_tokens)
+    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst)

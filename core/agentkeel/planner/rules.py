@@ -1,0 +1,54 @@
+"""The rule planner: plan templates contributed by plugins, tried before any LLM.
+
+A template that matches the whole message yields a plan for free; when none
+matches, the next planner (the LLM planner by default) is asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from agentkeel.context import RunContext
+from agentkeel.markers import hookimpl
+from agentkeel.planner.plan import parse_plan
+from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec
+
+
+@hookimpl(tryfirst=True)
+def agentkeel_plan(
+    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
+) -> Plan | None:
+    if run.system is None:
+        return None
+    registry = run.system.tools
+    for template in run.system.templates:
+        wire = template.match(request.message)
+        if wire is None:
+            continue
+        if any(step.get("tool_name") not in registry for step in wire["steps"]):
+            continue  # a tool this template needs is not installed
+        # Templates are fixed text, not model output: a step naming a tool the
+        # principal may not call is kept, so the request is denied (and audited)
+        # rather than sent to another planner.
+        for step in wire["steps"]:
+            _coerce_args(step, registry[step["tool_name"]])
+        return parse_plan(wire, planner=f"rules:{template.name or template.pattern}")
+    return None
+
+
+def _coerce_args(step: dict[str, Any], spec: ToolSpec) -> None:
+    """Captured text becomes a number where the tool's schema asks for one."""
+    properties = spec.args_schema.get("properties", {})
+    args = step.get("tool_args", {})
+    for name, value in args.items():
+        if not isinstance(value, str):
+            continue
+        kind = properties.get(name, {}).get("type")
+        try:
+            if kind == "integer":
+                args[name] = int(value)
+            elif kind == "number":
+                args[name] = float(value)
+        except ValueError:
+            pass  # left as text: the plan check reports the argument by name
