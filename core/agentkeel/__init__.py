@@ -4,15 +4,22 @@ from typing import TYPE_CHECKING, Any
 
 from agentkeel.errors import (
     AgentkeelError,
+    AuditLogError,
     BudgetExceededError,
     CircuitOpenError,
     ConfigError,
+    FencedError,
+    JournalRecordError,
+    LeaseHeldError,
     PermissionDeniedError,
     PlanningError,
     PlanRejectedError,
     PluginError,
     RateLimitedError,
+    RunExistsError,
+    RunNotFoundError,
     SandboxError,
+    StoreError,
     ToolError,
     ToolSpecError,
     ToolTimeoutError,
@@ -43,11 +50,25 @@ from agentkeel.types import (
 
 if TYPE_CHECKING:
     from agentkeel.config import Config, ModelTier
-    from agentkeel.planner.plan import PlanTemplate
+    from agentkeel.context import RunContext
+    from agentkeel.journal.base import Journal
+    from agentkeel.planner.plan import PlanTemplate, parse_plan
+    from agentkeel.runtime.system import AgentSystem
+    from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 
 # Imported on first use: a tool running in a sandbox child process needs only
 # ``tool`` and the types, not the configuration and JSON Schema machinery.
-_LAZY = {"Config": "agentkeel.config", "ModelTier": "agentkeel.config", "PlanTemplate": "agentkeel.planner.plan"}
+_LAZY = {
+    "AgentSystem": "agentkeel.runtime.system",
+    "Config": "agentkeel.config",
+    "Journal": "agentkeel.journal.base",
+    "ModelTier": "agentkeel.config",
+    "PlanTemplate": "agentkeel.planner.plan",
+    "RunContext": "agentkeel.context",
+    "SandboxBackend": "agentkeel.sandbox.protocol",
+    "ToolCall": "agentkeel.sandbox.protocol",
+    "parse_plan": "agentkeel.planner.plan",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -64,7 +85,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AgentRequest",
     "AgentResponse",
+    "AgentSystem",
     "AgentkeelError",
+    "AuditLogError",
     "AuditRecord",
     "BudgetExceededError",
     "CircuitOpenError",
@@ -73,6 +96,10 @@ __all__ = [
     "CostRecord",
     "Decision",
     "Event",
+    "FencedError",
+    "Journal",
+    "JournalRecordError",
+    "LeaseHeldError",
     "MemoryContext",
     "ModelPrice",
     "ModelTier",
@@ -86,10 +113,16 @@ __all__ = [
     "Principal",
     "RateLimitedError",
     "RecoveryDecision",
+    "RunContext",
+    "RunExistsError",
+    "RunNotFoundError",
     "RunStatus",
+    "SandboxBackend",
     "SandboxError",
     "StepResult",
     "StepStatus",
+    "StoreError",
+    "ToolCall",
     "ToolError",
     "ToolSpec",
     "ToolSpecError",
@@ -99,5 +132,6 @@ __all__ = [
     "Verdict",
     "hookimpl",
     "hookspec",
+    "parse_plan",
     "tool",
 ]

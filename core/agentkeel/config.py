@@ -7,6 +7,7 @@ which define a ``demo`` principal so the demo runs offline out of the box.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import jsonschema
 import platformdirs
 
 from agentkeel.errors import ConfigError
-from agentkeel.types import ISOLATIONS, Principal
+from agentkeel.types import Principal
 
 CONFIG_FILENAME = "agentkeel.toml"
 
@@ -83,7 +84,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "timeout": _POSITIVE,
                     "rate_limit": _POSITIVE,
-                    "isolation": {"enum": list(ISOLATIONS)},
+                    "isolation": {"type": "string", "minLength": 1},
                 },
             },
         },
@@ -175,8 +176,9 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Config:
         errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(e.absolute_path))
-        if errors:
-            lines = [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
+        lines = [f"{_where(e.absolute_path)}: {e.message}" for e in errors]
+        lines += [f"{where}: must be a finite number, got {value!r}" for where, value in _non_finite(data)]
+        if lines:
             raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines))
         principals = {
             name: Principal(
@@ -237,6 +239,17 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, str(file))
+
+
+def _non_finite(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    """Every NaN or infinite number in a parsed document (TOML has ``nan`` and ``inf``)."""
+    if isinstance(node, float):
+        return [] if math.isfinite(node) else [(_where(path), node)]
+    if isinstance(node, Mapping):
+        return [found for k, v in node.items() for found in _non_finite(v, (*path, str(k)))]
+    if isinstance(node, list):
+        return [found for i, v in enumerate(node) for found in _non_finite(v, (*path, str(i)))]
+    return []
 
 
 def _where(path: Any) -> str:

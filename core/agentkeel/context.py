@@ -1,4 +1,8 @@
-"""The per-run context handed to planners and recovery hooks."""
+"""The per-run context handed to planners, recovery hooks and tool-call wrappers.
+
+A leaf: it holds what one run needs (the request, the principal, the budget it
+spends from, the registered tools) and never the ``AgentSystem``.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.cost.budget import Budget, Pricer, Reservation, prompt_token_upper_bound
-from agentkeel.types import AgentRequest, CostRecord, Principal, Usage
+from agentkeel.types import AgentRequest, CostRecord, Principal, ToolSpec, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
-    from agentkeel.runtime.system import AgentSystem
+    from agentkeel.cost.budget import Budget, Pricer, Reservation
 
 
 @attrs.define(eq=False)
 class RunContext:
-    """What a hook needs to know about the run it serves, and the budget it spends from."""
+    """What a hook needs to know about the run it serves, and the budget it spends from.
+
+    ``tools`` is every registered tool (read-only); the tools the principal may
+    call are the ``tools`` argument of ``agentkeel_plan``.
+    """
 
     request: AgentRequest
     principal: Principal
     config: Config
     budget: Budget
     pricer: Pricer
-    system: AgentSystem | None = None
+    tools: Mapping[str, ToolSpec] = attrs.field(factory=dict)
     costs: list[CostRecord] = attrs.field(factory=list)
 
     @property
@@ -33,13 +40,15 @@ class RunContext:
 
     def reserve_llm(self, model: str, messages: Iterable[Mapping[str, Any]], max_tokens: int) -> Reservation:
         """Reserve the worst-case cost of one chat completion before making it."""
-        worst = self.pricer.worst_case(model, prompt_token_upper_bound(messages), max_tokens)
+        worst = self.pricer.worst_case_for_messages(model, messages, max_tokens)
         return self.budget.reserve(worst, f"a call to {model}")
 
-    def settle_llm(self, reservation: Reservation, *, model: str, tier: str | None, usage: Usage) -> CostRecord:
-        """Settle a reservation to the real usage and record the cost."""
+    def settle_llm(
+        self, reservation: Reservation, *, model: str, tier: str | None, usage: Usage, estimated: bool = False
+    ) -> CostRecord:
+        """Settle a reservation to the real usage (or, ``estimated``, to a guess of it) and record the cost."""
         cost = self.pricer.cost(model, usage)
         reservation.settle(cost)
-        record = CostRecord(kind="llm", cost_usd=cost, model=model, tier=tier, usage=usage)
+        record = CostRecord(kind="llm", cost_usd=cost, model=model, tier=tier, usage=usage, estimated=estimated)
         self.costs.append(record)
         return record

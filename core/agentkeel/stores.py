@@ -108,6 +108,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX steps_by_run ON steps (run_id, seq)",
         ),
     ),
+    Migration(
+        3,
+        "journal",
+        (
+            "ALTER TABLE runs ADD COLUMN planning_cost_usd REAL NOT NULL DEFAULT 0",
+            "ALTER TABLE runs ADD COLUMN then_status TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 

@@ -7,13 +7,15 @@ plugin cannot change what another plugin, or the journal, has already seen.
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-ISOLATIONS = ("inprocess", "subprocess", "docker")
+BUILTIN_ISOLATIONS = ("inprocess", "subprocess", "docker")
+"""The sandboxes agentkeel ships; plugins may register more (``agentkeel_register_sandboxes``)."""
 
 
 class StepStatus(str, enum.Enum):
@@ -45,15 +47,52 @@ def _new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def check_text(what: str, value: object, *, allow_empty: bool = False) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``value`` is text that UTF-8 can carry.
+
+    Lone surrogates (what Python makes of undecodable bytes in argv) cannot be
+    stored or sent anywhere, so they are refused here rather than deep inside a store.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text") from None
+
+
+def check_budget(value: float | None) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a finite amount >= 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"budget must be a number of USD, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"budget must be a finite amount of USD >= 0, got {value!r}")
+
+
+def _text(what: str, *, allow_empty: bool = False) -> Callable[[Any, Any, Any], None]:
+    def validate(_instance: Any, _attribute: Any, value: Any) -> None:
+        check_text(what, value, allow_empty=allow_empty)
+
+    return validate
+
+
 @attrs.frozen
 class AgentRequest:
-    """One user message to serve. `budget_usd=None` takes the configured default."""
+    """One user message to serve. ``budget_usd=None`` takes the configured default.
 
-    message: str = attrs.field(validator=attrs.validators.instance_of(str))
-    user_id: str = attrs.field(validator=attrs.validators.min_len(1))
-    session_id: str = "default"
-    budget_usd: float | None = None
-    run_id: str = attrs.field(factory=_new_run_id)
+    Invalid fields raise ``ValueError`` naming the field: an empty message or
+    user id, text that is not valid UTF-8, a budget that is negative, NaN or infinite.
+    """
+
+    message: str = attrs.field(validator=_text("message"))
+    user_id: str = attrs.field(validator=_text("user id"))
+    session_id: str = attrs.field(default="default", validator=_text("session id"))
+    budget_usd: float | None = attrs.field(default=None, validator=lambda _i, _a, v: check_budget(v))
+    run_id: str = attrs.field(factory=_new_run_id, validator=_text("run id"))
 
 
 @attrs.frozen
@@ -83,7 +122,7 @@ class ToolSpec:
     idempotent: bool = False
     rollback: str | None = None
     fallback: str | None = None
-    isolation: str = attrs.field(default="inprocess", validator=attrs.validators.in_(ISOLATIONS))
+    isolation: str = attrs.field(default="inprocess", validator=attrs.validators.min_len(1))
     timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     rate_limit: float | None = None
     cost_usd: float = 0.0
@@ -252,6 +291,7 @@ class CostRecord:
     tool: str | None = None
     step_id: int | None = None
     usage: Usage | None = None
+    estimated: bool = False
 
 
 @attrs.frozen
@@ -298,6 +338,8 @@ class AgentResponse:
     costs: tuple[CostRecord, ...] = ()
     total_cost_usd: float = 0.0
     duration_s: float = 0.0
+    config_error: bool = False
+    """True when the run failed because of the configuration (exit code 2 in the CLI)."""
 
     @property
     def ok(self) -> bool:

@@ -3,38 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from datetime import UTC, datetime
 
 import click
 
-from agentkeel.cli import EXIT_CODES, build_system, config_option, load_config, print_response
+from agentkeel.cli.common import (
+    EXIT_CODES,
+    build_system,
+    check_text,
+    config_option,
+    echo_json,
+    emit_response,
+    finish,
+    json_option,
+    load_config,
+)
 from agentkeel.types import AgentResponse, RunStatus
 
-
-def _finish(response: AgentResponse, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(response.to_dict(), indent=2, default=str))
-    else:
-        print_response(response)
-    sys.exit(EXIT_CODES[response.status])
+run_id_argument = click.argument("run_id", callback=check_text)
 
 
 @click.command()
 @config_option
-@click.option("--limit", default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@json_option
 def runs(config_path: str | None, limit: int, as_json: bool) -> None:
     """List runs, newest first, with their state (unfinished ones included)."""
     system = build_system(load_config(config_path))
     records = system.runs(limit)
     if as_json:
-        click.echo(json.dumps([
+        echo_json([
             {"run_id": r.run_id, "status": r.status, "user_id": r.user_id, "message": r.message,
              "detail": r.detail, "created_at": r.created_at, "updated_at": r.updated_at}
             for r in records
-        ], indent=2))
+        ])
         return
     for r in records:
         when = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -42,17 +45,13 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("run_id")
+@run_id_argument
 @config_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def show(run_id: str, config_path: str | None, as_json: bool) -> None:
-    """Show a run as the journal recorded it."""
+    """Show a run as the journal recorded it (its duration as the journal gives it)."""
     system = build_system(load_config(config_path))
-    response = system.show(run_id)
-    if as_json:
-        click.echo(json.dumps(response.to_dict(), indent=2, default=str))
-    else:
-        print_response(response)
+    emit_response(system.show(run_id), as_json)
 
 
 def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
@@ -66,11 +65,11 @@ def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
 
 
 @click.command()
-@click.argument("run_id")
+@run_id_argument
 @click.option("--resolve", "resolve", multiple=True, metavar="STEP=done|not-done",
               help="Settle an in-doubt step: its effect happened (done) or did not (not-done: run it again).")
 @config_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def resume(run_id: str, resolve: tuple[str, ...], config_path: str | None, as_json: bool) -> None:
     """Continue an unfinished run from its journal (never re-plans)."""
     resolutions = _resolutions(resolve)
@@ -80,15 +79,19 @@ def resume(run_id: str, resolve: tuple[str, ...], config_path: str | None, as_js
         async with system:
             return await system.resume(run_id, resolutions)
 
-    _finish(asyncio.run(main()), as_json)
+    finish(asyncio.run(main()), as_json)
 
 
 @click.command()
-@click.argument("run_id")
+@run_id_argument
 @config_option
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def rollback(run_id: str, config_path: str | None, as_json: bool) -> None:
-    """Compensate the completed steps of a run, last first."""
+    """Compensate the completed steps of a run, last first.
+
+    Prints the run as it stands afterwards, with what the rollback did. Exits 0
+    when the run is rolled back, otherwise with the code of the run's status.
+    """
     system = build_system(load_config(config_path))
 
     async def main() -> AgentResponse:
@@ -96,10 +99,5 @@ def rollback(run_id: str, config_path: str | None, as_json: bool) -> None:
             return await system.rollback(run_id)
 
     response = asyncio.run(main())
-    if response.status is RunStatus.ROLLED_BACK:
-        if as_json:
-            click.echo(json.dumps(response.to_dict(), indent=2, default=str))
-        else:
-            print_response(response)
-        sys.exit(0)
-    _finish(response, as_json)
+    emit_response(response, as_json, always_message=True)
+    sys.exit(0 if response.status is RunStatus.ROLLED_BACK else EXIT_CODES[response.status])

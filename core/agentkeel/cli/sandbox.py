@@ -1,21 +1,27 @@
 """``agentkeel sandbox``: build the docker sandbox images and diagnose the setup.
 
-Attached to the main CLI with ``cli.add_command(sandbox)``.
+Attached to the main CLI with ``cli.add_command(sandbox)``. The docker modules
+(and through them the Docker SDK) are imported inside the commands, so the rest
+of the CLI (``agentkeel --help`` included) never loads them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from agentkeel.sandbox.docker.settings import DockerSettings
 from agentkeel.errors import AgentkeelError
+
+if TYPE_CHECKING:
+    from agentkeel.sandbox.docker.settings import DockerSettings
 
 
 def _settings(config_path: str | None) -> DockerSettings:
     from agentkeel.config import Config
+    from agentkeel.sandbox.docker.settings import DockerSettings
 
     return DockerSettings.from_config(Config.load(config_path).section("sandbox", "docker"))
 

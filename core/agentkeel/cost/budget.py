@@ -8,8 +8,9 @@ budget past its limit is refused before the call is made.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agentkeel.errors import BudgetExceededError, UnknownModelPriceError
@@ -17,7 +18,8 @@ from agentkeel.types import ModelPrice, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
-    from agentkeel.plugin.manager import Plugins
+
+PriceLookup = Callable[[str, "Config"], "ModelPrice | None"]
 
 # Each chat message costs a few tokens of framing on top of its content.
 MESSAGE_OVERHEAD_TOKENS = 8
@@ -54,8 +56,8 @@ class Budget:
     """A spending limit in USD. Thread-safe: concurrent reservations cannot overspend."""
 
     def __init__(self, limit_usd: float) -> None:
-        if limit_usd < 0:
-            raise ValueError("a budget cannot be negative")
+        if not math.isfinite(limit_usd) or limit_usd < 0:
+            raise ValueError(f"a budget must be a finite amount of USD >= 0, got {limit_usd!r}")
         self.limit_usd = float(limit_usd)
         self.spent_usd = 0.0
         self.reserved_usd = 0.0
@@ -90,10 +92,10 @@ class Budget:
 
 
 class Pricer:
-    """Looks prices up through the ``agentkeel_model_price`` hook, once per model."""
+    """Looks prices up through ``lookup`` (the ``agentkeel_model_price`` hook), once per model."""
 
-    def __init__(self, plugins: Plugins, config: Config) -> None:
-        self._plugins = plugins
+    def __init__(self, lookup: PriceLookup, config: Config) -> None:
+        self._lookup = lookup
         self._config = config
         self._cache: dict[str, ModelPrice] = {}
 
@@ -101,7 +103,7 @@ class Pricer:
         cached = self._cache.get(model)
         if cached is not None:
             return cached
-        price = self._plugins.model_price(model, self._config)
+        price = self._lookup(model, self._config)
         if price is None:
             raise UnknownModelPriceError(
                 f"no price is known for model {model!r}; add it to agentkeel.toml as "
@@ -109,6 +111,10 @@ class Pricer:
             )
         self._cache[model] = price
         return price
+
+    def worst_case_for_messages(self, model: str, messages: Iterable[Mapping[str, Any]], max_tokens: int) -> float:
+        """The most a chat completion of ``messages`` with ``max_tokens`` can cost."""
+        return self.worst_case(model, prompt_token_upper_bound(messages), max_tokens)
 
     def worst_case(self, model: str, prompt_tokens: int, max_tokens: int) -> float:
         return self.price(model).cost(Usage(input_tokens=prompt_tokens, output_tokens=max_tokens))

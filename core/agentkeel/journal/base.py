@@ -126,6 +126,10 @@ class RunRecord:
     owner: str
     epoch: int
     lease_expires_at: float = 0.0
+    planning_cost_usd: float = 0.0
+    """What planning the run cost (LLM calls before its first step)."""
+    then_status: str = ""
+    """While ``rolling_back``: the status the run takes once its compensation is done."""
 
 
 @attrs.frozen
@@ -185,6 +189,7 @@ class Journal(Protocol):
         plan: dict[str, Any],
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
+        planning_cost_usd: float = 0.0,
     ) -> Lease:
         """Record a new run in status ``"running"`` held by ``owner`` at epoch 1.
 
@@ -217,8 +222,8 @@ class Journal(Protocol):
         """Append an outcome record (``record.phase == "outcome"``), committed before returning."""
         ...
 
-    def set_status(self, lease: Lease, status: str, detail: str = "") -> None:
-        """Set the run's status and detail (and ``updated_at``)."""
+    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
+        """Set the run's status, detail and ``then_status`` (and ``updated_at``)."""
         ...
 
     def load(self, run_id: str) -> RunState:

@@ -72,6 +72,7 @@ class MemoryJournal:
         plan: dict[str, Any],
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
+        planning_cost_usd: float = 0.0,
     ) -> Lease:
         plan_json = encode(plan, f"the plan of run {run_id!r}")
         with self._lock:
@@ -98,6 +99,7 @@ class MemoryJournal:
                 owner=owner,
                 epoch=1,
                 lease_expires_at=lease.expires_at,
+                planning_cost_usd=float(planning_cost_usd),
             )
             self._runs[run_id] = _Run(record, plan_json, next(self._seq))
             return lease
@@ -134,11 +136,12 @@ class MemoryJournal:
             run = self._fenced_run(lease)
             run.record = attrs.evolve(rec, owner="", lease_expires_at=0.0, updated_at=self._clock())
 
-    def set_status(self, lease: Lease, status: str, detail: str = "") -> None:
+    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
+        then_status = getattr(then_status, "value", then_status)
         with self._lock:
             run = self._fenced_run(lease)
             run.record = attrs.evolve(
-                run.record, status=status, detail=detail, updated_at=self._clock()
+                run.record, status=status, detail=detail, then_status=then_status, updated_at=self._clock()
             )
 
     def intent(self, lease: Lease, record: StepRecord) -> None:

@@ -57,14 +57,15 @@ _T = TypeVar("_T")
 
 _RUN_COLUMNS = (
     "run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
-    "created_at, updated_at, owner, epoch, lease_expires_at"
+    "created_at, updated_at, owner, epoch, lease_expires_at, planning_cost_usd"
 )
 # Step writes do not touch the run row (one statement per step); a run's
 # updated_at is read as the later of its own and its last step's timestamp.
 _SELECT_RUNS = (
     "SELECT run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
     "created_at, MAX(updated_at, COALESCE((SELECT ts FROM steps WHERE steps.run_id = runs.run_id "
-    "ORDER BY seq DESC LIMIT 1), updated_at)), owner, epoch, lease_expires_at FROM runs"
+    "ORDER BY seq DESC LIMIT 1), updated_at)), owner, epoch, lease_expires_at, planning_cost_usd, "
+    "then_status FROM runs"
 )
 _INSERT_STEP = (
     f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) "
@@ -151,6 +152,7 @@ class SQLiteJournal:
         plan: dict[str, Any],
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
+        planning_cost_usd: float = 0.0,
     ) -> Lease:
         plan_json = encode(plan, f"the plan of run {run_id!r}")
         budget = None if budget_usd is None else float(budget_usd)
@@ -161,7 +163,7 @@ class SQLiteJournal:
             try:
                 conn.execute(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, 1, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, 1, ?, ?)",
                     (
                         run_id,
                         user_id,
@@ -174,6 +176,7 @@ class SQLiteJournal:
                         now,
                         owner,
                         lease.expires_at,
+                        float(planning_cost_usd),
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -242,14 +245,15 @@ class SQLiteJournal:
 
         self._run("release", write)
 
-    def set_status(self, lease: Lease, status: str, detail: str = "") -> None:
+    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
         status = getattr(status, "value", status)
+        then_status = getattr(then_status, "value", then_status)
 
         def write(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE runs SET status = ?, detail = ?, updated_at = ? "
+                "UPDATE runs SET status = ?, detail = ?, then_status = ?, updated_at = ? "
                 "WHERE run_id = ? AND epoch = ? AND owner = ?",
-                (status, detail, self._clock(), lease.run_id, lease.epoch, lease.owner),
+                (status, detail, then_status, self._clock(), lease.run_id, lease.epoch, lease.owner),
             )
             if cur.rowcount != 1:
                 raise self._refusal(conn, lease)
@@ -345,6 +349,8 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         owner,
         epoch,
         lease_expires_at,
+        planning_cost_usd,
+        then_status,
     ) = row
     return RunRecord(
         run_id=run_id,
@@ -361,4 +367,6 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         owner=owner,
         epoch=epoch,
         lease_expires_at=lease_expires_at,
+        planning_cost_usd=planning_cost_usd,
+        then_status=then_status,
     )

@@ -13,8 +13,9 @@ Promises:
   written, a warning goes to the ``agentkeel.memory`` logger and the request
   runs with an empty context (defect 11 of the chapter's sketch).
 
-Connections are opened lazily, one per database path per process, so the plugin
-follows ``$AGENTKEEL_HOME`` when it changes; ``agentkeel_shutdown`` closes them.
+Connections are opened lazily, one per database path per plugin instance (one
+instance per system), so the plugin follows ``$AGENTKEEL_HOME`` when it changes;
+``agentkeel_shutdown`` closes them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError, StoreError
@@ -33,18 +34,10 @@ from agentkeel.markers import hookimpl
 from agentkeel.stores import ConnectionCache, db_path
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext
 
-if TYPE_CHECKING:
-    from agentkeel.runtime.system import AgentSystem
-
 log = logging.getLogger("agentkeel.memory")
 
 DEFAULT_RECENT_TURNS = 10
 MAX_RECENT_TURNS = 10_000
-
-_connections = ConnectionCache()
-# The hooks run on the event loop thread, but nothing stops a host from calling
-# them from worker threads; one short lock keeps the shared connections safe.
-_lock = threading.Lock()
 
 _T = TypeVar("_T")
 
@@ -70,77 +63,79 @@ def recent_turns(config: Config) -> int:
     return value
 
 
-@hookimpl(trylast=True)
-def agentkeel_startup(system: AgentSystem) -> None:
-    """Reject a bad ``recent_turns`` before the first request rather than on every one."""
-    config = getattr(system, "config", None)
-    if isinstance(config, Config):
+class SQLiteMemory:
+    """The default memory plugin; one per system, with its own connections."""
+
+    def __init__(self) -> None:
+        self._connections = ConnectionCache()
+        # The hooks run on the event loop thread, but nothing stops a host from calling
+        # them from worker threads; one short lock keeps the connections safe.
+        self._lock = threading.Lock()
+
+    @hookimpl(trylast=True)
+    def agentkeel_startup(self, config: Config) -> None:
+        """Reject a bad ``recent_turns`` before the first request rather than on every one."""
         recent_turns(config)
 
+    @hookimpl(trylast=True)
+    def agentkeel_load_context(self, request: AgentRequest, config: Config) -> MemoryContext:
+        try:
+            limit = recent_turns(config)
+        except ConfigError as exc:
+            log.warning("%s; using %d", exc, DEFAULT_RECENT_TURNS)
+            limit = DEFAULT_RECENT_TURNS
+        if limit == 0:
+            return MemoryContext()
 
-@hookimpl(trylast=True)
-def agentkeel_load_context(request: AgentRequest, config: Config) -> MemoryContext:
-    try:
-        limit = recent_turns(config)
-    except ConfigError as exc:
-        log.warning("%s; using %d", exc, DEFAULT_RECENT_TURNS)
-        limit = DEFAULT_RECENT_TURNS
-    if limit == 0:
-        return MemoryContext()
-
-    def load(conn: sqlite3.Connection) -> MemoryContext:
-        rows = conn.execute(_SELECT_RECENT, (request.user_id, request.session_id, limit)).fetchall()
-        return MemoryContext(
-            turns=tuple(
-                {"role": role, "content": content, "run_id": run_id}
-                for role, content, run_id in reversed(rows)
+        def load(conn: sqlite3.Connection) -> MemoryContext:
+            rows = conn.execute(_SELECT_RECENT, (request.user_id, request.session_id, limit)).fetchall()
+            return MemoryContext(
+                turns=tuple(
+                    {"role": role, "content": content, "run_id": run_id}
+                    for role, content, run_id in reversed(rows)
+                )
             )
-        )
 
-    return _guarded(config.home, "load the recent turns", load) or MemoryContext()
+        return self._guarded(config.home, "load the recent turns", load) or MemoryContext()
 
+    @hookimpl
+    def agentkeel_save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
+        now = time.time()
+        status = response.status.value
+        row_key = (request.user_id, request.session_id, request.run_id)
 
-@hookimpl
-def agentkeel_save_turn(request: AgentRequest, response: AgentResponse, config: Config) -> None:
-    now = time.time()
-    status = response.status.value
-    row_key = (request.user_id, request.session_id, request.run_id)
+        def save(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                _INSERT_EXCHANGE,
+                (*row_key, request.message, status, now, *row_key, response.message, status, now),
+            )
+            return True
 
-    def save(conn: sqlite3.Connection) -> bool:
-        conn.execute(
-            _INSERT_EXCHANGE,
-            (*row_key, request.message, status, now, *row_key, response.message, status, now),
-        )
-        return True
+        self._guarded(config.home, "save the turn", save)
 
-    _guarded(config.home, "save the turn", save)
+    @hookimpl
+    def agentkeel_shutdown(self) -> None:
+        self.close_connections()
 
+    def close_connections(self) -> None:
+        """Close every cached connection; the next hook call reopens lazily."""
+        with self._lock:
+            self._connections.close_all()
 
-@hookimpl
-def agentkeel_shutdown(system: AgentSystem) -> None:
-    close_connections()
-
-
-def close_connections() -> None:
-    """Close every cached connection; the next hook call reopens lazily."""
-    with _lock:
-        _connections.close_all()
-
-
-def _guarded(home: Path, what: str, action: Callable[[sqlite3.Connection], _T]) -> _T | None:
-    """Run ``action`` on the connection for ``home``; on a store failure warn and return None."""
-    try:
-        with _lock:
-            return action(_connections.get(home))
-    except (sqlite3.Error, StoreError, OSError) as exc:
-        with _lock:
-            _connections.discard(home)  # a broken file is reopened (and re-checked) next time
-        log.warning(
-            "memory: could not %s in %s (%s: %s); the request goes on without memory. "
-            "If the file is damaged, move it aside to start a fresh memory.",
-            what,
-            db_path(home),
-            type(exc).__name__,
-            exc,
-        )
-        return None
+    def _guarded(self, home: Path, what: str, action: Callable[[sqlite3.Connection], _T]) -> _T | None:
+        """Run ``action`` on the connection for ``home``; on a store failure warn and return None."""
+        try:
+            with self._lock:
+                return action(self._connections.get(home))
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            with self._lock:
+                self._connections.discard(home)  # a broken file is reopened (and re-checked) next time
+            log.warning(
+                "memory: could not %s in %s (%s: %s); the request goes on without memory. "
+                "If the file is damaged, move it aside to start a fresh memory.",
+                what,
+                db_path(home),
+                type(exc).__name__,
+                exc,
+            )
+            return None

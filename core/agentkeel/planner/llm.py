@@ -7,8 +7,8 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
   is set, for local servers that ignore it). Neither set: ``PlanningError``.
 - The model sees only ``tools`` (what the principal may call), the wire format
   and the memory context. Output is requested with ``response_format`` of type
-  ``json_schema``; a server that answers 400 to it is asked again with
-  ``json_object``, and that base URL is remembered for the process.
+  ``json_schema``; a server that answers 400 or 500 to it is asked again with
+  ``json_object``, and that base URL is remembered by this planner (one per system).
 - Validation: ``json.loads`` + ``parse_plan`` + tool names in ``tools``,
   required arguments present, references to earlier steps only. An invalid
   answer gets ONE repair round (the answer and its errors are sent back); still
@@ -20,10 +20,12 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
 - Budget: before every call the worst case is reserved with
   ``run.reserve_llm`` (``BudgetExceededError`` propagates, nothing is sent);
   after it the reservation is settled to the reported usage. A call that ends
-  in an HTTP error status is released (an error answer is not billed). A call
-  that may have been processed without us seeing usage (timeout, lost
-  connection, unreadable body, usage not reported) is settled to the worst
-  case: an unknown cost is never recorded as free.
+  in an HTTP error status is released (an error answer is not billed), and so is
+  one that never reached a server (connection refused). A call whose fate is
+  unknown (timed out after sending, connection lost mid-answer, unreadable body,
+  usage not reported) is settled to the worst case and its cost record is
+  marked ``estimated``: an unknown cost is never recorded as free.
+- No tiers, or no endpoint, while no template matched: ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agentkeel.cost.budget import prompt_token_upper_bound
-from agentkeel.errors import PlanningError, PlanRejectedError
+from agentkeel.errors import ConfigError, PlanningError, PlanRejectedError
 from agentkeel.markers import hookimpl
 from agentkeel.planner.plan import parse_plan, plan_wire_schema
 from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec, Usage
@@ -48,9 +50,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_RETRIES = 2
 PLACEHOLDER_API_KEY = "not-needed"
-
-# Base URLs that answered 400 to response_format json_schema but accepted json_object.
-_NO_JSON_SCHEMA: set[str] = set()
 
 _WIRE_FORMAT = """\
 Answer with ONE JSON object and nothing else:
@@ -68,28 +67,39 @@ Steps are numbered 1, 2, 3... in order. Optional fields of a step:
 Use only the tools listed above. If the request needs no tool, return "steps": []."""
 
 
-def forget_json_schema_support() -> None:
-    """Forget which servers lack json_schema (tests reusing a port call this)."""
-    _NO_JSON_SCHEMA.clear()
-
-
 class _InvalidAnswer(Exception):
     def __init__(self, errors: Sequence[str]) -> None:
         self.errors = list(errors)
         super().__init__("; ".join(self.errors))
 
 
-@hookimpl(trylast=True)
-async def agentkeel_plan(
-    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
+class LLMPlanner:
+    """The default LLM planner (one per system: it remembers which servers lack json_schema)."""
+
+    def __init__(self) -> None:
+        self.no_json_schema: set[str] = set()
+
+    @hookimpl(trylast=True)
+    async def agentkeel_plan(
+        self, request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
+    ) -> Plan:
+        """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError."""
+        return await plan_with_tiers(request, context, tools, run, self.no_json_schema)
+
+
+async def plan_with_tiers(
+    request: AgentRequest,
+    context: MemoryContext,
+    tools: Mapping[str, ToolSpec],
+    run: RunContext,
+    no_json_schema: set[str],
 ) -> Plan:
-    """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError."""
     import openai  # imported on first use: it takes longer to import than the rest of agentkeel
 
     config = run.config
     if not config.tiers:
-        raise PlanningError(
-            "no plan template matched and no LLM tiers are configured; add [[models.tiers]]"
+        raise ConfigError(
+            "no plan template matched and no LLM tiers are configured; add [[models.tiers]] to agentkeel.toml"
         )
     messages = build_messages(request, context, tools)
     reasons: list[str] = []
@@ -97,7 +107,7 @@ async def agentkeel_plan(
     async with _client(config) as client:
         for tier in config.tiers:
             try:
-                return await _plan_with_tier(client, tier, messages, tools, run)
+                return await _plan_with_tier(client, tier, messages, tools, run, no_json_schema)
             except _InvalidAnswer as exc:
                 reasons.append(f"tier {tier.name!r} ({tier.model}): " + "; ".join(exc.errors))
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
@@ -118,7 +128,7 @@ def _client(config: Config) -> openai.AsyncOpenAI:
     base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
     api_key = os.environ.get("OPENAI_API_KEY")
     if not api_key and not base_url:
-        raise PlanningError(
+        raise ConfigError(
             "no plan template matched and no LLM is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
             "OpenAI-compatible server), or set [models] base_url in agentkeel.toml"
         )
@@ -159,9 +169,10 @@ async def _plan_with_tier(
     messages: list[dict[str, str]],
     tools: Mapping[str, ToolSpec],
     run: RunContext,
+    no_json_schema: set[str],
 ) -> Plan:
     """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or PlanningError."""
-    answer, truncated = await _complete(client, tier, messages, tools, run)
+    answer, truncated = await _complete(client, tier, messages, tools, run, no_json_schema)
     try:
         return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
     except _InvalidAnswer as exc:
@@ -170,7 +181,7 @@ async def _plan_with_tier(
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": _repair_prompt(exc.errors)},
         ]
-    answer, truncated = await _complete(client, tier, repair, tools, run)
+    answer, truncated = await _complete(client, tier, repair, tools, run, no_json_schema)
     return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
 
 
@@ -225,6 +236,7 @@ async def _complete(
     messages: list[dict[str, str]],
     tools: Mapping[str, ToolSpec],
     run: RunContext,
+    no_json_schema: set[str],
 ) -> tuple[str | None, bool]:
     """One priced chat completion (with the json_schema -> json_object fallback).
 
@@ -233,7 +245,7 @@ async def _complete(
     import openai
 
     key = str(client.base_url)
-    use_schema = key not in _NO_JSON_SCHEMA
+    use_schema = key not in no_json_schema
     while True:
         if use_schema:
             response_format: dict[str, Any] = {
@@ -257,6 +269,12 @@ async def _complete(
                 use_schema = False
                 continue
             raise PlanningError(f"{tier.model} rejected the request (400): {exc.message}") from exc
+        except openai.InternalServerError as exc:
+            reservation.release()
+            if use_schema:  # llama_cpp.server answers json_schema with a 500: ask in JSON mode
+                use_schema = False
+                continue
+            raise PlanningError(f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}") from exc
         except openai.APIStatusError as exc:
             reservation.release()
             if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
@@ -264,11 +282,17 @@ async def _complete(
             raise PlanningError(
                 f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}"
             ) from exc
+        except openai.APIConnectionError as exc:
+            if _never_sent(exc):
+                reservation.release()  # nothing reached a server: nothing to pay
+            else:
+                _settle_worst_case(run, reservation, tier, messages)
+            raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
         except (openai.APIError, json.JSONDecodeError) as exc:
             _settle_worst_case(run, reservation, tier, messages)
             raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
-        if response_format["type"] == "json_object" and key not in _NO_JSON_SCHEMA:
-            _NO_JSON_SCHEMA.add(key)
+        if response_format["type"] == "json_object":
+            no_json_schema.add(key)
         if response.usage is None:
             _settle_worst_case(run, reservation, tier, messages)
         else:
@@ -284,4 +308,19 @@ def _settle_worst_case(
     run: RunContext, reservation: Reservation, tier: ModelTier, messages: list[dict[str, str]]
 ) -> None:
     worst = Usage(prompt_token_upper_bound(messages), tier.max_tokens)
-    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst)
+    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst, estimated=True)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True when the request provably never reached a server: behind the error is the
+    HTTP library's ``ConnectError`` (refused, unresolvable) or ``ConnectTimeout``.
+    Matched by class name, so this works whichever HTTP library the client uses."""
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 20:
+        names = {klass.__name__ for klass in type(cause).__mro__}
+        if names & {"ConnectError", "ConnectTimeout"}:
+            return True
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return False

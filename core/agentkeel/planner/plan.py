@@ -261,6 +261,11 @@ def evaluate_condition(cond: Mapping[str, Any], results: Mapping[int, Any]) -> b
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def _as_steps(steps: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+    """A typed converter, so ``PlanTemplate(steps=[...])`` passes ``mypy --strict``."""
+    return tuple(steps)
+
+
 @attrs.frozen
 class PlanTemplate:
     """A rule: a regular expression with named groups and the wire-format steps it yields.
@@ -271,7 +276,7 @@ class PlanTemplate:
     """
 
     pattern: str
-    steps: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple)
+    steps: tuple[Mapping[str, Any], ...] = attrs.field(converter=_as_steps)
     reasoning: str = ""
     name: str = ""
     _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)

@@ -6,23 +6,19 @@ matches, the next planner (the LLM planner by default) is asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 from agentkeel.context import RunContext
 from agentkeel.markers import hookimpl
-from agentkeel.planner.plan import parse_plan
-from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec
+from agentkeel.planner.plan import PlanTemplate, parse_plan
+from agentkeel.types import AgentRequest, Plan, ToolSpec
 
 
 @hookimpl(tryfirst=True)
-def agentkeel_plan(
-    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
-) -> Plan | None:
-    if run.system is None:
-        return None
-    registry = run.system.tools
-    for template in run.system.templates:
+def agentkeel_plan(request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate]) -> Plan | None:
+    registry = run.tools
+    for template in templates:
         wire = template.match(request.message)
         if wire is None:
             continue

@@ -1,11 +1,17 @@
 """Executes a checked plan step by step: the per-step path of a request.
 
 For each step: dependencies and condition, references resolved, arguments
-validated, permission decided and audited, intent journaled, breaker and rate
-limit, the sandbox backend, the evaluator, recovery (retry only when
-retry-safe, then the fallback tool, else fail), and the outcome journaled
-before the next step starts. A step that fails or is denied aborts the run:
-later steps do not run and completed steps are compensated (``rollback.py``).
+validated, then ``StepRunner.run_call``: permission decided and audited, the
+tool router (budget, rate limit, breaker, journal intent, sandbox), the
+evaluator, recovery (retry only when retry-safe, then the fallback tool, else
+fail); and the outcome journaled before the next step starts. A step that fails
+or is denied aborts the run: later steps do not run and steps that took effect
+are compensated (``compensation.py``, through the same ``StepRunner``).
+
+A tool that ran has had its effect. When the evaluator rejects the result of a
+tool that is not retry-safe, the step fails at once (no retry, no fallback: a
+second tool would make a second effect), its result is journaled, and it is
+compensated if the run aborts.
 
 On resume, steps with a journaled outcome are not run again; a step found
 started but not finished is re-run only when its tool is retry-safe, otherwise
@@ -17,17 +23,19 @@ This is the path benchmarked in ``bench/overhead.py``; keep it lean.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from agentkeel.errors import BudgetExceededError, SandboxError, ToolError
-from agentkeel.journal.base import Lease, RunState, StepRecord
+import attrs
+
+from agentkeel.errors import BudgetExceededError
+from agentkeel.journal.base import RunState, StepRecord
 from agentkeel.planner.plan import RefError, evaluate_condition, resolve_args
-from agentkeel.sandbox.protocol import ToolCall
+from agentkeel.tools.router import CallFailure, ToolRouter, idempotency_key
+from agentkeel.tools.validation import args_errors
 from agentkeel.types import (
-    CostRecord,
+    Decision,
     PlanStep,
     RunStatus,
     StepResult,
@@ -35,39 +43,128 @@ from agentkeel.types import (
     ToolSpec,
     Verdict,
 )
-from agentkeel.tools.validation import args_errors
 
 if TYPE_CHECKING:
     from agentkeel.context import RunContext
-    from agentkeel.journal.base import Journal
-    from agentkeel.runtime.system import AgentSystem
+    from agentkeel.plugin.facade import Plugins
+    from agentkeel.runtime.durable import HeldLease
     from agentkeel.types import Plan
 
 ABORTING = (StepStatus.FAILED, StepStatus.DENIED)
 
+AuditDecision = Callable[["RunContext", str, Decision, "Mapping[str, Any] | None"], None]
 
-class StepFailure(Exception):
-    """One attempt of a step failed; carries whether trying again could help."""
 
-    def __init__(self, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
+def took_effect(step: StepResult) -> bool:
+    """True when the step's tool ran to completion: it succeeded, or it returned a
+    result the evaluator rejected (the effect happened all the same)."""
+    if step.status is StepStatus.SUCCEEDED:
+        return True
+    return step.status is StepStatus.FAILED and step.verdict is not None and not step.verdict.passed
+
+
+@attrs.frozen
+class CallOutcome:
+    """How one step's calls ended: the last tool tried, its arguments, and the result."""
+
+    status: StepStatus
+    spec: ToolSpec
+    args: Mapping[str, Any]
+    result: Any = None
+    error: str | None = None
+    attempts: int = 0
+    verdict: Verdict | None = None
+    cost_usd: float = 0.0
+    budget_exhausted: bool = False
+
+
+@attrs.define
+class StepRunner:
+    """Runs one step's tool calls with permissions, evaluation and recovery; shared by
+    the forward path and compensation so both get the same guarantees."""
+
+    plugins: Plugins
+    tools: Mapping[str, ToolSpec]
+    router: ToolRouter
+    audit: AuditDecision
+
+    async def run_call(
+        self,
+        run: RunContext,
+        step: PlanStep,
+        spec: ToolSpec,
+        args: Mapping[str, Any],
+        *,
+        kind: str,
+        lease: HeldLease,
+        validate: bool,
+    ) -> CallOutcome:
+        plugins = self.plugins
+        attempt = 0
+        while True:
+            if validate:
+                problems = args_errors(spec, args)
+                if problems:
+                    return CallOutcome(StepStatus.FAILED, spec, args, error="; ".join(problems), attempts=attempt)
+                validate = False
+            decision = plugins.authorize(run.principal, spec, args)
+            self.audit(run, spec.name, decision, args)
+            if not decision.allowed:
+                status = StepStatus.WAITING if decision.wait else StepStatus.DENIED
+                return CallOutcome(status, spec, args, error=decision.reason, attempts=attempt)
+            attempt += 1
+            rejected: tuple[Any, Verdict] | None = None  # a result the evaluator turned down
+            try:
+                result = await self.router.call(
+                    run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=lease.intent
+                )
+            except BudgetExceededError as exc:
+                return CallOutcome(StepStatus.FAILED, spec, args, error=str(exc), attempts=attempt,
+                                   budget_exhausted=True)
+            except CallFailure as failure:
+                error, retryable = str(failure), failure.retryable
+            else:
+                verdict = plugins.evaluate(step, spec, result)
+                if verdict.passed:
+                    return CallOutcome(StepStatus.SUCCEEDED, spec, args, result, attempts=attempt, verdict=verdict,
+                                       cost_usd=spec.cost_usd)
+                error = f"evaluator rejected the result: {verdict.reason}"
+                if not spec.retry_safe:
+                    # The tool ran: its effect stands. Trying again, or another tool, would repeat it.
+                    return CallOutcome(
+                        StepStatus.FAILED, spec, args, result, attempts=attempt, verdict=verdict,
+                        cost_usd=spec.cost_usd,
+                        error=f"{error} ({spec.name} is not retry-safe: its effect stands and is "
+                        "compensated if the run aborts)",
+                    )
+                retryable = True
+                rejected = (result, verdict)
+            recovery = plugins.recover(step, spec, error, attempt, retryable, run)
+            plugins.event("step_attempt_failed", run.run_id, step_id=step.step_id, error=error,
+                          action=recovery.action, call_kind=kind)
+            if recovery.action == "retry" and spec.retry_safe:
+                if recovery.delay_s > 0:
+                    await asyncio.sleep(recovery.delay_s)
+                continue
+            fallback = self.tools.get(recovery.fallback_tool or "") if recovery.action == "fallback" else None
+            if fallback is not None and fallback is not spec and rejected is None:
+                spec = fallback
+                attempt = 0
+                validate = True
+                continue
+            if rejected is None:
+                return CallOutcome(StepStatus.FAILED, spec, args, error=f"{error} ({recovery.reason})",
+                                   attempts=attempt)
+            return CallOutcome(StepStatus.FAILED, spec, args, rejected[0], error=f"{error} ({recovery.reason})",
+                               attempts=attempt, verdict=rejected[1], cost_usd=spec.cost_usd)
 
 
 class PlanExecutor:
     """Runs the steps of one plan for one run, journaling as it goes."""
 
-    def __init__(
-        self,
-        system: AgentSystem,
-        run: RunContext,
-        journal: Journal,
-        lease: Lease,
-        state: RunState | None = None,
-    ) -> None:
-        self.system = system
+    def __init__(self, runner: StepRunner, run: RunContext, lease: HeldLease, state: RunState | None = None) -> None:
+        self.runner = runner
         self.run = run
-        self.journal = journal
         self.lease = lease
         self.state = state
         self.results: dict[int, Any] = {}
@@ -76,12 +173,12 @@ class PlanExecutor:
         self.condition_skipped: set[int] = set()
         self.status = RunStatus.SUCCEEDED
         self.detail = ""
-        self._ttl = system.lease_ttl_s
 
     async def execute(self, plan: Plan) -> list[StepResult]:
         """Run (or resume) every step; sets ``status`` and ``detail``."""
         out: list[StepResult] = []
         stopped_at: PlanStep | None = None
+        plugins = self.runner.plugins
         for step in plan.steps:
             result = self._recorded(step)
             if result is None:
@@ -89,7 +186,7 @@ class PlanExecutor:
                     out.append(self.outcomes[step.step_id])
                     stopped_at = step
                     break
-                self._keep_lease()
+                self.lease.keep()
                 result = await self.execute_step(step)
                 if result.status is StepStatus.WAITING:
                     self.status = RunStatus.WAITING
@@ -97,8 +194,8 @@ class PlanExecutor:
                     out.append(result)
                     stopped_at = step
                     break
-                self._journal_outcome(step, result)
-                self.system.plugins.event("step_finished", self.run.run_id, step=result)
+                self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "forward", result))
+                plugins.event("step_finished", self.run.run_id, step=result)
             self.outcomes[step.step_id] = result
             if result.status is StepStatus.SUCCEEDED:
                 self.results[step.step_id] = result.result
@@ -142,7 +239,7 @@ class PlanExecutor:
         intent, outcome = self.state.forward(step.step_id)
         if intent is None or outcome is not None:
             return False
-        spec = self.system.tools.get(intent.tool_name)
+        spec = self.runner.tools.get(intent.tool_name)
         if spec is not None and spec.retry_safe:
             return False  # re-run: idempotent, or it gets the same idempotency key again
         self.status = RunStatus.IN_DOUBT
@@ -161,157 +258,56 @@ class PlanExecutor:
     # --- one step ---------------------------------------------------------------
 
     async def execute_step(self, step: PlanStep) -> StepResult:
-        system = self.system
-        run = self.run
         started = perf_counter()
         for dep in step.depends_on:
             dep_result = self.outcomes.get(dep)
             if dep_result is None or dep_result.status is not StepStatus.SUCCEEDED:
                 if dep in self.condition_skipped:
                     self.condition_skipped.add(step.step_id)
-                    return self._finish(step, StepStatus.SKIPPED, started, error=f"step {dep} was skipped")
+                    return _skipped(step, started, f"step {dep} was skipped")
                 status = dep_result.status.value if dep_result else "did not run"
-                return self._finish(step, StepStatus.SKIPPED, started, error=f"depends on step {dep}, which {status}")
+                return _skipped(step, started, f"depends on step {dep}, which {status}")
         try:
             if step.when is not None and not evaluate_condition(step.when, self.results):
                 self.condition_skipped.add(step.step_id)
-                return self._finish(step, StepStatus.SKIPPED, started, error="condition not met")
+                return _skipped(step, started, "condition not met")
             args = resolve_args(step.tool_args, self.results) if step.arg_refs else step.tool_args
         except RefError as exc:
-            return self._finish(step, StepStatus.FAILED, started, error=str(exc))
-
-        spec = system.tools[step.tool_name]
-        # The plan check validated arguments that hold no references; the rest,
-        # and any fallback tool's arguments, are validated here.
-        must_validate = bool(step.arg_refs)
-        attempt = 0
-        while True:
-            if must_validate:
-                problems = args_errors(spec, args)
-                if problems:
-                    return self._finish(step, StepStatus.FAILED, started, args=args, tool=spec.name,
-                                        error="; ".join(problems))
-                must_validate = False
-            decision = system.plugins.authorize(run.principal, spec, args)
-            system.audit_decision(run, spec.name, decision, args)
-            if not decision.allowed:
-                status = StepStatus.WAITING if decision.wait else StepStatus.DENIED
-                return self._finish(step, status, started, args=args, tool=spec.name, error=decision.reason)
-            attempt += 1
-            try:
-                result, cost = await self._attempt(step, spec, args)
-                verdict = system.plugins.evaluate(step, spec, result)
-                if not verdict.passed:
-                    raise StepFailure(f"evaluator rejected the result: {verdict.reason}", retryable=True)
-            except BudgetExceededError as exc:
-                self.budget_exhausted = True
-                return self._finish(step, StepStatus.FAILED, started, args=args, error=str(exc), attempts=attempt)
-            except StepFailure as failure:
-                recovery = system.plugins.recover(step, spec, str(failure), attempt, failure.retryable, run)
-                system.plugins.event("step_attempt_failed", run.run_id, step_id=step.step_id, error=str(failure),
-                                     action=recovery.action)
-                if recovery.action == "retry" and spec.retry_safe:
-                    if recovery.delay_s > 0:
-                        await asyncio.sleep(recovery.delay_s)
-                    continue
-                fallback = system.tools.get(recovery.fallback_tool or "") if recovery.action == "fallback" else None
-                if fallback is not None and fallback is not spec:
-                    spec = fallback
-                    attempt = 0
-                    must_validate = True
-                    continue
-                return self._finish(step, StepStatus.FAILED, started, args=args, tool=spec.name,
-                                    error=f"{failure} ({recovery.reason})", attempts=attempt)
-            return self._finish(step, StepStatus.SUCCEEDED, started, args=args, tool=spec.name, result=result,
-                                cost=cost, attempts=attempt, verdict=verdict)
-
-    async def _attempt(self, step: PlanStep, spec: ToolSpec, args: Mapping[str, Any]) -> tuple[Any, float]:
-        system = self.system
-        run = self.run
-        key = f"{run.run_id}:{step.step_id}"
-        call_args = {**args, "idempotency_key": key} if spec.accepts_key else args
-        reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}") if spec.cost_usd else None
-        breaker = system.breakers.get(spec.name)
-        try:
-            if spec.rate_limit is not None:
-                await system.rate_limits.acquire(spec, spec.timeout)
-            token = breaker.admit()
-            try:
-                self.journal.intent(self.lease, StepRecord(step.step_id, "forward", "intent", spec.name, args, key))
-            except BaseException:
-                breaker.release(token)
-                raise
-            try:
-                result = await system.sandboxes[spec.isolation].run(
-                    ToolCall(spec, call_args, spec.timeout, run.run_id, step.step_id)
-                )
-            except ToolError as exc:
-                # A refusal (bad input, business rule) means the tool is up; only transient failures count.
-                if exc.retryable:
-                    breaker.record_failure(token)
-                else:
-                    breaker.record_success(token)
-                raise
-            except Exception:
-                breaker.record_failure(token)
-                raise
-            except BaseException:  # cancelled: the call proved nothing either way
-                breaker.release(token)
-                raise
-            breaker.record_success(token)
-        except (ToolError, SandboxError) as exc:
-            if reservation is not None:
-                reservation.settle(spec.cost_usd)  # the call was attempted: it may have been billed
-            raise StepFailure(str(exc), isinstance(exc, ToolError) and exc.retryable) from exc
-        if reservation is not None:
-            reservation.settle(spec.cost_usd)
-            run.costs.append(CostRecord(kind="tool", cost_usd=spec.cost_usd, tool=spec.name, step_id=step.step_id))
-        return result, spec.cost_usd
-
-    # --- journal ----------------------------------------------------------------
-
-    def _journal_outcome(self, step: PlanStep, result: StepResult) -> None:
-        self.journal.outcome(
-            self.lease,
-            StepRecord(
-                step.step_id, "forward", "outcome", result.tool_name, result.tool_args,
-                f"{self.run.run_id}:{step.step_id}", result.status.value, result.result, result.error,
-                result.duration_s, result.cost_usd, result.attempts,
-                {"passed": result.verdict.passed, "score": result.verdict.score, "reason": result.verdict.reason}
-                if result.verdict else None,
-            ),
+            return StepResult(step.step_id, step.tool_name, StepStatus.FAILED, step.tool_args, error=str(exc),
+                              duration_s=perf_counter() - started)
+        # The plan check validated arguments that hold no references; the rest are validated here.
+        outcome = await self.runner.run_call(
+            self.run, step, self.runner.tools[step.tool_name], args, kind="forward", lease=self.lease,
+            validate=bool(step.arg_refs),
         )
-
-    def _keep_lease(self) -> None:
-        if time.time() > self.lease.expires_at - self._ttl / 2:
-            self.lease = self.journal.renew(self.lease, self._ttl)
-
-    def _finish(
-        self,
-        step: PlanStep,
-        status: StepStatus,
-        started: float,
-        *,
-        args: Any = None,
-        tool: str | None = None,
-        result: Any = None,
-        error: str | None = None,
-        cost: float = 0.0,
-        attempts: int = 0,
-        verdict: Verdict | None = None,
-    ) -> StepResult:
+        if outcome.budget_exhausted:
+            self.budget_exhausted = True
         return StepResult(
             step_id=step.step_id,
-            tool_name=tool or step.tool_name,
-            status=status,
-            tool_args=step.tool_args if args is None else args,
-            result=result,
-            error=error,
+            tool_name=outcome.spec.name,
+            status=outcome.status,
+            tool_args=outcome.args,
+            result=outcome.result,
+            error=outcome.error,
             duration_s=perf_counter() - started,
-            cost_usd=cost,
-            attempts=attempts,
-            verdict=verdict,
+            cost_usd=outcome.cost_usd,
+            attempts=outcome.attempts,
+            verdict=outcome.verdict,
         )
+
+
+def _skipped(step: PlanStep, started: float, why: str) -> StepResult:
+    return StepResult(step.step_id, step.tool_name, StepStatus.SKIPPED, step.tool_args, error=why,
+                      duration_s=perf_counter() - started)
+
+
+def outcome_record(run_id: str, step_id: int, kind: str, result: StepResult) -> StepRecord:
+    verdict = result.verdict
+    return StepRecord(
+        step_id, kind, "outcome", result.tool_name, result.tool_args, idempotency_key(run_id, step_id),
+        result.status.value, result.result, result.error, result.duration_s, result.cost_usd, result.attempts,
+        {"passed": verdict.passed, "score": verdict.score, "reason": verdict.reason} if verdict else None,
+    )
 
 
 def step_result_from_record(record: StepRecord) -> StepResult:

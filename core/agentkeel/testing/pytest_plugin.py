@@ -11,7 +11,6 @@ that has agentkeel installed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -28,10 +27,8 @@ def openai_server() -> Iterator[ScriptedOpenAIServer]:
     """A scripted OpenAI-compatible server on 127.0.0.1; the environment is not modified."""
     from agentkeel.testing.server import ScriptedOpenAIServer
 
-    _forget_server_capabilities()
     with ScriptedOpenAIServer() as server:
         yield server
-    _forget_server_capabilities()
 
 
 @pytest.fixture
@@ -42,10 +39,3 @@ def openai_server_env(
     monkeypatch.setenv("OPENAI_BASE_URL", openai_server.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", TEST_API_KEY)
     return openai_server
-
-
-def _forget_server_capabilities() -> None:
-    """Ports are reused between tests: drop what the LLM planner learnt about old servers."""
-    planner = sys.modules.get("agentkeel.planner.llm")
-    if planner is not None:
-        planner.forget_json_schema_support()

@@ -1,7 +1,8 @@
-"""The ``@tool`` decorator and the host-side tool registry.
+"""The ``@tool`` decorator: a function plus the ``ToolSpec`` the runtime needs.
 
 ``@tool`` leaves the function callable as it was and attaches a ``ToolSpec``;
-plugins hand the function to ``register`` inside ``agentkeel_register_tools``.
+plugins hand the function to ``register`` inside ``agentkeel_register_tools``
+(see ``agentkeel.tools.registry``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
-import attrs
 
-from agentkeel.errors import ConfigError, ToolSpecError
-from agentkeel.types import ISOLATIONS, ToolSpec
+from agentkeel.errors import ToolSpecError
+from agentkeel.types import ToolSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,10 +132,9 @@ def tool(
 
     def decorate(func: F) -> F:
         tool_name = name or func.__name__
-        if isolation not in ISOLATIONS:
-            raise ToolSpecError(
-                func.__module__, f"tool {tool_name!r}: isolation must be one of {ISOLATIONS}, got {isolation!r}"
-            )
+        if not isinstance(isolation, str) or not isolation:
+            # Which sandboxes exist is known once plugins are loaded: the registry checks the name.
+            raise ToolSpecError(func.__module__, f"tool {tool_name!r}: isolation must be a sandbox name, got {isolation!r}")
         if isinstance(permissions, str):
             raise ToolSpecError(func.__module__, f"tool {tool_name!r}: permissions must be a list, not a string")
         try:
@@ -175,83 +174,3 @@ def spec_of(obj: Any) -> ToolSpec | None:
         return obj
     spec = getattr(obj, SPEC_ATTR, None)
     return spec if isinstance(spec, ToolSpec) else None
-
-
-class ToolRegistry:
-    """The host's table of tools, filled through ``register`` callbacks per plugin."""
-
-    def __init__(self) -> None:
-        self._tools: dict[str, ToolSpec] = {}
-
-    def register_callback(self, plugin: str) -> Callable[[Any], None]:
-        """A ``register`` function that attributes tools to ``plugin``."""
-
-        def register(obj: Any) -> None:
-            spec = spec_of(obj)
-            if spec is None:
-                raise ToolSpecError(
-                    plugin, f"register() takes a function decorated with @agentkeel.tool or a ToolSpec, got {obj!r}"
-                )
-            self.add(spec, plugin)
-
-        return register
-
-    def add(self, spec: ToolSpec, plugin: str) -> None:
-        import jsonschema  # not at module level: sandbox children import this module
-
-        existing = self._tools.get(spec.name)
-        if existing is not None:
-            raise ToolSpecError(
-                plugin, f"tool {spec.name!r} is already registered by plugin {existing.plugin!r}"
-            )
-        for label, schema in (("args_schema", spec.args_schema), ("output_schema", spec.output_schema)):
-            if schema is None:
-                continue
-            try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                raise ToolSpecError(plugin, f"tool {spec.name!r}: invalid {label}: {exc.message}") from exc
-        if spec.args_schema.get("type") != "object":
-            raise ToolSpecError(plugin, f"tool {spec.name!r}: args_schema must have \"type\": \"object\"")
-        self._tools[spec.name] = attrs.evolve(spec, plugin=plugin)
-
-    def validate_references(self) -> None:
-        """Every rollback and fallback target must be a registered tool."""
-        for spec in self._tools.values():
-            for kind, target in (("rollback", spec.rollback), ("fallback", spec.fallback)):
-                if target is not None and target not in self._tools:
-                    raise ToolSpecError(
-                        spec.plugin, f"tool {spec.name!r}: {kind} target {target!r} is not a registered tool"
-                    )
-                if target == spec.name:
-                    raise ToolSpecError(spec.plugin, f"tool {spec.name!r}: {kind} cannot name the tool itself")
-
-    def apply_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> None:
-        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation)."""
-        for tool_name, values in overrides.items():
-            spec = self._tools.get(tool_name)
-            if spec is None:
-                continue  # config may name tools of plugins that are not installed
-            isolation = values.get("isolation", spec.isolation)
-            if ISOLATIONS.index(isolation) < ISOLATIONS.index(spec.isolation):
-                raise ConfigError(
-                    f"tools.{tool_name}.isolation: {isolation!r} is weaker than the {spec.isolation!r} "
-                    f"the tool declares; isolation can be tightened in config, never loosened"
-                )
-            self._tools[tool_name] = attrs.evolve(spec, **values)
-
-    def __getitem__(self, name: str) -> ToolSpec:
-        return self._tools[name]
-
-    def get(self, name: str) -> ToolSpec | None:
-        return self._tools.get(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tools
-
-    def __len__(self) -> int:
-        return len(self._tools)
-
-    def all(self) -> dict[str, ToolSpec]:
-        return dict(self._tools)
-

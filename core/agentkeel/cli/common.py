@@ -1,0 +1,208 @@
+"""What every ``agentkeel`` command shares: exit codes, the ``--config`` option,
+building the system, printing responses, and checking what the user typed.
+
+Input checks run before anything is loaded, and fail as click usage errors that
+name the argument, so bad input gets one line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from agentkeel.config import Config
+from agentkeel.types import AgentResponse, RunStatus
+
+if TYPE_CHECKING:
+    from agentkeel.runtime.system import AgentSystem
+
+EXIT_CODES: dict[RunStatus, int] = {
+    RunStatus.SUCCEEDED: 0,
+    RunStatus.FAILED: 1,
+    RunStatus.DENIED: 3,
+    RunStatus.BUDGET_EXHAUSTED: 4,
+    RunStatus.REJECTED: 5,
+    RunStatus.IN_DOUBT: 6,
+    RunStatus.WAITING: 7,
+    RunStatus.RUNNING: 8,
+    RunStatus.ROLLING_BACK: 8,
+    RunStatus.ROLLED_BACK: 9,
+}
+EXIT_USAGE = 2
+"""Usage or configuration error: bad arguments, a bad agentkeel.toml, a broken plugin."""
+
+DISABLE_ENV = "AGENTKEEL_DISABLE_PLUGINS"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="agentkeel.toml to use (default: $AGENTKEEL_CONFIG, ./agentkeel.toml, embedded defaults).",
+)
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+# --- configuration and the system ------------------------------------------------
+
+
+def load_config(config_path: str | None) -> Config:
+    config = Config.load(config_path)
+    if config.is_embedded_default:
+        click.echo("note: no agentkeel.toml found; using the embedded demo defaults", err=True)
+    return config
+
+
+def build_system(config: Config, *, tolerant: bool = False) -> AgentSystem:
+    """The system for ``config``. ``tolerant=True`` (the listings only) leaves out a
+    plugin that fails to load or register and records it in ``system.broken_plugins``;
+    otherwise such a plugin raises ``PluginError``, which ``main`` prints as one line."""
+    from agentkeel.runtime.system import AgentSystem
+
+    if tolerant:
+        return AgentSystem(config, tolerant=True)
+    return AgentSystem(config)
+
+
+def disable_hint(plugin: str) -> str:
+    return f"to run without it, set {DISABLE_ENV}={plugin}"
+
+
+def with_disable_hint(plugin: str, error: str) -> str:
+    """``error`` about ``plugin``, ending with how to run without it (once)."""
+    error = one_line(error)
+    if DISABLE_ENV in error or not plugin or plugin == "unknown":
+        return error
+    return f"{error}; {disable_hint(plugin)}"
+
+
+# --- output ----------------------------------------------------------------------
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, printable on any stream (lone surrogates escaped)."""
+    flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return flat.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def exit_code(response: AgentResponse) -> int:
+    """The documented exit code of a response: its status, except that a run that
+    failed because of the configuration (no planner can run, say) is a usage error."""
+    if response.status is RunStatus.FAILED and getattr(response, "config_error", False):
+        return EXIT_USAGE
+    return EXIT_CODES[response.status]
+
+
+def print_response(response: AgentResponse, *, always_message: bool = False) -> None:
+    planner = f" (planner {response.plan.planner})" if response.plan and response.plan.planner else ""
+    click.echo(f"run {response.run_id}: {response.status.value}{planner}")
+    for s in response.steps:
+        line = f"  {s.step_id:>2} {s.tool_name:<20} {s.status.value:<12} {s.duration_s:8.4f}s  ${s.cost_usd:.6f}"
+        if s.error:
+            line += f"  {s.error}"
+        click.echo(line)
+    breakdown = response.cost_breakdown()
+    tiers = ", ".join(f"{k} ${v:.6f}" for k, v in breakdown["by_tier"].items()) or "no LLM calls"
+    click.echo(f"total ${response.total_cost_usd:.6f} ({tiers}) in {response.duration_s:.3f}s")
+    if always_message or response.status is not RunStatus.SUCCEEDED or not response.steps:
+        if response.message:
+            click.echo(response.message)
+
+
+def emit_response(response: AgentResponse, as_json: bool, *, always_message: bool = False) -> None:
+    if as_json:
+        echo_json(response.to_dict())
+    else:
+        print_response(response, always_message=always_message)
+
+
+def finish(response: AgentResponse, as_json: bool) -> None:
+    """Print ``response`` and exit with its documented code."""
+    emit_response(response, as_json)
+    sys.exit(exit_code(response))
+
+
+# --- input checks ----------------------------------------------------------------
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` is not acceptable text for an argument, or None.
+
+    Python turns bytes in argv that are not UTF-8 into lone surrogates
+    (surrogateescape); such text cannot be stored, printed or sent, so it is refused.
+    """
+    if not value.strip():
+        return "must not be empty"
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        return "is not valid UTF-8 (it holds bytes that do not decode); pass UTF-8 text"
+    return None
+
+
+def check_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: refuse empty or non-UTF-8 text, naming the argument."""
+    if value is None:
+        return None
+    problem = text_problem(value)
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+STDIN_MESSAGE = "-"
+
+
+def check_message(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback for MESSAGE: ``-`` means read it from stdin; otherwise as ``check_text``."""
+    if value == STDIN_MESSAGE:
+        value = read_stdin_text(ctx, param)
+    checked = check_text(ctx, param, value)
+    assert checked is not None
+    return checked
+
+
+def read_stdin_text(ctx: click.Context, param: click.Parameter) -> str:
+    """All of stdin, decoded as UTF-8 and stripped; an empty stdin is a usage error."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    try:
+        text = buffer.read().decode("utf-8") if buffer is not None else sys.stdin.read()
+    except UnicodeDecodeError:
+        raise click.BadParameter("stdin is not valid UTF-8 text", ctx=ctx, param=param) from None
+    text = text.strip()
+    if not text:
+        raise click.BadParameter("stdin ('-') is empty; pipe the message in or pass it as an argument",
+                                 ctx=ctx, param=param)
+    return text
+
+
+class BudgetType(click.ParamType):
+    """A budget in USD: a finite number >= 0 (``nan`` would switch the cap off, ``inf`` is no cap)."""
+
+    name = "usd"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return "USD"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not an amount of USD", param, ctx)
+        try:
+            amount = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{one_line(str(value))!r} is not a number of USD", param, ctx)
+        if not math.isfinite(amount):
+            self.fail(f"{value!r} is not a finite amount of USD", param, ctx)
+        if amount < 0:
+            self.fail("must not be negative", param, ctx)
+        return amount
+
+
+BUDGET = BudgetType()

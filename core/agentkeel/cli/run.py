@@ -1,0 +1,41 @@
+"""``agentkeel run``: serve one request."""
+
+from __future__ import annotations
+
+import click
+
+from agentkeel.cli.common import (
+    BUDGET,
+    build_system,
+    check_message,
+    check_text,
+    config_option,
+    finish,
+    json_option,
+    load_config,
+)
+from agentkeel.types import AgentRequest
+
+
+@click.command()
+@click.argument("message", callback=check_message)
+@click.option("--user", "user_id", required=True, callback=check_text, help="The principal making the request.")
+@click.option("--session", "session_id", default="default", show_default=True, callback=check_text)
+@click.option("--budget", "budget_usd", type=BUDGET, default=None,
+              help="Budget in USD for this request (a finite amount >= 0).")
+@config_option
+@json_option
+def run(message: str, user_id: str, session_id: str, budget_usd: float | None, config_path: str | None,
+        as_json: bool) -> None:
+    """Serve one request MESSAGE on behalf of --user (MESSAGE '-' reads it from stdin).
+
+    Exit codes: 0 succeeded, 1 a step failed, 2 usage or configuration error,
+    3 permission denied, 4 budget exhausted, 5 plan rejected, 6 in doubt,
+    7 waiting for approval.
+    """
+    try:
+        request = AgentRequest(message=message, user_id=user_id, session_id=session_id, budget_usd=budget_usd)
+    except ValueError as exc:  # the arguments were checked above; this is the request's own last word
+        raise click.UsageError(str(exc)) from exc
+    system = build_system(load_config(config_path))
+    finish(system.run_sync(request), as_json)

@@ -1,0 +1,225 @@
+"""The typed facade over ``pm.hook``: call sites get checked arguments and return types.
+
+It also holds what the host derives from the registered hooks once per system:
+whether anyone observes events or wraps tool calls (so those cost nothing when
+nobody does), and the planners in call order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from agentkeel.errors import PluginError
+from agentkeel.permissions.gate import combine_decisions
+from agentkeel.plugin.manager import DEFAULT_NAMES, LoadedPlugins, own_version, plugin_label
+from agentkeel.types import (
+    AgentRequest,
+    AgentResponse,
+    Decision,
+    Event,
+    MemoryContext,
+    ModelPrice,
+    Plan,
+    PlanStep,
+    Principal,
+    RecoveryDecision,
+    ToolSpec,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from agentkeel.config import Config
+    from agentkeel.context import RunContext
+    from agentkeel.planner.plan import PlanTemplate
+    from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
+
+REGISTRATION_HOOKS = ("agentkeel_register_tools", "agentkeel_register_plan_templates", "agentkeel_register_sandboxes")
+
+
+class Plugins:
+    """Typed facade over ``pm.hook``."""
+
+    def __init__(self, loaded: LoadedPlugins) -> None:
+        self.loaded = loaded
+        self.pm = loaded.pm
+        self.hook = loaded.pm.hook
+        self.has_observers = bool(self.hook.agentkeel_event.get_hookimpls())
+        impls = self.hook.agentkeel_call_tool.get_hookimpls()
+        self.wraps_tool_calls = any(i.wrapper or i.hookwrapper for i in impls) or _replaced_default(impls)
+        self._planners: list[tuple[str, pluggy.HookCaller]] | None = None
+
+    # --- registration -----------------------------------------------------------
+
+    def register_each(self, hook_name: str, bind: Callable[[str], Mapping[str, Any]]) -> list[tuple[str, Exception]]:
+        """Call a registration hook once per implementing plugin, in registration order.
+
+        ``bind(plugin_name)`` gives the keyword arguments for that plugin (a
+        ``register`` callback attributing what it registers to the plugin). Each
+        call goes through a pluggy subset hook caller holding only that plugin.
+        Returns the plugins whose implementation raised, with the error.
+        """
+        caller = getattr(self.hook, hook_name)
+        implementing = {id(impl.plugin) for impl in caller.get_hookimpls()}
+        everyone = [p for _, p in self.pm.list_name_plugin() if p is not None]
+        failures: list[tuple[str, Exception]] = []
+        for plugin in everyone:
+            if id(plugin) not in implementing:
+                continue
+            name = plugin_label(self.pm, plugin)
+            subset = self.pm.subset_hook_caller(hook_name, remove_plugins=[p for p in everyone if p is not plugin])
+            try:
+                subset(**bind(name))
+            except Exception as exc:  # noqa: BLE001 - reported against the plugin that raised it
+                failures.append((name, exc))
+        return failures
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def startup(self, **kwargs: Any) -> list[Any]:
+        return list(self.hook.agentkeel_startup(**kwargs))
+
+    def shutdown(self, **kwargs: Any) -> list[Any]:
+        return list(self.hook.agentkeel_shutdown(**kwargs))
+
+    # --- permissions ------------------------------------------------------------
+
+    def resolve_principal(self, user_id: str, config: Config) -> Principal | None:
+        result: Principal | None = self.hook.agentkeel_resolve_principal(user_id=user_id, config=config)
+        return result
+
+    def authorize(self, principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None) -> Decision:
+        """Combine every decision: allowed only if someone allows and nobody denies."""
+        return combine_decisions(self.hook.agentkeel_authorize(principal=principal, tool=tool, args=args))
+
+    # --- cost -------------------------------------------------------------------
+
+    def model_price(self, model: str, config: Config) -> ModelPrice | None:
+        result: ModelPrice | None = self.hook.agentkeel_model_price(model=model, config=config)
+        return result
+
+    # --- memory -----------------------------------------------------------------
+
+    def load_context(self, request: AgentRequest, config: Config) -> MemoryContext:
+        result = self.hook.agentkeel_load_context(request=request, config=config)
+        return result if result is not None else MemoryContext()
+
+    def save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
+        self.hook.agentkeel_save_turn(request=request, response=response, config=config)
+
+    # --- planner ----------------------------------------------------------------
+
+    async def plan(
+        self,
+        request: AgentRequest,
+        context: MemoryContext,
+        tools: Mapping[str, ToolSpec],
+        run: RunContext,
+        templates: Sequence[PlanTemplate],
+    ) -> Plan | None:
+        """Ask each planner in turn until one returns a plan.
+
+        pluggy's firstresult stops at the first non-None value, and an async
+        planner's coroutine is never None, even when it resolves to None; so each
+        planner is called through its own subset hook caller (wrappers included)
+        and awaited before the next one is asked.
+        """
+        for name, caller in self._planner_callers():
+            planned = caller(request=request, context=context, tools=tools, run=run, templates=templates)
+            if inspect.isawaitable(planned):
+                planned = await planned
+            if planned is None:
+                continue
+            if not isinstance(planned, Plan):
+                raise PluginError(name, f"agentkeel_plan returned {type(planned).__name__}, not a Plan or None")
+            return planned
+        return None
+
+    def _planner_callers(self) -> list[tuple[str, pluggy.HookCaller]]:
+        if self._planners is None:
+            impls = [i for i in self.hook.agentkeel_plan.get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+            planners = [impl.plugin for impl in reversed(impls)]  # pluggy's call order
+            self._planners = [
+                (plugin_label(self.pm, p), self.pm.subset_hook_caller(
+                    "agentkeel_plan", remove_plugins=[q for q in planners if q is not p]))
+                for p in planners
+            ]
+        return self._planners
+
+    def check_plan(self, plan: Plan, tools: Mapping[str, ToolSpec], principal: Principal) -> list[str]:
+        problems: list[str] = []
+        for found in self.hook.agentkeel_check_plan(plan=plan, tools=tools, principal=principal):
+            problems.extend(found)
+        return problems
+
+    # --- tool router ------------------------------------------------------------
+
+    def call_tool(self, call: ToolCall, sandbox: SandboxBackend, run: RunContext) -> Awaitable[Any]:
+        result: Awaitable[Any] = self.hook.agentkeel_call_tool(call=call, sandbox=sandbox, run=run)
+        return result
+
+    # --- evaluator --------------------------------------------------------------
+
+    def evaluate(self, step: PlanStep, tool: ToolSpec, result: Any) -> Verdict:
+        verdicts: list[Verdict] = self.hook.agentkeel_evaluate(step=step, tool=tool, result=result)
+        if not verdicts:
+            return _PASS
+        failed = [v for v in verdicts if not v.passed]
+        if failed:
+            return Verdict(False, min(v.score for v in verdicts), "; ".join(v.reason for v in failed))
+        if len(verdicts) == 1:
+            return verdicts[0]
+        return Verdict(True, min(v.score for v in verdicts), "")
+
+    # --- recovery ---------------------------------------------------------------
+
+    def recover(
+        self, step: PlanStep, tool: ToolSpec, error: str, attempt: int, retryable: bool, run: RunContext
+    ) -> RecoveryDecision:
+        decision: RecoveryDecision | None = self.hook.agentkeel_recover(
+            step=step, tool=tool, error=error, attempt=attempt, retryable=retryable, run=run
+        )
+        return decision or RecoveryDecision("fail", "no recovery plugin answered")
+
+    # --- observers --------------------------------------------------------------
+
+    def event(self, kind: str, run_id: str, **data: Any) -> None:
+        if self.has_observers:
+            self.hook.agentkeel_event(event=Event(kind=kind, run_id=run_id, data=data))
+
+    # --- inspection -------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each plugin with its distribution version and the hooks it implements,
+        then each plugin that could not be loaded (``broken``, with its error)."""
+        out: list[dict[str, Any]] = []
+        for name, plugin in sorted(self.pm.list_name_plugin(), key=lambda item: item[0]):
+            if plugin is None:
+                continue
+            hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+            default = name in DEFAULT_NAMES
+            dist, version = self.loaded.distributions.get(name, (None, None))
+            out.append({
+                "name": name,
+                "module": getattr(plugin, "__name__", type(plugin).__name__),
+                "distribution": "agentkeel" if default else dist,
+                "version": own_version() if default else version,
+                "default": default,
+                "hooks": hooks,
+                "error": None,
+            })
+        for broken in self.loaded.broken:
+            out.append({"name": broken.name, "module": None, "distribution": None, "version": None,
+                        "default": broken.name in DEFAULT_NAMES, "hooks": [], "error": broken.error})
+        return out
+
+
+def _replaced_default(impls: Sequence[Any]) -> bool:
+    """True when a plugin other than the router implements ``agentkeel_call_tool``."""
+    return any(getattr(i.plugin, "__name__", "") != "agentkeel.tools.router" for i in impls)
+
+
+_PASS = Verdict(True, 1.0, "")

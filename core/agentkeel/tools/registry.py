@@ -1,0 +1,132 @@
+"""The host's table of tools, filled through ``register`` callbacks per plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+
+from agentkeel.errors import ConfigError, ToolSpecError
+from agentkeel.tools.decorator import spec_of
+from agentkeel.types import ToolSpec
+
+
+class _Ranked(Protocol):
+    strength: int
+
+
+class ToolRegistry:
+    """The host's table of tools, filled through ``register`` callbacks per plugin."""
+
+    def __init__(self) -> None:
+        self._tools: dict[str, ToolSpec] = {}
+
+    def register_callback(self, plugin: str) -> Callable[[Any], None]:
+        """A ``register`` function that attributes tools to ``plugin``."""
+
+        def register(obj: Any) -> None:
+            spec = spec_of(obj)
+            if spec is None:
+                raise ToolSpecError(
+                    plugin, f"register() takes a function decorated with @agentkeel.tool or a ToolSpec, got {obj!r}"
+                )
+            self.add(spec, plugin)
+
+        return register
+
+    def add(self, spec: ToolSpec, plugin: str) -> None:
+        import jsonschema  # not at module level: sandbox children import this module
+
+        existing = self._tools.get(spec.name)
+        if existing is not None:
+            raise ToolSpecError(
+                plugin,
+                f"tool {spec.name!r} is already registered by plugin {existing.plugin!r}; two plugins cannot "
+                f"provide one tool name: uninstall or disable one of them (AGENTKEEL_DISABLE_PLUGINS={plugin})",
+            )
+        for label, schema in (("args_schema", spec.args_schema), ("output_schema", spec.output_schema)):
+            if schema is None:
+                continue
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise ToolSpecError(plugin, f"tool {spec.name!r}: invalid {label}: {exc.message}") from exc
+        if spec.args_schema.get("type") != "object":
+            raise ToolSpecError(plugin, f"tool {spec.name!r}: args_schema must have \"type\": \"object\"")
+        self._tools[spec.name] = attrs.evolve(spec, plugin=plugin)
+
+    def remove_plugin(self, plugin: str) -> None:
+        """Forget every tool ``plugin`` registered."""
+        for name in [n for n, spec in self._tools.items() if spec.plugin == plugin]:
+            del self._tools[name]
+
+    def validate_references(self) -> None:
+        """Every rollback and fallback target must be a registered tool."""
+        for spec in self._tools.values():
+            for kind, target in (("rollback", spec.rollback), ("fallback", spec.fallback)):
+                if target is not None and target not in self._tools:
+                    raise ToolSpecError(
+                        spec.plugin, f"tool {spec.name!r}: {kind} target {target!r} is not a registered tool"
+                    )
+                if target == spec.name:
+                    raise ToolSpecError(spec.plugin, f"tool {spec.name!r}: {kind} cannot name the tool itself")
+
+    def check_sandboxes(self, sandboxes: Mapping[str, object]) -> None:
+        """Every tool's isolation must name a registered sandbox."""
+        for spec in self._tools.values():
+            if spec.isolation not in sandboxes:
+                raise ToolSpecError(
+                    spec.plugin,
+                    f"tool {spec.name!r} needs the {spec.isolation!r} sandbox, which no plugin provides "
+                    f"(registered: {', '.join(sorted(sandboxes))})",
+                )
+
+    def apply_overrides(self, overrides: Mapping[str, Mapping[str, Any]], sandboxes: Mapping[str, _Ranked]) -> None:
+        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation).
+
+        A section naming a tool no plugin registers is a ``ConfigError`` (a typo
+        would otherwise silently leave the tool unconstrained). Isolation may move
+        to a sandbox at least as strong as the declared one, never a weaker one."""
+        for tool_name, values in overrides.items():
+            spec = self._tools.get(tool_name)
+            if spec is None:
+                known = ", ".join(sorted(self._tools)) or "none"
+                raise ConfigError(
+                    f"tools.{tool_name}: no loaded plugin registers a tool named {tool_name!r} "
+                    f"(registered tools: {known}); fix the name or install the plugin that provides it"
+                )
+            isolation = values.get("isolation", spec.isolation)
+            if isolation not in sandboxes:
+                raise ConfigError(
+                    f"tools.{tool_name}.isolation: no sandbox {isolation!r} is registered "
+                    f"(registered: {', '.join(sorted(sandboxes))})"
+                )
+            if sandboxes[isolation].strength < sandboxes[spec.isolation].strength:
+                raise ConfigError(
+                    f"tools.{tool_name}.isolation: {isolation!r} is weaker than the {spec.isolation!r} "
+                    f"the tool declares; isolation can be tightened in config, never loosened"
+                )
+            self._tools[tool_name] = attrs.evolve(spec, **values)
+
+    def as_mapping(self) -> Mapping[str, ToolSpec]:
+        """A read-only view of the table (no copy)."""
+        from types import MappingProxyType
+
+        return MappingProxyType(self._tools)
+
+    def __getitem__(self, name: str) -> ToolSpec:
+        return self._tools[name]
+
+    def get(self, name: str) -> ToolSpec | None:
+        return self._tools.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def all(self) -> dict[str, ToolSpec]:
+        return dict(self._tools)
+

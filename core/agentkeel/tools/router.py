@@ -1,0 +1,140 @@
+"""The tool router: the one place a tool is called, forward or compensating.
+
+For each call attempt, in order: the budget reservation of the tool's price,
+the rate limit, the breaker's admission, the journal intent (before the tool
+can have any effect), the ``agentkeel_call_tool`` hook around the sandbox
+backend, then settlement. Failures come back as ``CallFailure`` saying whether
+trying again could help and whether the tool may have run.
+
+This is on the per-step path benchmarked in ``bench/overhead.py``; keep it lean.
+When no plugin wraps or replaces ``agentkeel_call_tool``, the sandbox is called
+directly (the hook would only add dispatch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from agentkeel.errors import SandboxError, ToolError
+from agentkeel.journal.base import StepRecord
+from agentkeel.markers import hookimpl
+from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
+from agentkeel.tools.breaker import BreakerBoard
+from agentkeel.tools.decorator import IDEMPOTENCY_KEY_ARG
+from agentkeel.tools.ratelimit import RateLimiterBoard
+from agentkeel.types import CostRecord, ToolSpec
+
+if TYPE_CHECKING:
+    from agentkeel.context import RunContext
+
+CallHook = Callable[[ToolCall, SandboxBackend, "RunContext"], Awaitable[Any]]
+WriteIntent = Callable[[StepRecord], None]
+
+
+class CallFailure(Exception):
+    """One call attempt failed. ``retryable``: could trying again help? ``sent``: did the
+    call reach the sandbox (so the tool may have run)?"""
+
+    def __init__(self, message: str, *, retryable: bool, sent: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.sent = sent
+
+
+@hookimpl(trylast=True)
+def agentkeel_call_tool(call: ToolCall, sandbox: SandboxBackend) -> Awaitable[Any]:
+    """The default: run the call in its sandbox."""
+    return sandbox.run(call)
+
+
+def idempotency_key(run_id: str, step_id: int) -> str:
+    return f"{run_id}:{step_id}"
+
+
+class ToolRouter:
+    """Calls tools for one system: its sandboxes, breakers and rate limits."""
+
+    def __init__(
+        self,
+        sandboxes: Mapping[str, SandboxBackend],
+        breakers: BreakerBoard,
+        rate_limits: RateLimiterBoard,
+        call_hook: CallHook | None = None,
+    ) -> None:
+        self.sandboxes = sandboxes
+        self.breakers = breakers
+        self.rate_limits = rate_limits
+        self.call_hook = call_hook
+
+    async def call(
+        self,
+        run: RunContext,
+        spec: ToolSpec,
+        args: Mapping[str, Any],
+        *,
+        step_id: int,
+        kind: str,
+        attempt: int,
+        intent: WriteIntent,
+    ) -> Any:
+        """Make one attempt; the tool's result, or ``CallFailure``.
+
+        ``BudgetExceededError`` (the tool's price does not fit) and journal errors
+        propagate: nothing was sent. ``intent`` journals the intent record.
+        """
+        key = idempotency_key(run.run_id, step_id)
+        reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}") if spec.cost_usd else None
+        breaker = self.breakers.get(spec.name)
+        sent = False
+        try:
+            if spec.rate_limit is not None:
+                await self.rate_limits.acquire(spec, spec.timeout)
+            token = breaker.admit()
+            try:
+                intent(StepRecord(step_id, kind, "intent", spec.name, args, key))
+            except BaseException:
+                breaker.release(token)
+                raise
+            call_args = {**args, IDEMPOTENCY_KEY_ARG: key} if spec.accepts_key else args
+            call = ToolCall(spec, call_args, spec.timeout, run.run_id, step_id, kind, attempt)
+            sandbox = self.sandboxes[spec.isolation]
+            sent = True
+            try:
+                if self.call_hook is None:
+                    result = await sandbox.run(call)
+                else:
+                    result = await self.call_hook(call, sandbox, run)
+            except ToolError as exc:
+                # A refusal (bad input, business rule) means the tool is up; only transient failures count.
+                if exc.retryable:
+                    breaker.record_failure(token)
+                else:
+                    breaker.record_success(token)
+                raise
+            except Exception:
+                breaker.record_failure(token)
+                raise
+            except BaseException:  # cancelled: the call proved nothing either way
+                breaker.release(token)
+                raise
+            breaker.record_success(token)
+        except (ToolError, SandboxError) as exc:
+            self._settle(run, reservation, spec, step_id, sent)
+            raise CallFailure(str(exc), retryable=isinstance(exc, ToolError) and exc.retryable, sent=sent) from exc
+        except BaseException:
+            self._settle(run, reservation, spec, step_id, sent)
+            raise
+        self._settle(run, reservation, spec, step_id, True)
+        return result
+
+    @staticmethod
+    def _settle(run: RunContext, reservation: Any, spec: ToolSpec, step_id: int, sent: bool) -> None:
+        """A call that was sent may have been billed; one refused before sending was not."""
+        if reservation is None:
+            return
+        if not sent:
+            reservation.release()
+            return
+        reservation.settle(spec.cost_usd)
+        run.costs.append(CostRecord(kind="tool", cost_usd=spec.cost_usd, tool=spec.name, step_id=step_id))
