@@ -291,6 +291,7 @@ def agentkeel_call_tool(call: ToolCall, sandbox: SandboxBackend, run: RunContext
         awaits it). With no wrapper registered the host calls the sandbox
         directly, so this hook costs nothing when unused.
     """
+    raise NotImplementedError  # a specification: pluggy never calls it
 
 
 # --- evaluator ------------------------------------------------------------------

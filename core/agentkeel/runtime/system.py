@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -250,9 +250,11 @@ class AgentSystem:
         return self._sync(self.run(request))
 
     def resume_sync(self, run_id: str, resolve: Mapping[int, bool] | None = None) -> AgentResponse:
+        """``resume`` from synchronous code."""
         return self._sync(self.resume(run_id, resolve))
 
     def rollback_sync(self, run_id: str) -> AgentResponse:
+        """``rollback`` from synchronous code."""
         return self._sync(self.rollback(run_id))
 
     def close(self) -> None:
@@ -267,7 +269,7 @@ class AgentSystem:
             self._loop.close()
             self._loop = None
 
-    def _sync(self, work: Any) -> Any:
+    def _sync(self, work: Coroutine[Any, Any, AgentResponse]) -> AgentResponse:
         self._check_open()
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
