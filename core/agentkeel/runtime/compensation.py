@@ -27,7 +27,7 @@ from agentkeel.types import PlanStep, StepResult, StepStatus, ToolSpec
 
 if TYPE_CHECKING:
     from agentkeel.context import RunContext
-    from agentkeel.runtime.durable import HeldLease
+    from agentkeel.runtime.lease import HeldLease
 
 
 def compensation_args(compensator: ToolSpec, args: Mapping[str, Any], result: Any) -> dict[str, Any]:

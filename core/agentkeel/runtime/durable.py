@@ -1,23 +1,17 @@
-"""Durable runs: the lease a process holds while it works on a run, and resume,
-rollback, resolve and show, all from the journal.
-
-A lease is held by ``HeldLease``, a context manager: however the work ends
-(returns, raises, is cancelled), the lease is released on exit, so a run is
-never left held for ``lease_ttl_s`` by a process that has stopped working on it.
-"""
+"""Durable runs from the journal: taking a run over, resolving in-doubt steps, and
+rebuilding a run's steps and duration for ``show`` and rollback."""
 
 from __future__ import annotations
 
-from types import TracebackType
+import contextlib
 from typing import TYPE_CHECKING
-
-import time
 
 import attrs
 
-from agentkeel.errors import AgentkeelError, FencedError
-from agentkeel.journal.base import Journal, Lease, RunState, StepRecord
+from agentkeel.errors import AgentkeelError
+from agentkeel.journal.base import Journal, RunState, StepRecord
 from agentkeel.runtime.executor import step_result_from_record
+from agentkeel.runtime.lease import HeldLease
 from agentkeel.types import Plan, RunStatus, StepResult, StepStatus
 
 if TYPE_CHECKING:
@@ -25,42 +19,6 @@ if TYPE_CHECKING:
 
 RESUMABLE = frozenset({RunStatus.RUNNING.value, RunStatus.WAITING.value, RunStatus.IN_DOUBT.value,
                        RunStatus.ROLLING_BACK.value})
-
-
-class HeldLease:
-    """A lease on one run, renewed as work goes on and released on exit."""
-
-    def __init__(self, journal: Journal, lease: Lease, ttl_s: float) -> None:
-        self.journal = journal
-        self.lease = lease
-        self.ttl_s = ttl_s
-
-    def __enter__(self) -> HeldLease:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            self.journal.release(self.lease)
-        except FencedError:
-            if exc is None:
-                raise  # another process took the run over while we thought we held it
-            # an error is already on its way out; the takeover is the lesser news
-
-    def keep(self) -> None:
-        """Renew the lease when half of it has run out."""
-        if time.time() > self.lease.expires_at - self.ttl_s / 2:
-            self.lease = self.journal.renew(self.lease, self.ttl_s)
-
-    def intent(self, record: StepRecord) -> None:
-        self.journal.intent(self.lease, record)
-
-    def outcome(self, record: StepRecord) -> None:
-        self.journal.outcome(self.lease, record)
-
-    def set_status(self, status: RunStatus, detail: str = "", then_status: RunStatus | None = None) -> None:
-        self.journal.set_status(self.lease, status.value, detail, then_status.value if then_status else "")
 
 
 def take(journal: Journal, tools: ToolRegistry, run_id: str, owner: str, ttl_s: float) -> tuple[HeldLease, RunState]:
@@ -72,7 +30,8 @@ def take(journal: Journal, tools: ToolRegistry, run_id: str, owner: str, ttl_s: 
     from agentkeel.planner.plan import plan_from_dict
 
     held = HeldLease(journal, journal.acquire(run_id, owner, ttl_s), ttl_s)
-    with _release_on_error(held):
+    with contextlib.ExitStack() as on_error:
+        on_error.enter_context(held)  # released if anything below raises
         state = journal.load(run_id)  # what the previous holder wrote before losing the lease
         plan = plan_from_dict(state.run.plan)
         needed = {s.tool_name for s in plan.steps} | {r.tool_name for r in state.steps}
@@ -83,19 +42,8 @@ def take(journal: Journal, tools: ToolRegistry, run_id: str, owner: str, ttl_s: 
                 f"run {run_id} needs tools that no loaded plugin provides: {', '.join(missing)}; install or "
                 "enable the plugins that register them (see `agentkeel tools`), then try again"
             )
+        on_error.pop_all()  # the caller holds it now
     return held, state
-
-
-class _release_on_error:  # noqa: N801 - used like a function
-    def __init__(self, held: HeldLease) -> None:
-        self.held = held
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None:
-            self.held.__exit__(exc_type, exc, None)
 
 
 def resolve(held: HeldLease, state: RunState, resolutions: dict[int, bool]) -> list[StepRecord]:

@@ -47,7 +47,7 @@ from agentkeel.types import (
 if TYPE_CHECKING:
     from agentkeel.context import RunContext
     from agentkeel.plugin.facade import Plugins
-    from agentkeel.runtime.durable import HeldLease
+    from agentkeel.runtime.lease import HeldLease
     from agentkeel.types import Plan
 
 ABORTING = (StepStatus.FAILED, StepStatus.DENIED)

@@ -31,8 +31,9 @@ from agentkeel.permissions.gate import visible_tools
 from agentkeel.planner.check import plan_problems
 from agentkeel.planner.plan import PlanTemplate, plan_from_dict
 from agentkeel.runtime.compensation import Compensation, CompensationReport
-from agentkeel.runtime.durable import RESUMABLE, HeldLease, resolve, run_duration, steps_from_journal, take
+from agentkeel.runtime.durable import RESUMABLE, resolve, run_duration, steps_from_journal, take
 from agentkeel.runtime.executor import PlanExecutor, StepRunner, took_effect
+from agentkeel.runtime.lease import HeldLease
 from agentkeel.types import (
     AgentRequest,
     AgentResponse,
@@ -160,7 +161,7 @@ class Pipeline:
             status, message = RunStatus.REJECTED, str(exc)
         except (PlanningError, UnknownModelPriceError, ConfigError) as exc:
             status, message = RunStatus.FAILED, str(exc)
-            config_error = isinstance(exc, (UnknownModelPriceError, ConfigError)) or getattr(exc, "config", False)
+            config_error = isinstance(exc, (UnknownModelPriceError, ConfigError))
         else:
             if status is RunStatus.REJECTED:  # the plan passed every check: run it
                 planning = sum(c.cost_usd for c in run.costs)

@@ -1,0 +1,52 @@
+"""The lease a process holds while it works on a run.
+
+``HeldLease`` is a context manager: however the work ends (returns, raises, is
+cancelled), the lease is released on exit, so a run is never left held for
+``lease_ttl_s`` by a process that has stopped working on it. Every journal
+write of the run goes through it, with the current (renewed) lease.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from agentkeel.errors import FencedError
+from agentkeel.journal.base import Journal, Lease, StepRecord
+from agentkeel.types import RunStatus
+
+
+class HeldLease:
+    """A lease on one run, renewed as work goes on and released on exit."""
+
+    def __init__(self, journal: Journal, lease: Lease, ttl_s: float) -> None:
+        self.journal = journal
+        self.lease = lease
+        self.ttl_s = ttl_s
+
+    def __enter__(self) -> HeldLease:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.journal.release(self.lease)
+        except FencedError:
+            if exc is None:
+                raise  # another process took the run over while we thought we held it
+            # an error is already on its way out; the takeover is the lesser news
+
+    def keep(self) -> None:
+        """Renew the lease when half of it has run out."""
+        if time.time() > self.lease.expires_at - self.ttl_s / 2:
+            self.lease = self.journal.renew(self.lease, self.ttl_s)
+
+    def intent(self, record: StepRecord) -> None:
+        self.journal.intent(self.lease, record)
+
+    def outcome(self, record: StepRecord) -> None:
+        self.journal.outcome(self.lease, record)
+
+    def set_status(self, status: RunStatus, detail: str = "", then_status: RunStatus | None = None) -> None:
+        self.journal.set_status(self.lease, status.value, detail, then_status.value if then_status else "")
