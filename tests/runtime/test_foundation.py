@@ -326,3 +326,26 @@ def test_llm_call_that_timed_out_is_charged_as_an_estimate(openai_server: Any,
         assert [c.estimated for c in response.costs] == [True]
         assert response.total_cost_usd > 0
         assert system.show(response.run_id).total_cost_usd == pytest.approx(response.total_cost_usd)
+
+
+def test_lease_released_when_resume_refuses_a_resolution() -> None:
+    with system_for(plan(("pay", {"order": "i", "amount": 1}))) as system:
+        run_id = system.run_sync(AgentRequest(message="m", user_id="agent")).run_id
+        journal = system.journal
+        lease = journal.acquire(run_id, system.owner, 30)
+        journal.set_status(lease, "running", "")
+        journal.release(lease)
+        with pytest.raises(AgentkeelError, match="not in doubt"):
+            system.resume_sync(run_id, {1: True})
+        assert journal.load(run_id).run.owner == ""
+
+
+def test_schema_cache_is_bounded() -> None:
+    from agentkeel.tools.validation import _CompiledCache
+
+    cache = _CompiledCache(size=8)
+    schemas = [{"type": "object", "properties": {f"p{i}": {"type": "integer"}}} for i in range(50)]
+    for schema in schemas:
+        assert cache.get(schema).schema is schema
+    assert len(cache) == 8
+    assert cache.get(schemas[-1]) is cache.get(schemas[-1])

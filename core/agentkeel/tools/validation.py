@@ -11,6 +11,8 @@ Error messages always come from ``jsonschema``: they name the field.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -83,17 +85,39 @@ def _boolean(compiled: Callable[[Any], Any]) -> Callable[[Any], bool]:
     return is_valid
 
 
-# Schemas live as long as their ToolSpec or Plan; the identity check guards against id reuse.
-_compiled: dict[int, CompiledSchema] = {}
+class _CompiledCache:
+    """Compiled schemas by the identity of the schema object, least recently used
+    dropped past ``size``. A compiled schema depends on the schema alone, never on a
+    configuration, so sharing it between systems is safe; the bound keeps a process
+    that builds many systems (or many plans with ``expect`` schemas) from growing."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._items: OrderedDict[int, CompiledSchema] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, schema: Mapping[str, Any]) -> CompiledSchema:
+        key = id(schema)
+        cached = self._items.get(key)
+        if cached is not None and cached.schema is schema:  # the identity check guards against id reuse
+            return cached
+        compiled = CompiledSchema(schema)
+        with self._lock:
+            self._items[key] = compiled
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return compiled
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_compiled = _CompiledCache()
 
 
 def compiled_schema(schema: Mapping[str, Any]) -> CompiledSchema:
-    cached = _compiled.get(id(schema))
-    if cached is not None and cached.schema is schema:
-        return cached
-    cached = CompiledSchema(schema)
-    _compiled[id(schema)] = cached
-    return cached
+    return _compiled.get(schema)
 
 
 def schema_errors(schema: Mapping[str, Any], value: Any, what: str = "argument") -> list[str]:
