@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from agentkeel.permissions.audit import default_path, verify
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError
+from agentkeel.permissions.audit import default_path, verify
 
 
 @click.group()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from agentkeel.config import Config
+from agentkeel.config import CONFIG_FILENAME, Config
 from agentkeel.types import AgentResponse, RunStatus
 
 if TYPE_CHECKING:
@@ -52,7 +53,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 
 
 def load_config(config_path: str | None) -> Config:
-    config = Config.load(config_path)
+    """The configuration (``ConfigError`` names the bad field); an unreadable file is a usage error."""
+    try:
+        config = Config.load(config_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        where = config_path or os.environ.get("AGENTKEEL_CONFIG") or CONFIG_FILENAME
+        why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+        raise click.ClickException(f"cannot read the configuration file {where}: {why}") from exc
     if config.is_embedded_default:
         click.echo("note: no agentkeel.toml found; using the embedded demo defaults", err=True)
     return config
@@ -147,14 +154,16 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def check_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Click callback: refuse empty or non-UTF-8 text, naming the argument."""
-    if value is None:
-        return None
+def _text(ctx: click.Context, param: click.Parameter, value: str) -> str:
     problem = text_problem(value)
     if problem:
         raise click.BadParameter(problem, ctx=ctx, param=param)
     return value
+
+
+def check_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: refuse empty or non-UTF-8 text, naming the argument."""
+    return None if value is None else _text(ctx, param, value)
 
 
 STDIN_MESSAGE = "-"
@@ -162,11 +171,7 @@ STDIN_MESSAGE = "-"
 
 def check_message(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Click callback for MESSAGE: ``-`` means read it from stdin; otherwise as ``check_text``."""
-    if value == STDIN_MESSAGE:
-        value = read_stdin_text(ctx, param)
-    checked = check_text(ctx, param, value)
-    assert checked is not None
-    return checked
+    return _text(ctx, param, read_stdin_text(ctx, param) if value == STDIN_MESSAGE else value)
 
 
 def read_stdin_text(ctx: click.Context, param: click.Parameter) -> str:
@@ -183,26 +188,16 @@ def read_stdin_text(ctx: click.Context, param: click.Parameter) -> str:
     return text
 
 
-class BudgetType(click.ParamType):
-    """A budget in USD: a finite number >= 0 (``nan`` would switch the cap off, ``inf`` is no cap)."""
+def check_budget(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Click callback for ``--budget``: a finite amount of USD >= 0.
 
-    name = "usd"
-
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
-        return "USD"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, bool):
-            self.fail(f"{value!r} is not an amount of USD", param, ctx)
-        try:
-            amount = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{one_line(str(value))!r} is not a number of USD", param, ctx)
-        if not math.isfinite(amount):
-            self.fail(f"{value!r} is not a finite amount of USD", param, ctx)
-        if amount < 0:
-            self.fail("must not be negative", param, ctx)
-        return amount
-
-
-BUDGET = BudgetType()
+    ``nan`` would switch the cap off (every comparison with it is false) and
+    ``inf`` is no cap at all, so both are refused, like a negative amount.
+    """
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value!r} is not a finite amount of USD", ctx=ctx, param=param)
+    if value < 0:
+        raise click.BadParameter("must not be negative", ctx=ctx, param=param)
+    return value

@@ -79,9 +79,10 @@ def plugins(config_path: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(described)
         return
+    width = max([20, *(len(p["name"]) for p in described)])
     for p in described:
         if p.get("error"):
-            click.echo(f"{p['name']:<20} BROKEN  {p['error']}")
+            click.echo(f"{p['name']:<{width}} BROKEN  {p['error']}")
             continue
         origin = "default" if p["default"] else (p["distribution"] or "registered")
-        click.echo(f"{p['name']:<20} {origin} {p['version'] or ''}  hooks: {', '.join(p['hooks'])}")
+        click.echo(f"{p['name']:<{width}} {origin} {p['version'] or ''}  hooks: {', '.join(p['hooks'])}")

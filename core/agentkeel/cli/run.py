@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from agentkeel.cli.common import (
-    BUDGET,
     build_system,
+    check_budget,
     check_message,
     check_text,
     config_option,
@@ -21,7 +21,7 @@ from agentkeel.types import AgentRequest
 @click.argument("message", callback=check_message)
 @click.option("--user", "user_id", required=True, callback=check_text, help="The principal making the request.")
 @click.option("--session", "session_id", default="default", show_default=True, callback=check_text)
-@click.option("--budget", "budget_usd", type=BUDGET, default=None,
+@click.option("--budget", "budget_usd", type=float, default=None, callback=check_budget,
               help="Budget in USD for this request (a finite amount >= 0).")
 @config_option
 @json_option

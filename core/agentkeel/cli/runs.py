@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import click
 
 from agentkeel.cli.common import (
-    EXIT_CODES,
     build_system,
     check_text,
     config_option,
     echo_json,
     emit_response,
+    exit_code,
     finish,
     json_option,
     load_config,
@@ -100,4 +100,4 @@ def rollback(run_id: str, config_path: str | None, as_json: bool) -> None:
 
     response = asyncio.run(main())
     emit_response(response, as_json, always_message=True)
-    sys.exit(0 if response.status is RunStatus.ROLLED_BACK else EXIT_CODES[response.status])
+    sys.exit(0 if response.status is RunStatus.ROLLED_BACK else exit_code(response))

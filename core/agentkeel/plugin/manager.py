@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import attrs
 import pluggy
 
-from agentkeel import hookspecs
+import agentkeel.hookspecs as hookspecs
 from agentkeel.errors import PluginError
 from agentkeel.markers import PROJECT_NAME
 
