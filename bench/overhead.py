@@ -27,7 +27,7 @@ from agentkeel import AgentRequest, hookimpl, tool
 from agentkeel.testing import ScriptedPlanner, make_system
 
 
-@tool(idempotent=True)
+@tool(idempotent=True, permissions=["bench"])
 async def noop(i: int) -> dict:
     """Do nothing, asynchronously."""
     return {"i": i}
@@ -48,7 +48,7 @@ def wire(k: int) -> dict:
 
 async def measure(k: int, runs: int, warmup: int, journal: str) -> list[float]:
     system = make_system(
-        NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": []}, config={"journal": {"backend": journal}}
+        NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": ["bench"]}, config={"journal": {"backend": journal}}
     )
     times = []
     async with system:

@@ -35,7 +35,7 @@ from agentkeel.types import ToolSpec
 
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
-    index = min(int(round(q * (len(ordered) - 1))), len(ordered) - 1)
+    index = min(round(q * (len(ordered) - 1)), len(ordered) - 1)
     return ordered[index]
 
 

@@ -11,11 +11,10 @@ import asyncio
 import statistics
 import time
 
-from bench_tools import noop
-
-from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 from agentkeel.sandbox.protocol import ToolCall
+from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 from agentkeel.tools.decorator import spec_of
+from bench_tools import noop
 
 
 async def measure(prestart: int, calls: int, spacing_s: float) -> list[float]:

@@ -3,17 +3,22 @@
 Reads one JSON request line on stdin, runs it in a child process, and writes one
 JSON result line on stdout, then exits.  The container is used once.
 
-Request:  {"v": 1, "kind": "tool", "target": "module:qualname", "args": {...},
+Request:  {"v": 2, "kind": "tool", "target": "module:qualname", "args": {...},
            "is_async": false, "deadline_s": 30, "output_limit": 65536,
            "result_limit": 1048576}
-      or  {"v": 1, "kind": "code", "code": "print(1)", "deadline_s": 30, ...}
+      or  {"v": 2, "kind": "code", "code": "print(1)", "deadline_s": 30, ...}
 
-Result:   {"v": 1, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
+Result:   the tool's result envelope (``envelope.py``, next to this file in the
+          image: agentkeel.sandbox.envelope, shared with the subprocess sandbox)
+          plus what this runner observed:
+          {"v": 2, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
            "stderr": "...", "stdout_truncated": false, "stderr_truncated": false,
            "duration_s": 0.01}
-      or  {"v": 1, "ok": false, "error": {"type": T, "message": "..."}, ...}
-with T in: bad_request, import, exception, timeout, oom, output_limit,
-bad_output, result_too_large, killed.
+      or  {"v": 2, "ok": false, "error": {"kind": K, "type": "module.Type",
+           "message": "...", "retryable": false, "traceback": "..."}, ...}
+with K one of envelope.KINDS: the tool's own failures (exception, import,
+bad_request, bad_output, result_too_large, oom) come from the worker; this
+runner adds timeout, output_limit, oom, result_too_large, killed, internal.
 
 A worker child is started at once, before the request arrives, and imports
 the modules named in /opt/agentkeel/preload, so a warm container answers
@@ -29,6 +34,7 @@ PID 1 and this runner; the child's stdout and stderr are captured and capped
 is capped at ``result_limit`` bytes of JSON.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -38,7 +44,21 @@ import threading
 import time
 import traceback
 
-PROTOCOL = 1
+
+def _load_envelope():
+    """The shared result envelope, from the copy of agentkeel/sandbox/envelope.py next to
+    this file (loaded by path: the generic sandbox image has no agentkeel)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "envelope.py")
+    spec = importlib.util.spec_from_file_location("agentkeel_sandbox_envelope", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+envelope = _load_envelope()
+
+PROTOCOL = 2
 MAX_REQUEST = 16 * 1024 * 1024
 WORKDIR = "/work"
 PRELOAD_FILE = "/opt/agentkeel/preload"
@@ -50,6 +70,10 @@ CHILD_ENV = {
     "LANG": "C.UTF-8",
 }
 OOM_FILES = ("/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events")
+# Room for a failure envelope (message and traceback) on top of the result limit.
+ERROR_SLACK = 128 * 1024
+NOT_FOUND_HINT = ("; build the plugin's image with `agentkeel sandbox build PLUGIN` "
+                  "or set image= on the tool")
 
 
 def _harden_self():
@@ -144,13 +168,12 @@ class _Capture(threading.Thread):
 
 
 def _emit(result):
-    out = json.dumps(result, separators=(",", ":"))
-    sys.stdout.write(out + "\n")
+    sys.stdout.write(envelope.dumps(result).decode() + "\n")
     sys.stdout.flush()
 
 
 def _error(kind, message, **extra):
-    return {"v": PROTOCOL, "ok": False, "error": {"type": kind, "message": message}, **extra}
+    return {"v": PROTOCOL, **envelope.failure(kind, message), **extra}
 
 
 class _Child:
@@ -172,7 +195,7 @@ class _Child:
         self.overflow = threading.Event()
         self.out = _Capture(self.proc.stdout, 65536, self._on_overflow)
         self.err = _Capture(self.proc.stderr, 65536, self._on_overflow)
-        self.res = _Capture(os.fdopen(read_fd, "rb"), 1024 * 1024 + 1, lambda: None)
+        self.res = _Capture(os.fdopen(read_fd, "rb"), 1024 * 1024 + ERROR_SLACK + 1, lambda: None)
         for t in (self.out, self.err, self.res):
             t.start()
 
@@ -227,7 +250,7 @@ class _Child:
         out_limit = int(request.get("output_limit", 65536))
         result_limit = int(request.get("result_limit", 1024 * 1024))
         self.out.limit = self.err.limit = out_limit
-        self.res.limit = result_limit + 1
+        self.res.limit = result_limit + ERROR_SLACK + 1
         started = time.monotonic()
         try:
             self.proc.stdin.write(json.dumps(request).encode())
@@ -253,8 +276,9 @@ class _Child:
             return _error("output_limit", "output exceeded %d bytes and the call was stopped" % out_limit, **common)
         if self.oom_before is not None and oom_after is not None and oom_after > self.oom_before:
             return _error("oom", "out of memory: the container's memory limit was reached", **common)
-        if len(self.res.data) > result_limit:
-            return _error("result_too_large", "the tool's result exceeds %d bytes of JSON" % result_limit, **common)
+        if len(self.res.data) > result_limit + ERROR_SLACK:
+            return _error("result_too_large", "the tool's result is more than %d bytes of JSON" % result_limit,
+                          **common)
         if not self.res.data:
             why = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
             if kind == "code" and code >= 0:
@@ -262,11 +286,15 @@ class _Child:
             return _error("killed", "the process ended (%s) without a result" % why, **common)
         try:
             child = json.loads(self.res.data.decode("utf-8"))
-        except ValueError:
+            envelope.decode(child)
+        except ValueError:  # MalformedEnvelopeError included
             return _error("bad_output", "the tool process wrote an unreadable result", **common)
-        if child.get("ok"):
+        if child["ok"]:
+            if len(self.res.data) > result_limit:
+                return _error("result_too_large", "the tool's result is more than %d bytes of JSON" % result_limit,
+                              **common)
             return {"v": PROTOCOL, "ok": True, "value": child.get("value"), **common}
-        return {"v": PROTOCOL, "ok": False, "error": child.get("error"), **common}
+        return {"v": PROTOCOL, "ok": False, "error": child["error"], **common}
 
 
 def _preload():
@@ -305,8 +333,8 @@ def _run_code(code, result_out):
 
 
 def _child(fd, ready_fd):
-    """Import and call the tool; write {"ok", "value"|"error"} as JSON to ``fd``."""
-    result_out = os.fdopen(fd, "w", encoding="utf-8")
+    """Import and call the tool; write its result envelope (see envelope.py) to ``fd``."""
+    result_out = os.fdopen(fd, "wb")
     _preload()
     os.write(ready_fd, b"1")
     os.close(ready_fd)
@@ -318,49 +346,11 @@ def _child(fd, ready_fd):
         pass
     if request.get("kind") == "code":
         return _run_code(request.get("code", ""), result_out)
-    target = request.get("target", "")
-    module_name, _, qualname = target.partition(":")
-    try:
-        import importlib
-
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except ModuleNotFoundError as exc:
-        msg = ("module %r is not installed in this image (%s); build the plugin's image with "
-               "`agentkeel sandbox build PLUGIN` or set image= on the tool" % (module_name, exc))
-        return _write(result_out, {"ok": False, "error": {"type": "import", "message": msg}})
-    except Exception as exc:
-        msg = "cannot load %s: %s: %s" % (target, type(exc).__name__, exc)
-        return _write(result_out, {"ok": False, "error": {"type": "import", "message": msg}})
-    try:
-        value = obj(**request.get("args", {}))
-        if request.get("is_async") or hasattr(value, "__await__"):
-            import asyncio
-
-            async def _await(v):
-                return await v
-
-            value = asyncio.run(_await(value))
-    except MemoryError:
-        return _write(result_out, {"ok": False, "error": {"type": "oom", "message": "out of memory (MemoryError)"}})
-    except BaseException as exc:
-        tb = traceback.format_exc()[-8000:]
-        msg = "%s: %s" % (type(exc).__name__, exc)
-        return _write(result_out, {"ok": False, "error": {"type": "exception", "message": msg[:4000],
-                                                          "exception": type(exc).__name__, "traceback": tb}})
-    try:
-        text = json.dumps({"ok": True, "value": value}, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        msg = "the tool returned a value that is not JSON: %s: %s" % (type(exc).__name__, str(exc)[:500])
-        return _write(result_out, {"ok": False, "error": {"type": "bad_output", "message": msg}})
-    result_out.write(text)
+    result_limit = int(request.get("result_limit", envelope.DEFAULT_MAX_BYTES))
+    payload = envelope.call_tool(str(request.get("target", "")), request.get("args", {}), max_bytes=result_limit,
+                                 not_found_hint=NOT_FOUND_HINT)
+    result_out.write(payload)
     result_out.close()
-
-
-def _write(stream, payload):
-    stream.write(json.dumps(payload))
-    stream.close()
 
 
 def _finish():

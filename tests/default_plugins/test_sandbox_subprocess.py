@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tools_for_tests as tools
 from agentkeel.config import Config
-from agentkeel.sandbox.subprocess import backend as sandbox_subprocess
-from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 from agentkeel.errors import ConfigError, ToolError, ToolTimeoutError
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
+from agentkeel.sandbox.subprocess import backend as sandbox_subprocess
+from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 from agentkeel.tools.decorator import spec_of
 
 # Generous: a loaded CI machine can take a second or more to start an interpreter.
@@ -110,16 +110,19 @@ def test_child_protocol_on_the_command_line() -> None:
     """The runner speaks the documented protocol by itself: one JSON in, one JSON out."""
     request = {"tool": "tools_for_tests:noisy", "args": {}, "sys_path": sys.path}
     done = subprocess.run(
-        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=json.dumps(request).encode(), capture_output=True, timeout=60, check=False
+        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=json.dumps(request).encode(),
+        capture_output=True, timeout=60, check=False,
     )
     assert done.returncode == 0
     assert json.loads(done.stdout) == {"ok": True, "value": {"clean": "yes"}}
     assert b"hello from print" in done.stderr and b"from a grandchild" in done.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=b'{"tool": "no_such_module:f"}', capture_output=True, timeout=60, check=False
+        [sys.executable, "-m", "agentkeel.sandbox.subprocess.child"], input=b'{"tool": "no_such_module:f"}',
+        capture_output=True, timeout=60, check=False,
     )
     error = json.loads(bad.stdout)["error"]
-    assert error["type"] == "RequestError" and "no_such_module" in error["message"] and not error["retryable"]
+    assert error["kind"] == "import" and "no_such_module" in error["message"] and not error["retryable"]
+    assert set(error) == {"kind", "type", "message", "retryable", "traceback"}  # agentkeel.sandbox.envelope
 
 
 async def test_child_has_its_own_session_and_limits(backend: SubprocessBackend) -> None:
@@ -177,7 +180,7 @@ async def test_a_leftover_holding_stderr_does_not_hold_the_result_back(
 
 
 async def test_memory_bomb_is_reported_as_out_of_memory(backend: SubprocessBackend) -> None:
-    with pytest.raises(ToolError, match="ran out of memory.*256 MiB") as info:
+    with pytest.raises(ToolError, match=r"ran out of memory.*256 MiB") as info:
         await backend.run(call(tools.memory_bomb))
     assert info.value.retryable is False
     assert not isinstance(info.value, ToolTimeoutError)
@@ -197,7 +200,7 @@ async def test_open_file_limit_applies(tmp_path: Path) -> None:
     backend = SubprocessBackend(SubprocessSettings(max_open_files=32, prestart=0))
     try:
         assert await backend.run(call(tools.open_many_files, count=10)) == 10
-        with pytest.raises(ToolError, match="OSError: .*Too many open files"):
+        with pytest.raises(ToolError, match=r"OSError: .*Too many open files"):
             await backend.run(call(tools.open_many_files, count=64))
     finally:
         await backend.aclose()
@@ -245,7 +248,8 @@ async def test_secrets_in_the_environment_do_not_reach_the_child(
 
 async def test_pass_env_and_env_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANTED_BY_TOOL", "yes")
-    backend = SubprocessBackend(SubprocessSettings(pass_env=("WANTED_BY_TOOL",), env={"SET_BY_CONFIG": "1"}, prestart=0))
+    settings = SubprocessSettings(pass_env=("WANTED_BY_TOOL",), env={"SET_BY_CONFIG": "1"}, prestart=0)
+    backend = SubprocessBackend(settings)
     try:
         seen = await backend.run(call(tools.read_env, name="WANTED_BY_TOOL"))
         assert seen["value"] == "yes" and "SET_BY_CONFIG" in seen["names"]
@@ -279,7 +283,7 @@ async def test_host_caps_what_it_reads_from_the_result_channel() -> None:
     try:
         with pytest.raises(ToolError, match="wrote more than 10000 bytes of result"):
             await backend.run(call(tools.scribble, size=50_000))
-        with pytest.raises(ToolError, match="output that is not a result .*'xxxxx"):
+        with pytest.raises(ToolError, match=r"output that is not a result .*'xxxxx"):
             await backend.run(call(tools.scribble, size=100))
     finally:
         await backend.aclose()
@@ -347,9 +351,9 @@ def test_settings_from_config() -> None:
     assert backend.settings.memory_mb == 128 and backend.settings.cpu_limit(100.0) == 3
     assert backend.settings.pass_env == ("X",) and backend.settings.prestart == 0
     assert SubprocessBackend.from_config(Config.from_dict({})).settings.cpu_limit(2.5) == 4
-    with pytest.raises(ConfigError, match="sandbox.subprocess.memory_mb"):
+    with pytest.raises(ConfigError, match=r"sandbox\.subprocess\.memory_mb"):
         SubprocessSettings.from_mapping({"memory_mb": "lots"})
-    with pytest.raises(ConfigError, match="sandbox.subprocess.colour: unknown setting"):
+    with pytest.raises(ConfigError, match=r"sandbox\.subprocess\.colour: unknown setting"):
         SubprocessSettings.from_mapping({"colour": "red"})
 
 

@@ -5,8 +5,9 @@ without one they are skipped with the reason; with ``CI=true`` they fail
 instead, so CI can never pass by skipping the sandbox.
 
 Images: the sandbox image and the pycode plugin image are built when missing
-(``.ci/docker-setup.sh`` builds them ahead of time); the abuse-tools image is
-the pycode image plus ``sandbox_testtools/agentkeel_abuse_tools.py``.
+or built from another runner than this checkout's (``.ci/docker-setup.sh``
+builds them ahead of time); the abuse-tools image is the pycode image plus
+``sandbox_testtools/agentkeel_abuse_tools.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ _problem: list[str | None] = []
 def docker_problem() -> str | None:
     """None when the engine answers, else why not (computed once)."""
     if not _problem:
-        from agentkeel.sandbox.docker.client import connect
         from agentkeel.errors import SandboxError
+        from agentkeel.sandbox.docker.client import connect
 
         try:
             connect(timeout=10).close()
@@ -72,17 +73,28 @@ def docker_api() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def pycode_image(docker_api: Any) -> str:
-    """The pycode plugin image (built when missing: slow, once)."""
-    from agentkeel.sandbox.docker.build import build_plugin_image, build_sandbox_image, image_exists
+    """The pycode plugin image (built when missing or stale: slow, once)."""
+    from agentkeel.sandbox.docker.build import (
+        build_plugin_image,
+        build_sandbox_image,
+        image_exists,
+        image_runner_digest,
+        runner_digest,
+    )
     from agentkeel.sandbox.docker.images import SANDBOX_IMAGE, entry_point_plugins, plugin_image
 
     dist = entry_point_plugins().get("pycode")
     if dist is None:
         pytest.fail("agentkeel-pycode is not installed: pip install -e plugins/agentkeel-pycode")
     image = plugin_image("pycode", dist.version)
-    if not image_exists(docker_api, SANDBOX_IMAGE):
+    current = runner_digest()
+
+    def fresh(name: str) -> bool:
+        return image_exists(docker_api, name) and image_runner_digest(docker_api, name) == current
+
+    if not fresh(SANDBOX_IMAGE):
         build_sandbox_image(docker_api, lambda _t: None)
-    if not image_exists(docker_api, image):
+    if not fresh(image):
         build_plugin_image(docker_api, "pycode", lambda _t: None)
     return image
 
@@ -101,10 +113,17 @@ def tools_image(docker_api: Any, pycode_image: str) -> str:
         (context / "agentkeel_abuse_tools.py").write_bytes(source)
         (context / "Dockerfile").write_text(
             f"FROM {pycode_image}\nUSER root\nCOPY agentkeel_abuse_tools.py {purelib}/\n"
-            f"RUN chmod 0644 {purelib}/agentkeel_abuse_tools.py && python3 -m compileall -q {purelib}/agentkeel_abuse_tools.py\n"
+            f"RUN chmod 0644 {purelib}/agentkeel_abuse_tools.py"
+            f" && python3 -m compileall -q {purelib}/agentkeel_abuse_tools.py\n"
             "USER 10001:10001\n"
         )
         docker_build(docker_api, context, [tag], {}, {"io.agentkeel.image": "test"}, lambda _t: None)
+    for old in docker_api.images(name=tag.split(":")[0]):  # earlier versions of the test image
+        if tag not in (old.get("RepoTags") or []):
+            try:
+                docker_api.remove_image(old["Id"], force=False)
+            except Exception:  # noqa: BLE001 - in use by a container of a run still going: keep it
+                pass
     return tag
 
 

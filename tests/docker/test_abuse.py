@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agentkeel.sandbox.docker import DockerBackend, DockerSettings
 from agentkeel.errors import ToolError, ToolTimeoutError
+from agentkeel.sandbox.docker import DockerBackend, DockerSettings
 from agentkeel.sandbox.protocol import ToolCall
 
 pytestmark = pytest.mark.docker
@@ -154,7 +154,7 @@ async def test_non_json_result_is_rejected(backend: DockerBackend, abuse_specs: 
 async def test_oversized_result_is_rejected(backend: DockerBackend, abuse_specs: dict[str, Any]) -> None:
     with pytest.raises(ToolError) as info:
         await call(backend, abuse_specs, "oversized")
-    assert "exceeds" in str(info.value) and info.value.retryable is False
+    assert "more than the limit of" in str(info.value) and info.value.retryable is False
 
 
 async def test_cancelling_the_call_kills_its_container(

@@ -9,9 +9,9 @@ from typing import Any
 
 import attrs
 import pytest
+from agentkeel.errors import SandboxError, ToolError
 from agentkeel.sandbox.docker import DockerBackend, DockerSettings
 from agentkeel.sandbox.docker.labels import LABEL_OWNER, LABEL_SANDBOX, container_labels
-from agentkeel.errors import SandboxError, ToolError
 from agentkeel.sandbox.protocol import ToolCall
 from agentkeel.tools.decorator import spec_of
 
@@ -68,6 +68,20 @@ async def test_tool_exception_carries_the_traceback(backend: DockerBackend, abus
     assert "agentkeel_abuse_tools.py" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["refuses", "refuses_custom", "refuses_async"])
+async def test_a_refusal_in_the_container_stays_not_retryable(
+    backend: DockerBackend, abuse_specs: dict[str, Any], name: str
+) -> None:
+    """ToolError(retryable=False), or any exception with retryable = False, raised in the container."""
+    with pytest.raises(ToolError) as info:
+        await backend.run(ToolCall(abuse_specs[name], {}, 20))
+    assert info.value.retryable is False
+    assert f"tool {name!r} raised " in str(info.value)
+    with pytest.raises(ToolError) as plain:
+        await backend.run(ToolCall(abuse_specs["raises"], {}, 20))
+    assert plain.value.retryable is True  # an ordinary exception may be transient
+
+
 async def test_warm_pool_fills_and_hands_out_each_container_once(
     backend: DockerBackend, abuse_specs: dict[str, Any]
 ) -> None:
@@ -122,11 +136,15 @@ async def test_missing_image_says_how_to_build_it(backend: DockerBackend, abuse_
     assert "agentkeel sandbox build nothere" in str(info.value)
 
 
-async def test_orphans_of_dead_processes_are_swept_at_start(docker_api: Any, abuse_specs: dict[str, Any]) -> None:
+async def test_orphans_of_dead_processes_are_swept_by_the_first_call(
+    docker_api: Any, abuse_specs: dict[str, Any]
+) -> None:
     image = abuse_specs["sandbox_info"].image
     dead_owner = f"{socket.gethostname()}:999999999:1"
-    orphan = docker_api.create_container(image, labels=container_labels(dead_owner, image, pooled=True),
-                                         stdin_open=True, host_config=docker_api.create_host_config(network_mode="none"))
+    orphan = docker_api.create_container(
+        image, labels=container_labels(dead_owner, image, pooled=True), stdin_open=True,
+        host_config=docker_api.create_host_config(network_mode="none"),
+    )
     docker_api.start(orphan["Id"])
     other_host = docker_api.create_container(
         image, labels={LABEL_SANDBOX: "1", LABEL_OWNER: "some-other-host:1:1"},
@@ -134,13 +152,33 @@ async def test_orphans_of_dead_processes_are_swept_at_start(docker_api: Any, abu
     )
     backend = DockerBackend(DockerSettings(pool_size=0))
     try:
-        await backend.start()
+        assert not backend.started
+        await backend.run(ToolCall(abuse_specs["async_add"], {"a": 1, "b": 1}, 20))
+        assert backend.started
         ids = {c["Id"] for c in docker_api.containers(all=True, filters={"label": f"{LABEL_SANDBOX}=1"})}
         assert orphan["Id"] not in ids
         assert other_host["Id"] in ids  # not ours to judge
     finally:
         docker_api.remove_container(other_host["Id"], force=True)
         await backend.aclose()
+
+
+async def test_closing_one_backend_leaves_another_systems_containers_alone(
+    abuse_specs: dict[str, Any], running_containers: Any
+) -> None:
+    """Two systems in one process: each backend removes only its own containers."""
+    image = abuse_specs["sandbox_info"].image
+    first, second = DockerBackend(DockerSettings(pool_size=1)), DockerBackend(DockerSettings(pool_size=1))
+    try:
+        assert await first.prewarm(image) and await second.prewarm(image)
+        kept = first.pool.idle_ids()
+        await second.aclose()
+        running = {c["Id"] for c in running_containers(first.owner)}
+        assert kept <= running
+        assert await first.run(ToolCall(abuse_specs["async_add"], {"a": 2, "b": 3}, 20)) == 5
+    finally:
+        await second.aclose()
+        await first.aclose()
 
 
 async def test_a_pooled_container_that_died_is_skipped(

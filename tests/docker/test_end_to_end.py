@@ -5,19 +5,34 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl
+from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl, tool
+from agentkeel.sandbox.docker import DockerBackend
 from agentkeel.testing import ScriptedPlanner, make_system
 
 pytestmark = pytest.mark.docker
 
 
 class AbuseToolsPlugin:
-    def __init__(self, specs: dict[str, Any]) -> None:
+    def __init__(self, specs: dict[str, Any], names: tuple[str, ...] = ("sandbox_info",)) -> None:
         self.specs = specs
+        self.names = names
 
     @hookimpl
     def agentkeel_register_tools(self, register: Any) -> None:
-        register(self.specs["sandbox_info"])
+        for name in self.names:
+            register(self.specs[name])
+
+
+@tool(idempotent=True, permissions=["sandbox-test"])
+def echo(text: str) -> str:
+    """An in-process tool: a request that uses only it needs no Docker."""
+    return text
+
+
+class EchoPlugin:
+    @hookimpl
+    def agentkeel_register_tools(self, register: Any) -> None:
+        register(echo)
 
 
 async def test_request_runs_docker_tool_and_run_python(
@@ -32,7 +47,7 @@ async def test_request_runs_docker_tool_and_run_python(
              "tool_args": {"code": "import socket; print(sum(range(10)), socket.gethostname())"}},
         ],
     })
-    system = make_system(AbuseToolsPlugin(abuse_specs), planner, principals={"agent": ["code"]},
+    system = make_system(AbuseToolsPlugin(abuse_specs), planner, principals={"agent": ["code", "sandbox-test"]},
                          config={"sandbox": {"docker": {"pool_size": 1}}}, load_entrypoints=True)
     assert system.tools["run_python"].plugin == "pycode"
     async with system:
@@ -70,3 +85,38 @@ def test_cli_runs_docker_tool_and_run_python_each_in_its_own_container(
     answer, hostname = code["stdout"].split()
     assert answer == "42"
     assert hostname != info["hostname"]
+
+
+@pytest.mark.parametrize("name", ["refuses", "refuses_custom"])
+async def test_a_refusal_in_a_container_is_not_retried_and_spares_the_breaker(
+    abuse_specs: dict[str, Any], name: str
+) -> None:
+    """The tools are idempotent, so only ``retryable=False`` coming back from the container stops a retry."""
+    assert abuse_specs[name].idempotent
+    planner = ScriptedPlanner({"reasoning": "", "steps": [{"description": "refuse", "tool_name": name,
+                                                            "tool_args": {}}]})
+    system = make_system(AbuseToolsPlugin(abuse_specs, (name,)), planner, principals={"agent": ["sandbox-test"]},
+                         config={"sandbox": {"docker": {"pool_size": 0}}})
+    async with system:
+        response = await system.run(AgentRequest(message="go", user_id="agent"))
+        step = response.steps[0]
+        assert step.status is StepStatus.FAILED
+        assert step.attempts == 1, step
+        assert system.breakers.get(name).consecutive_failures == 0
+
+
+async def test_a_request_without_docker_tools_starts_no_container(
+    abuse_specs: dict[str, Any], running_containers: Any
+) -> None:
+    planner = ScriptedPlanner({"reasoning": "", "steps": [{"description": "echo", "tool_name": "echo",
+                                                            "tool_args": {"text": "hi"}}]})
+    system = make_system(AbuseToolsPlugin(abuse_specs), EchoPlugin(), planner, principals={"agent": ["sandbox-test"]},
+                         config={"sandbox": {"docker": {"pool_size": 2}}})
+    backend = system.sandboxes["docker"]
+    assert isinstance(backend, DockerBackend)
+    async with system:
+        response = await system.run(AgentRequest(message="go", user_id="agent"))
+        assert response.status is RunStatus.SUCCEEDED, response.to_dict()
+        assert running_containers(backend.owner) == []
+        assert not backend.client.connected  # Docker was never contacted
+    assert running_containers(backend.owner) == []

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from agentkeel.sandbox.docker.settings import DockerSettings, host_config_kwargs, parse_size
 from agentkeel.errors import ConfigError
+from agentkeel.sandbox.docker.settings import DockerSettings, host_config_kwargs, parse_size
 
 
 def test_parse_size() -> None:
@@ -12,7 +12,7 @@ def test_parse_size() -> None:
     assert parse_size("1g", "memory") == 1024**3
     assert parse_size("64MiB", "memory") == 64 * 1024**2
     assert parse_size(4096, "memory") == 4096
-    with pytest.raises(ConfigError, match="sandbox.docker.memory"):
+    with pytest.raises(ConfigError, match=r"sandbox\.docker\.memory"):
         parse_size("lots", "memory")
 
 

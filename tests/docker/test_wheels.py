@@ -24,6 +24,7 @@ def test_repacked_wheel_installs_with_the_stdlib_installer(tmp_path: Path) -> No
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     assert "pluggy/__init__.py" in names
+    assert len(names) == len(set(names))  # a file listed twice in RECORD is written once
     assert any(n.endswith(".dist-info/RECORD") for n in names)
     assert not any(n.endswith(".pyc") for n in names)
     target = tmp_path / "site"

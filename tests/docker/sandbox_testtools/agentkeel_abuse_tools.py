@@ -16,15 +16,16 @@ import time
 from typing import Any
 
 from agentkeel import tool
+from agentkeel.errors import ToolError
 
-DOCKER = {"isolation": "docker", "idempotent": True}
+DOCKER: dict[str, Any] = {"isolation": "docker", "idempotent": True, "permissions": ["sandbox-test"]}
 
 
 def _attempt(fn: Any) -> str:
     try:
         fn()
         return "ok"
-    except Exception as exc:  # the point is to report how the attempt failed
+    except Exception as exc:  # noqa: BLE001 - the point is to report how the attempt failed
         return f"{type(exc).__name__}: {exc}"
 
 
@@ -118,7 +119,7 @@ def exec_from_tmp() -> dict[str, str]:
         target = f"{folder}/mytrue"
         shutil.copy("/bin/true", target)
         os.chmod(target, 0o755)
-        out[folder] = _attempt(lambda: subprocess.run([target], check=True))
+        out[folder] = _attempt(lambda target=target: subprocess.run([target], check=True))
     return out
 
 
@@ -197,6 +198,30 @@ def raises() -> None:
     raise ValueError("tool failed on purpose")
 
 
+class Refusal(Exception):
+    """A business refusal that is not agentkeel's ToolError but says that retrying cannot help."""
+
+    retryable = False
+
+
+@tool(**DOCKER)
+def refuses() -> None:
+    """Refuse for good: retrying cannot help."""
+    raise ToolError("order 1001 was already refunded", retryable=False)
+
+
+@tool(**DOCKER)
+def refuses_custom() -> None:
+    """Refuse with an exception of the tool's own that says it is not retryable."""
+    raise Refusal("the card was declined")
+
+
+@tool(**DOCKER)
+async def refuses_async() -> None:
+    """An async tool that refuses for good."""
+    raise ToolError("the coupon has expired", retryable=False)
+
+
 ALL = [sandbox_info, async_add, network_probe, fork_bomb, memory_bomb, disk_fill, write_outside, exec_from_tmp,
        read_host, docker_socket, infinite_loop, freeze_runner_then_spin, endless_stdout, signal_pid1, non_json,
-       oversized, raises]
+       oversized, raises, refuses, refuses_custom, refuses_async]

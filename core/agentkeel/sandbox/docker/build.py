@@ -3,7 +3,10 @@
 ``build_sandbox_image`` picks its base: ``[sandbox.docker].base_image`` when
 set, else ``python:3.12-slim`` when present locally, else the debootstrap base
 ``agentkeel/base:bookworm`` (built with ``sandbox_images/build-base-image.sh``
-when missing and possible). Builds never pull (``pull=False``).
+when missing and possible). Builds never pull (``pull=False``). Its context
+(``sandbox_context``) is ``sandbox_images/python`` plus the result envelope
+``agentkeel/sandbox/envelope.py``, and the image is labelled with a digest of
+that context (``runner_digest``), so a stale image can be told apart.
 
 ``build_plugin_image`` installs the plugin, agentkeel and their dependencies
 from wheels collected on the host (see ``wheels``) into the sandbox image, and
@@ -12,6 +15,8 @@ labels/tags the result with the plugin's name and version. Blocking functions.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -20,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agentkeel.errors import SandboxError
+from agentkeel.markers import PROJECT_NAME
+from agentkeel.sandbox import envelope
 from agentkeel.sandbox.docker import labels as L
 from agentkeel.sandbox.docker.images import (
     BASE_IMAGE,
@@ -33,7 +41,6 @@ from agentkeel.sandbox.docker.images import (
     plugin_image,
 )
 from agentkeel.sandbox.docker.wheels import PROBE, collect_wheels
-from agentkeel.errors import SandboxError
 
 Echo = Callable[[str], None]
 
@@ -94,14 +101,44 @@ def choose_base(api: Any, configured: str | None, echo: Echo) -> str:
     return BASE_IMAGE
 
 
+def sandbox_context(dest: Path) -> Path:
+    """Write the sandbox image's build context into ``dest`` (created if needed) and return it:
+    ``sandbox_images/python`` and, next to the runner, the envelope module it shares with the host."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(images_dir() / "python", dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copyfile(Path(envelope.__file__), dest / "envelope.py")
+    return dest
+
+
+def runner_digest(context: Path | None = None) -> str:
+    """A digest of the sandbox image's build context (runner, envelope, installer, Dockerfile)."""
+    if context is None:
+        with tempfile.TemporaryDirectory(prefix="agentkeel-context-") as tmp:
+            return runner_digest(sandbox_context(Path(tmp)))
+    digest = hashlib.sha256()
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(context)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def image_runner_digest(api: Any, image: str) -> str | None:
+    """The runner digest an image was built with (plugin images inherit it), None if unlabelled."""
+    labels = (api.inspect_image(image).get("Config") or {}).get("Labels") or {}
+    return labels.get(L.LABEL_RUNNER)
+
+
 def build_sandbox_image(api: Any, echo: Echo, base_image: str | None = None) -> str:
     """Build ``agentkeel/sandbox-python`` (tags ``latest`` and the agentkeel version)."""
     base = choose_base(api, base_image, echo)
     version = agentkeel_version()
     tags = [SANDBOX_IMAGE, f"{SANDBOX_REPO}:{version}"]
-    labels = {L.LABEL_IMAGE_KIND: "sandbox", L.LABEL_AGENTKEEL_VERSION: version, "io.agentkeel.base": base}
     echo(f"building {SANDBOX_IMAGE} from {base}")
-    docker_build(api, images_dir() / "python", tags, {"BASE_IMAGE": base}, labels, echo)
+    with tempfile.TemporaryDirectory(prefix="agentkeel-build-") as tmp:
+        context = sandbox_context(Path(tmp))
+        labels = {L.LABEL_IMAGE_KIND: "sandbox", L.LABEL_AGENTKEEL_VERSION: version, "io.agentkeel.base": base,
+                  L.LABEL_RUNNER: runner_digest(context)}
+        docker_build(api, context, tags, {"BASE_IMAGE": base}, labels, echo)
     return SANDBOX_IMAGE
 
 
@@ -160,18 +197,27 @@ def _build_plugin_context(api: Any, context: Path, dist: PluginDist, echo: Echo)
 
 
 def docker_tool_plugins() -> list[str]:
-    """Names of installed entry-point plugins that register at least one docker tool."""
-    from agentkeel.plugin.manager import Plugins, build_plugin_manager
+    """Names of installed entry-point plugins that register at least one docker tool.
+
+    Reads each entry point's ``agentkeel_register_tools`` directly (no plugin
+    manager, no configuration): what matters is which installed plugins need an
+    image. A plugin that fails to load raises SandboxError naming it.
+    """
     from agentkeel.tools.decorator import spec_of
 
-    plugins = Plugins(build_plugin_manager())
-    installed = entry_point_plugins()
-    found: list[str] = []
-    for name, impl in plugins.each_impl("agentkeel_register_tools"):
-        if name not in installed:
-            continue
-        specs: list[Any] = []
-        impl(register=lambda obj, found=specs: found.append(spec_of(obj)))
-        if any(s is not None and s.isolation == "docker" for s in specs):
-            found.append(name)
-    return sorted(set(found))
+    found: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=PROJECT_NAME):
+        try:
+            plugin = ep.load()
+            hook = getattr(plugin, "agentkeel_register_tools", None)
+            specs: list[Any] = []
+            if hook is not None:
+                hook(register=specs.append)
+        except Exception as exc:
+            raise SandboxError(
+                f"plugin {ep.name!r} failed to load ({type(exc).__name__}: {exc}); fix or uninstall it, "
+                f"or build one plugin's image with `agentkeel sandbox build PLUGIN`"
+            ) from exc
+        if any((spec := spec_of(obj)) is not None and spec.isolation == "docker" for obj in specs):
+            found.add(ep.name)
+    return sorted(found)

@@ -161,28 +161,28 @@ class SandboxContainer:
         """The container's ``State`` (after waiting up to ``wait_s`` for it to exit)."""
         try:
             self.api.wait(self.id, timeout=wait_s)
-        except Exception:
+        except Exception:  # noqa: BLE001 - still running, or gone: inspect tells which
             pass
         try:
             return dict(self.api.inspect_container(self.id).get("State") or {})
-        except Exception:
+        except Exception:  # noqa: BLE001 - a removed container has no state
             return {}
 
     def is_running(self) -> bool:
         try:
             return bool(self.api.inspect_container(self.id)["State"]["Running"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - a container that cannot be inspected is not running
             return False
 
     def destroy(self) -> None:
         """Kill and remove the container and close the socket; never raises."""
         try:
             self.raw_socket.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - destroy never raises
             pass
         try:
             self.sock.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - destroy never raises
             pass
         _force_remove(self.api, self.id)
 
@@ -190,5 +190,5 @@ class SandboxContainer:
 def _force_remove(api: Any, cid: str) -> None:
     try:
         api.remove_container(cid, force=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - already gone, or the daemon is: nothing left to remove
         pass

@@ -8,12 +8,13 @@ through the runner. Blocking.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
 
-from agentkeel.sandbox.docker.build import docker_tool_plugins, image_exists
+from agentkeel.errors import AgentkeelError, SandboxError
+from agentkeel.sandbox.docker.build import docker_tool_plugins, image_exists, image_runner_digest, runner_digest
 from agentkeel.sandbox.docker.client import DAEMON_ADVICE, connect
 from agentkeel.sandbox.docker.images import (
     BASE_IMAGE,
@@ -23,7 +24,6 @@ from agentkeel.sandbox.docker.images import (
     plugin_image,
 )
 from agentkeel.sandbox.docker.labels import LABEL_SANDBOX, owner_alive
-from agentkeel.errors import AgentkeelError, SandboxError
 
 
 @attrs.frozen
@@ -64,9 +64,9 @@ def _image_checks(api: Any) -> Iterator[Check]:
     yield Check("base image", bool(base), ", ".join(base) or "none",
                 "" if base else f"`docker pull {REGISTRY_BASE_IMAGE}`, or without a registry run "
                                 "sandbox_images/build-base-image.sh as root (debootstrap)")
+    current = runner_digest()
     ok = image_exists(api, SANDBOX_IMAGE)
-    yield Check("sandbox image", ok, SANDBOX_IMAGE if ok else f"{SANDBOX_IMAGE} missing",
-                "" if ok else "run `agentkeel sandbox build`")
+    yield _image_check("sandbox image", api, SANDBOX_IMAGE, ok, current, "run `agentkeel sandbox build`")
     try:
         wanted = docker_tool_plugins()
     except AgentkeelError as exc:
@@ -75,9 +75,16 @@ def _image_checks(api: Any) -> Iterator[Check]:
     dists = entry_point_plugins()
     for plugin in wanted:
         image = plugin_image(plugin, dists[plugin].version)
-        ok = image_exists(api, image)
-        yield Check(f"plugin image {plugin}", ok, image if ok else f"{image} missing",
-                    "" if ok else f"run `agentkeel sandbox build {plugin}`")
+        yield _image_check(f"plugin image {plugin}", api, image, image_exists(api, image), current,
+                           f"run `agentkeel sandbox build {plugin}`")
+
+
+def _image_check(name: str, api: Any, image: str, exists: bool, current: str, advice: str) -> Check:
+    if not exists:
+        return Check(name, False, f"{image} missing", advice)
+    if image_runner_digest(api, image) != current:
+        return Check(name, False, f"{image} was built with another runner than this agentkeel's", advice)
+    return Check(name, True, image)
 
 
 def _orphan_check(api: Any) -> Check:
@@ -86,7 +93,7 @@ def _orphan_check(api: Any) -> Check:
     live = len(containers) - len(orphans)
     detail = f"{live} in use by live processes, {len(orphans)} orphaned"
     return Check("containers", not orphans, detail,
-                 "" if not orphans else "they are removed when an agentkeel system starts; or `docker rm -f` them")
+                 "" if not orphans else "they are removed by the next docker call of agentkeel; or `docker rm -f` them")
 
 
 def _round_trip(base_url: str | None) -> Check:
@@ -118,9 +125,9 @@ def _round_trip(base_url: str | None) -> Check:
                  "" if ok else "the sandbox is not hardened as expected: report this as a bug")
 
 
-def pool_state(system: Any) -> dict[str, Any]:
-    """Warm pool state of a running system's docker backend ({} when there is none)."""
-    from agentkeel.sandbox.docker.plugin import backend_for
+def pool_state(sandboxes: Mapping[str, Any]) -> dict[str, Any]:
+    """Warm pool state of the docker backend among a system's ``sandboxes`` ({} when there is none)."""
+    from agentkeel.sandbox.docker.backend import DockerBackend
 
-    backend = backend_for(system)
-    return backend.pool_state() if backend is not None else {}
+    backend = sandboxes.get("docker")
+    return backend.pool_state() if isinstance(backend, DockerBackend) else {}

@@ -15,6 +15,7 @@ generic sandbox image (where only standard-library tools can be imported).
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
 import os
 import re
 from pathlib import Path
@@ -113,20 +114,40 @@ def missing_image_advice(image: str) -> str:
     return "pull or build it, or remove image= from the tool to use its plugin's image"
 
 
-def images_dir() -> Path:
-    """The ``sandbox_images`` directory (Dockerfiles, runner, base-image script).
+IMAGES_PACKAGE = "agentkeel.sandbox_images"
 
-    ``$AGENTKEEL_SANDBOX_IMAGES`` wins; otherwise the directory next to the
-    package in a source checkout. Raises SandboxError when neither exists.
+
+def _is_images_dir(path: Path) -> bool:
+    return (path / "python" / "Dockerfile").is_file() and (path / "python" / "runner.py").is_file()
+
+
+def images_dir() -> Path:
+    """The ``sandbox_images`` directory (Dockerfiles, runner, wheel installer, base-image script).
+
+    ``$AGENTKEEL_SANDBOX_IMAGES`` wins; then the copy installed with agentkeel
+    (package data ``agentkeel/sandbox_images``; in an editable install, the
+    checkout's top-level ``sandbox_images/``); then the folder of a source
+    checkout the package is imported from. Raises SandboxError when none exists.
     """
     env = os.environ.get("AGENTKEEL_SANDBOX_IMAGES")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [parent / "sandbox_images" for parent in here.parents[:5]]
+    if env:
+        if _is_images_dir(Path(env)):
+            return Path(env)
+        raise SandboxError(f"AGENTKEEL_SANDBOX_IMAGES={env} has no python/Dockerfile and python/runner.py")
+    candidates: list[Path] = []
+    try:
+        packaged = importlib.resources.files(IMAGES_PACKAGE)
+    except ModuleNotFoundError:
+        pass
+    else:
+        if isinstance(packaged, Path):  # a folder on disk (not inside a zip file)
+            candidates.append(packaged)
+    checkout = Path(__file__).resolve().parents[4]  # <checkout>/core/agentkeel/sandbox/docker/images.py
+    candidates.append(checkout / "sandbox_images")
     for candidate in candidates:
-        if (candidate / "python" / "Dockerfile").is_file() and (candidate / "python" / "runner.py").is_file():
+        if _is_images_dir(candidate):
             return candidate
     raise SandboxError(
-        "cannot find the sandbox_images directory (Dockerfiles and runner); set AGENTKEEL_SANDBOX_IMAGES "
-        "to the sandbox_images/ folder of an agentkeel source checkout"
+        "cannot find the sandbox images (Dockerfiles and runner) that ship with agentkeel; reinstall "
+        "agentkeel, or set AGENTKEEL_SANDBOX_IMAGES to the sandbox_images/ folder of an agentkeel checkout"
     )

@@ -1,10 +1,12 @@
 """Labels on our containers and images, and the sweep of orphans.
 
-Every container the backend starts carries ``io.agentkeel.sandbox=1`` and an
-owner label naming the host process (``hostname:pid:start-time``). A container
-whose owner process on this host is gone is an orphan of a crashed process and
-is removed at start-up. Containers owned by a live process (another replica on
-the same daemon) or by another host are left alone.
+Every container the backend starts carries ``io.agentkeel.sandbox=1``, an
+owner label naming the host process (``hostname:pid:start-time``) and a label
+naming the backend instance (what its ``aclose`` removes, leaving other systems
+of the same process alone). A container whose owner process on this host is
+gone is an orphan of a crashed process and is removed when a backend starts
+(on its first docker call). Containers owned by a live process (another replica
+on the same daemon) or by another host are left alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ LABEL_PLUGIN_VERSION = "io.agentkeel.plugin.version"
 LABEL_AGENTKEEL_VERSION = "io.agentkeel.version"
 LABEL_POOL = "io.agentkeel.pool"
 LABEL_TOOL = "io.agentkeel.tool"
+LABEL_BACKEND = "io.agentkeel.backend"  # one backend instance: what its aclose removes
+LABEL_RUNNER = "io.agentkeel.runner"  # digest of the runner's build context (images)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +60,12 @@ def owner_alive(owner: str) -> bool | None:
     return current is not None and (started in ("0", current))
 
 
-def container_labels(owner: str, image: str, pooled: bool, tool: str = "") -> dict[str, str]:
+def container_labels(owner: str, image: str, pooled: bool, tool: str = "", backend: str = "") -> dict[str, str]:
     labels = {LABEL_SANDBOX: "1", LABEL_OWNER: owner, LABEL_POOL: "1" if pooled else "0"}
     if tool:
         labels[LABEL_TOOL] = tool
+    if backend:
+        labels[LABEL_BACKEND] = backend
     return labels
 
 
@@ -76,7 +82,7 @@ def sweep_orphans(api: Any) -> list[str]:
         try:
             api.remove_container(info["Id"], force=True)
             removed.append(info["Id"])
-        except Exception as exc:  # already gone, or being removed by the daemon
+        except Exception as exc:  # noqa: BLE001 - already gone, or being removed by the daemon
             log.debug("sweep: could not remove %s: %s", info["Id"][:12], exc)
     if removed:
         log.info("removed %d orphaned sandbox container(s) of crashed agentkeel processes", len(removed))

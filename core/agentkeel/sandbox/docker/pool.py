@@ -81,7 +81,7 @@ class WarmPool:
     def _fill_one(self, image: str) -> None:
         try:
             container = self._launch(image)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a background launch reports in state(), never raises
             with self._lock:
                 self._pending[image] -= 1
                 self._errors[image] = f"{type(exc).__name__}: {exc}"

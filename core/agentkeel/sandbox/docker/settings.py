@@ -20,7 +20,7 @@ from agentkeel.errors import ConfigError
 
 SANDBOX_UID = 10001
 WORKDIR = "/work"
-RUNNER_PROTOCOL = 1
+RUNNER_PROTOCOL = 2  # sandbox_images/python/runner.py PROTOCOL; 2: replies carry agentkeel.sandbox.envelope
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agentkeel.sandbox.docker.images import source_dir
 from agentkeel.errors import SandboxError
+from agentkeel.sandbox.docker.images import source_dir
 
 try:  # packaging ships with pip; agentkeel does not depend on it directly
     from packaging.requirements import Requirement
@@ -102,7 +102,9 @@ def repack(dist: importlib.metadata.Distribution, dest: Path) -> Path:
     version = dist.version
     tags = _wheel_meta(dist).get("Tag") or ["py3-none-any"]
     out = dest / f"{name}-{version}-{tags[0]}.whl"
-    files = [f for f in dist.files or [] if not str(f).startswith("..") and "__pycache__" not in str(f)]
+    # dict.fromkeys: a RECORD may list a file twice (pip adds INSTALLER again); a zip must hold it once
+    listed = dict.fromkeys(dist.files or [])
+    files = [f for f in listed if not str(f).startswith("..") and "__pycache__" not in str(f)]
     info_dirs = {str(f).split("/", 1)[0] for f in files if str(f).split("/", 1)[0].endswith(".dist-info")}
     if len(info_dirs) != 1:
         raise SandboxError(f"cannot repack {dist.metadata['Name']}: its installed files have no single .dist-info")
@@ -236,7 +238,7 @@ def host_target() -> dict[str, Any]:
     """The probe's answer for the host interpreter (used in tests)."""
     libc = platform.libc_ver()
     return {
-        "python_version": "%d.%d" % sys.version_info[:2],
+        "python_version": "{}.{}".format(*sys.version_info[:2]),
         "python_full_version": platform.python_version(),
         "cache_tag": sys.implementation.cache_tag,
         "machine": platform.machine(),

@@ -10,11 +10,12 @@ What it promises:
   spawned) is killed with SIGKILL and ``ToolTimeoutError`` is raised.
   Cancelling the awaiting task kills and reaps the same way. Processes that
   leave the group (``setsid``) escape this; use the "docker" sandbox for them.
-- Arguments and results are JSON. A tool's exception becomes ``ToolError``
-  with its type and message (``retryable`` follows the exception's own
-  ``retryable`` attribute when it has one); running out of memory, a crash, a
-  result that is not JSON or larger than ``max_output_bytes`` are
-  ``ToolError``\\s that say so. Each error carries ``stderr_tail``, the last
+- Arguments and results are JSON; the child answers with the result envelope
+  of ``agentkeel.sandbox.envelope`` (the one the docker runner uses too). A
+  tool's exception becomes ``ToolError`` with its type and message
+  (``retryable`` follows the exception's own ``retryable`` attribute when it
+  has one); running out of memory, a crash, a result that is not JSON or larger
+  than ``max_output_bytes`` are ``ToolError``\\s that say so. Each error carries ``stderr_tail``, the last
   bytes the child wrote to stderr (``print`` output included).
 
 Configuration, ``[sandbox.subprocess]`` in agentkeel.toml: ``memory_mb`` (512),
@@ -44,6 +45,7 @@ import attrs
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError, ToolError, ToolTimeoutError
 from agentkeel.markers import hookimpl
+from agentkeel.sandbox import envelope
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 from agentkeel.types import ToolSpec
 
@@ -421,22 +423,20 @@ class SubprocessBackend:
                 ),
                 tail,
             )
-        envelope = _parse_envelope(output)
-        if envelope is not None:
-            if envelope["ok"]:
-                return envelope.get("value")
-            raise self._with_tail(self._tool_failure(name, envelope["error"]), tail)
+        outcome = _decode(output)
+        if isinstance(outcome, envelope.Success):
+            return outcome.value
+        if isinstance(outcome, envelope.Failure):
+            raise self._with_tail(self._tool_failure(name, outcome), tail)
         raise self._with_tail(self._crash(call, returncode, output, tail), tail)
 
-    def _tool_failure(self, name: str, error: Mapping[str, Any]) -> ToolError:
-        kind = str(error.get("type", "Exception"))
-        message = str(error.get("message", ""))
-        retryable = error.get("retryable", True)
-        if kind == "MemoryError":
+    def _tool_failure(self, name: str, failure: envelope.Failure) -> ToolError:
+        """The child's failure envelope as a ToolError; ``retryable`` as the envelope says."""
+        if failure.kind == envelope.OUT_OF_MEMORY:
             return self._out_of_memory(name)
-        if kind in ("RequestError", "ResultNotJSONError"):
-            return ToolError(f"tool {name!r}: {message}", retryable=False)
-        return ToolError(f"tool {name!r} raised {kind}: {message}", retryable=bool(retryable))
+        if failure.kind == envelope.TIMEOUT:
+            return ToolTimeoutError(failure.describe(f"tool {name!r}"))
+        return ToolError(failure.describe(f"tool {name!r}"), retryable=failure.retryable)
 
     def _out_of_memory(self, name: str) -> ToolError:
         return ToolError(
@@ -467,7 +467,9 @@ class SubprocessBackend:
                 f"(SIGKILL also means the system ran out of memory){where}"
             )
         if returncode:
-            return ToolError(f"tool {name!r}: the child process exited with status {returncode} without a result{where}")
+            return ToolError(
+                f"tool {name!r}: the child process exited with status {returncode} without a result{where}"
+            )
         preview = output[:200].decode("utf-8", "replace")
         return ToolError(
             f"tool {name!r}: the child process wrote output that is not a result ({preview!r}); "
@@ -480,18 +482,14 @@ class SubprocessBackend:
         return error
 
 
-def _parse_envelope(output: bytes) -> dict[str, Any] | None:
+def _decode(output: bytes) -> envelope.Success | envelope.Failure | None:
+    """The child's result envelope; None when it wrote none (a crash) or something else."""
     if not output:
         return None
     try:
-        envelope = json.loads(output)
-    except ValueError:
+        return envelope.decode(output)
+    except envelope.MalformedEnvelopeError:
         return None
-    if not isinstance(envelope, dict) or not isinstance(envelope.get("ok"), bool):
-        return None
-    if not envelope["ok"] and not isinstance(envelope.get("error"), dict):
-        return None
-    return envelope
 
 
 @hookimpl

@@ -13,10 +13,12 @@ Protocol (one call per process):
        "limits": {"memory_mb": 512, "cpu_s": 6, "max_open_files": 256},
        "max_output_bytes": 1048576, "sys_path": [...]}
 
-- stdout: one JSON result, written once at the end::
+- stdout: the call's result envelope, written once at the end (see
+  ``agentkeel.sandbox.envelope``, shared with the docker sandbox's runner)::
 
       {"ok": true, "value": ...}
-      {"ok": false, "error": {"type": "ValueError", "message": "...", "retryable": true}}
+      {"ok": false, "error": {"kind": "exception", "type": "ValueError", "message": "...",
+                              "retryable": true, "traceback": "..."}}
 
 Before any tool code runs (including the import of a tool's module) the child
 applies the resource limits and points file descriptor 1 at stderr so that
@@ -27,37 +29,28 @@ host has called before) is best effort: a module that fails to import is
 imported again, and its error reported, when a request names it. Empty stdin
 (a prestarted child that was never used) exits quietly with status 0.
 
-This module imports nothing from agentkeel, so the runner stays independent of
-the host's state.
+Besides the envelope module (standard library only) this imports nothing from
+agentkeel, so the child stays independent of the host's state. The traceback
+of a failure is also written to stderr, where the host's ``stderr_tail`` keeps it.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import math
 import os
 import resource
 import signal
 import sys
-import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from agentkeel.sandbox import envelope
+
 ALARM_GRACE_S = 2
-DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
-OUT_OF_MEMORY = json.dumps(
-    {"ok": False, "error": {"type": "MemoryError", "message": "out of memory", "retryable": False}}
-).encode()
-
-
-class RequestError(Exception):
-    """The request names a tool that cannot be found or is malformed (never retryable)."""
-
-
-class ResultNotJSONError(Exception):
-    """The tool returned something that JSON cannot represent (never retryable)."""
+DEFAULT_MAX_OUTPUT_BYTES = envelope.DEFAULT_MAX_BYTES
+NOT_FOUND_HINT = "; install the plugin in the same environment as the host"
 
 
 def apply_limits(limits: Mapping[str, Any]) -> None:
@@ -90,99 +83,6 @@ def _set_limit(which: int, soft: int, hard: int) -> None:
     resource.setrlimit(which, (soft, hard))
 
 
-def resolve(qualified_name: str) -> Callable[..., Any]:
-    """The function named ``module:qualname`` (the ``@tool``-decorated function itself)."""
-    module_name, sep, qualname = qualified_name.partition(":")
-    if not sep or not module_name or not qualname:
-        raise RequestError(f"tool reference {qualified_name!r} is not of the form 'module:qualname'")
-    if "<locals>" in qualname or "<lambda>" in qualname:
-        raise RequestError(
-            f"tool {qualified_name!r} is defined inside a function; tools that run in a "
-            f"subprocess must be module-level functions"
-        )
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RequestError(
-            f"cannot import module {module_name!r} in the sandbox child: {exc}; "
-            f"install the plugin in the same environment as the host"
-        ) from exc
-    for part in qualname.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise RequestError(f"module {module_name!r} has no attribute {qualname!r}") from None
-    if not callable(target):
-        raise RequestError(f"{qualified_name!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
-def invoke(fn: Callable[..., Any], args: Mapping[str, Any]) -> Any:
-    """Call ``fn(**args)``; coroutine functions (and returned awaitables) run under ``asyncio.run``."""
-    if inspect.iscoroutinefunction(inspect.unwrap(fn)):
-        import asyncio  # only async tools pay for importing asyncio
-
-        return asyncio.run(fn(**args))
-    result = fn(**args)
-    if inspect.iscoroutine(result):
-        import asyncio
-
-        return asyncio.run(result)
-    return result
-
-
-def _type_name(obj_type: type) -> str:
-    if obj_type.__module__ == "builtins":
-        return obj_type.__qualname__
-    return f"{obj_type.__module__}.{obj_type.__qualname__}"
-
-
-def _not_json(obj: Any) -> Any:
-    raise ResultNotJSONError(
-        f"the tool returned a {_type_name(type(obj))}, which is not JSON; "
-        f"tools run in a subprocess must return JSON values (dict, list, str, number, bool, None)"
-    )
-
-
-def encode_ok(value: Any, max_output_bytes: int) -> bytes:
-    """The success envelope, or ``ResultNotJSONError`` for values JSON cannot carry."""
-    try:
-        data = json.dumps({"ok": True, "value": value}, default=_not_json, allow_nan=False).encode()
-    except ValueError as exc:  # NaN / infinity, circular references
-        raise ResultNotJSONError(f"the tool's result is not valid JSON: {exc}") from None
-    if len(data) > max_output_bytes:
-        raise ResultNotJSONError(
-            f"the tool's result is {len(data)} bytes of JSON, more than the limit of "
-            f"{max_output_bytes} bytes; return a reference (a path, an id) instead of the data"
-        )
-    return data
-
-
-def encode_error(exc: BaseException) -> bytes:
-    """The failure envelope for ``exc``; ``retryable`` follows the exception when it says."""
-    if isinstance(exc, MemoryError):
-        return OUT_OF_MEMORY
-    if isinstance(exc, (RequestError, ResultNotJSONError)):
-        error = {"type": type(exc).__name__, "message": str(exc), "retryable": False}
-    else:
-        retryable = getattr(exc, "retryable", True)
-        error = {
-            "type": _type_name(type(exc)),
-            "message": _describe(exc),
-            "retryable": retryable if isinstance(retryable, bool) else True,
-        }
-    return json.dumps({"ok": False, "error": error}).encode()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SystemExit):
-        return f"the tool called sys.exit({exc.code!r})"
-    try:
-        return str(exc)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
-        return f"<unprintable {type(exc).__name__}>"
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -208,17 +108,16 @@ def preload(modules: list[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except BaseException:  # noqa: BLE001, S110 - the request meets the same error and reports it
+        except BaseException:  # noqa: BLE001 - the request meets the same error and reports it
             pass
 
 
 def run_request(raw: bytes) -> bytes:
-    """Run one request and return the result envelope; never raises for tool failures."""
-    max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES
+    """Run one request and return its result envelope; never raises for tool failures."""
     try:
         request = json.loads(raw)
         if not isinstance(request, dict) or not isinstance(request.get("args", {}), dict):
-            raise RequestError("the request must be a JSON object with an object 'args'")
+            raise envelope.BadRequestError("the request must be a JSON object with an object 'args'")
         max_output_bytes = int(request.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES))
         apply_limits(request.get("limits", {}))
         deadline_s = request.get("deadline_s")
@@ -226,17 +125,14 @@ def run_request(raw: bytes) -> bytes:
             signal.alarm(math.ceil(float(deadline_s)) + ALARM_GRACE_S)
         if request.get("sys_path"):
             sys.path[:] = [str(p) for p in request["sys_path"]]
-        fn = resolve(str(request.get("tool", "")))
-        value = invoke(fn, request.get("args", {}))
-        return encode_ok(value, max_output_bytes)
     except MemoryError:
-        # Prebuilt: the failed frames still hold their memory until this block exits.
-        return OUT_OF_MEMORY
-    except ResultNotJSONError as exc:
-        return encode_error(exc)
-    except BaseException as exc:  # noqa: BLE001 - the tool's failure, whatever it is, becomes the result
-        traceback.print_exc()
-        return encode_error(exc)
+        return envelope.OUT_OF_MEMORY_ENVELOPE
+    except envelope.EnvelopeError as exc:
+        return envelope.encode_exception(exc)
+    except Exception as exc:  # noqa: BLE001 - a request this child cannot apply
+        return envelope.dumps(envelope.failure(envelope.BAD_REQUEST, f"malformed request: {exc}"))
+    return envelope.call_tool(str(request.get("tool", "")), request.get("args", {}), max_bytes=max_output_bytes,
+                              not_found_hint=NOT_FOUND_HINT, stderr=sys.stderr)
 
 
 def main() -> None:
@@ -252,7 +148,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001, S110 - a broken stream must not lose the result
+        except Exception:  # noqa: BLE001 - a broken stream must not lose the result
             pass
     _write_all(result_fd, payload)
     # Skip interpreter shutdown: stray non-daemon threads must not hold the result back.
