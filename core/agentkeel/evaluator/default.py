@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from agentkeel.markers import hookimpl
-from agentkeel.types import PlanStep, ToolSpec, Verdict
 from agentkeel.tools.validation import schema_errors
+from agentkeel.types import PlanStep, ToolSpec, Verdict
 
 
 @hookimpl(trylast=True)

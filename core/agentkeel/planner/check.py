@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agentkeel.types import Plan, ToolSpec
 from agentkeel.tools.validation import args_errors
+from agentkeel.types import Plan, ToolSpec
 
 
 def plan_problems(plan: Plan, tools: Mapping[str, ToolSpec]) -> list[str]:

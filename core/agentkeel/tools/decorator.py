@@ -13,7 +13,6 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
-
 from agentkeel.errors import ToolSpecError
 from agentkeel.types import ToolSpec
 
@@ -134,7 +133,9 @@ def tool(
         tool_name = name or func.__name__
         if not isinstance(isolation, str) or not isolation:
             # Which sandboxes exist is known once plugins are loaded: the registry checks the name.
-            raise ToolSpecError(func.__module__, f"tool {tool_name!r}: isolation must be a sandbox name, got {isolation!r}")
+            raise ToolSpecError(
+                func.__module__, f"tool {tool_name!r}: isolation must be a sandbox name, got {isolation!r}"
+            )
         if isinstance(permissions, str):
             raise ToolSpecError(func.__module__, f"tool {tool_name!r}: permissions must be a list, not a string")
         try:

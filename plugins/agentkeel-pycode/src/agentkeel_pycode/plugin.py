@@ -78,7 +78,7 @@ def run_source(code: str, limit: int = OUTPUT_LIMIT) -> dict[str, Any]:
     }
 
 
-@tool(  # type: ignore[untyped-decorator]
+@tool(
     isolation="docker",
     idempotent=True,
     permissions=["code"],
