@@ -83,7 +83,7 @@ def test_the_wheel_ships_the_sandbox_images_and_every_module(wheel: Path) -> Non
                      if "__pycache__" not in p.parts)
     absent = [m for m in modules if m not in names]
     assert not absent, (
-        f"modules missing from the wheel: {absent}; add their package to [tool.setuptools] packages in pyproject.toml"
+        f"modules missing from the wheel: {absent}; is a package folder missing its __init__.py?"
     )
 
 
