@@ -4,7 +4,6 @@ SIGKILLs, is in tests/durable/."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -28,32 +27,37 @@ class Ledger:
     def agentkeel_register_tools(self, register: Any) -> None:
         ledger = self
 
-        @tool(idempotent=False, rollback="refund")
+        @tool(permissions=["ledger"], idempotent=False, rollback="refund")
         async def charge(amount: float, idempotency_key: str | None = None) -> dict:
             ledger.calls.append("charge")
             assert idempotency_key is not None
             ledger.charges.setdefault(idempotency_key, amount)  # the backend honours the key
             return {"charge_id": idempotency_key, "amount": amount}
 
-        @tool(idempotent=True)
+        @tool(permissions=["ledger"], idempotent=True)
         async def refund(charge_id: str, amount: float) -> dict:
             ledger.calls.append("refund")
             if charge_id not in ledger.refunded:
                 ledger.refunded.append(charge_id)
             return {"refunded": charge_id}
 
-        @tool(idempotent=False)
+        @tool(permissions=["ledger"], idempotent=False)
         async def notify(text: str) -> dict:
             ledger.calls.append("notify")
             ledger.notified.append(text)
             return {"sent": text}
 
-        @tool(idempotent=False)
+        @tool(permissions=["ledger"], idempotent=False)
         async def explode() -> dict:
             ledger.calls.append("explode")
             raise RuntimeError("boom")
 
-        for fn in (charge, refund, notify, explode):
+        @tool(permissions=["ledger"], idempotent=True, cost_usd=0.2)
+        async def fee(text: str) -> dict:
+            ledger.calls.append("fee")
+            return {"paid": text}
+
+        for fn in (charge, refund, notify, explode, fee):
             register(fn)
 
 
@@ -65,20 +69,21 @@ def plan(*steps: dict) -> dict:
     return {"reasoning": "test", "steps": list(steps)}
 
 
-USER = {"u": []}
+USER = {"u": ["ledger"]}
 
 
-def crashed_run(system: Any, wire: dict, *records: StepRecord) -> None:
+def crashed_run(system: Any, wire: dict, *records: StepRecord, **run: Any) -> None:
     """Journal what a process that crashed mid-run leaves behind: run "crashed",
-    ``records`` written, and a lease that has already expired."""
+    ``records`` written, and a lease that has already expired (it was taken an hour
+    ago for a minute: no waiting for time to pass)."""
     from agentkeel.planner.plan import parse_plan
 
+    run.setdefault("budget_usd", None)
     lease = system.journal.create_run(run_id="crashed", user_id="u", session_id="s", message="m",
-                                      principal="u", budget_usd=None, plan=parse_plan(wire).to_dict(),
-                                      owner="elsewhere:1:1", ttl_s=0.001)
+                                      principal="u", plan=parse_plan(wire).to_dict(),
+                                      owner="elsewhere:1:1", ttl_s=-3600.0, **run)
     for record in records:
         (system.journal.intent if record.phase == "intent" else system.journal.outcome)(lease, record)
-    time.sleep(0.01)  # the crashed holder's lease expires
 
 
 async def test_every_step_is_journaled_and_listed() -> None:
@@ -94,7 +99,7 @@ async def test_every_step_is_journaled_and_listed() -> None:
         intent, outcome = state.forward(1)
         assert intent is not None and intent.idempotency_key == f"{response.run_id}:1"
         assert outcome is not None and outcome.result == {"charge_id": f"{response.run_id}:1", "amount": 5}
-        assert [r.run_id for r in system.runs()][0] == response.run_id
+        assert system.runs()[0].run_id == response.run_id  # newest first
         shown = system.show(response.run_id)
         assert [s.status for s in shown.steps] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
         with pytest.raises(RunNotFoundError):
@@ -221,8 +226,64 @@ async def test_operator_resolves_an_in_doubt_step(happened: bool, sent: list[str
         doubt = await system.resume("crashed")
         assert doubt.status is RunStatus.IN_DOUBT
         assert "--resolve 1=done" in doubt.message
-        with pytest.raises(AgentkeelError, match="step 2 .* is not in doubt"):
+        with pytest.raises(AgentkeelError, match=r"step 2 .* is not in doubt"):
             await system.resume("crashed", {2: True})
         response = await system.resume("crashed", {1: happened})
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert ledger.notified == [*sent, "bye"]
+
+
+async def test_an_aborted_run_is_journaled_rolling_back_with_the_status_it_will_end_in() -> None:
+    class Refuses:
+        """Denies notify at call time; records the run as journaled while compensating."""
+
+        def __init__(self) -> None:
+            self.journal: Any = None
+            self.seen: list[tuple[str, str]] = []
+
+        @hookimpl
+        def agentkeel_authorize(self, tool: Any, args: Any) -> Decision | None:
+            if tool.name == "notify" and args is not None:
+                return Decision(False, "notifications are switched off")
+            return None
+
+        @hookimpl
+        def agentkeel_event(self, event: Any) -> None:
+            if event.kind == "step_compensated":
+                run = self.journal.load(event.run_id).run
+                self.seen.append((run.status, run.then_status))
+
+    ledger, refuses = Ledger(), Refuses()
+    wire = plan(step("charge", {"amount": 5}), step("notify", {"text": "hi"}))
+    system = make_system(ledger, refuses, ScriptedPlanner(wire), principals=USER)
+    refuses.journal = system.journal
+    async with system:
+        response = await system.run(AgentRequest(message="pay", user_id="u"))
+        run = system.journal.load(response.run_id).run
+    assert response.status is RunStatus.DENIED, response.message
+    assert [s.status for s in response.steps] == [StepStatus.COMPENSATED, StepStatus.DENIED]
+    assert ledger.refunded == [f"{response.run_id}:1"] and ledger.notified == []
+    assert refuses.seen == [("rolling_back", "denied")]  # while compensating: what it will end as
+    assert (run.status, run.then_status) == ("denied", "")
+
+
+@pytest.mark.parametrize(("planning_usd", "status"), [(0.5, RunStatus.SUCCEEDED), (0.9, RunStatus.BUDGET_EXHAUSTED)])
+async def test_resume_counts_what_planning_already_cost(planning_usd: float, status: RunStatus) -> None:
+    ledger = Ledger()
+    wire = plan(step("fee", {"text": "a"}), step("fee", {"text": "b"}))
+    system = make_system(ledger, ScriptedPlanner(wire), principals=USER)
+    async with system:
+        # Crashed after planning (which cost planning_usd) and step 1 ($0.20), before step 2.
+        crashed_run(
+            system, wire,
+            StepRecord(1, "forward", "intent", "fee", {"text": "a"}, "crashed:1"),
+            StepRecord(1, "forward", "outcome", "fee", {"text": "a"}, "crashed:1", "succeeded", {"paid": "a"},
+                       cost_usd=0.2),
+            budget_usd=1.0, planning_cost_usd=planning_usd,
+        )
+        response = await system.resume("crashed")
+        shown = system.show("crashed")
+    assert response.status is status, response.message
+    assert ledger.calls == (["fee"] if status is RunStatus.SUCCEEDED else [])
+    spent_steps = 0.2 + (0.2 if status is RunStatus.SUCCEEDED else 0.0)
+    assert shown.total_cost_usd == pytest.approx(planning_usd + spent_steps)

@@ -75,9 +75,15 @@ async def test_every_tier_hallucinating_runs_nothing(openai_server_env: Scripted
         openai_server_env.queue(bad)
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="sort out order 1003", user_id="agent-42"))
+        # A refused request is journaled too, with what planning it cost.
+        shown = system.show(response.run_id)
+        [listed] = [r for r in system.runs() if r.run_id == response.run_id]
     assert response.status is RunStatus.REJECTED
     assert "wire_money" in response.message
     assert not Path(os.environ["AGENTKEEL_SHOP_DB"]).exists()  # no tool touched the shop
+    assert len(response.costs) == 4 and response.total_cost_usd > 0
+    assert shown.status is RunStatus.REJECTED and shown.steps == ()
+    assert shown.total_cost_usd == listed.planning_cost_usd == response.total_cost_usd
 
 
 def test_cli_with_llm_planner_in_a_subprocess(openai_server: ScriptedOpenAIServer, tmp_path: Path) -> None:

@@ -199,18 +199,52 @@ async def test_defect1_spending_is_recorded_and_the_budget_bites() -> None:
 
 async def test_defect6_evaluator_and_recovery_are_called() -> None:
     class Strict:
+        """Rejects every refund, and the first lookup result."""
+
+        def __init__(self) -> None:
+            self.rejected_lookups = 0
+
         @hookimpl
         def agentkeel_evaluate(self, tool: Any, result: Any) -> Verdict | None:
             if tool.name == "refund":
                 return Verdict(False, 0.1, "refund id looks wrong")
+            if tool.name == "lookup" and self.rejected_lookups == 0:
+                self.rejected_lookups += 1
+                return Verdict(False, 0.2, "stale order data")
             return None
 
-    shop = Shop()
+    class RecoverySpy:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, int, bool]] = []
+
+        @hookimpl(tryfirst=True)
+        def agentkeel_recover(self, tool: Any, error: str, attempt: int, retryable: bool) -> None:
+            self.asked.append((tool.name, attempt, retryable))
+            return None  # abstain: the default recovery decides
+
+    # A retry-safe tool whose result is rejected: recovery is asked, and it is retried.
+    shop, strict, spy = Shop(), Strict(), RecoverySpy()
+    planner = ScriptedPlanner(plan(step("lookup", {"order_id": "1"})))
+    system = make_system(shop, planner, strict, spy, principals=AGENT, config={"retry": {"base_delay_s": 0.0}})
+    retried = await run(system)
+    assert retried.status is RunStatus.SUCCEEDED, retried.message
+    assert shop.calls == {"lookup": 2}
+    assert retried.steps[0].attempts == 2
+    assert spy.asked == [("lookup", 1, True)]
+
+    # A tool that is not retry-safe: it ran, its effect stands. The step fails at once, with its
+    # result and the failed verdict; neither a retry nor the fallback may repeat the effect.
+    shop, spy = Shop(), RecoverySpy()
     planner = ScriptedPlanner(plan(step("refund", {"order_id": "1", "amount": 1})))
-    response = await run(make_system(shop, planner, Strict(), principals=AGENT))
-    # The result was rejected; refund is not retry-safe, so its fallback ran instead.
-    assert shop.calls == {"refund": 1, "refund_by_ticket": 1}
-    assert response.steps[0].tool_name == "refund_by_ticket"
+    response = await run(make_system(shop, planner, Strict(), spy, principals=AGENT))
+    assert shop.calls == {"refund": 1}
+    assert spy.asked == []
+    assert response.status is RunStatus.FAILED
+    [refund] = response.steps
+    assert (refund.tool_name, refund.status, refund.attempts) == ("refund", StepStatus.FAILED, 1)
+    assert refund.result == {"refund_id": "r-1", "amount": 1}
+    assert refund.verdict == Verdict(False, 0.1, "refund id looks wrong")
+    assert "refund is not retry-safe" in (refund.error or "")
 
 
 async def test_step_expectation_is_checked() -> None:
@@ -223,11 +257,13 @@ async def test_step_expectation_is_checked() -> None:
     assert shop.calls["lookup"] == 2
 
 
-async def test_defect11_runs_without_a_memory_manager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AGENTKEEL_DISABLE_PLUGINS", "memory_sqlite")
+@pytest.mark.parametrize("name", ["memory_sqlite", "agentkeel.memory.sqlite"])  # the old name still works
+async def test_defect11_runs_without_a_memory_manager(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv("AGENTKEEL_DISABLE_PLUGINS", name)
     shop = Shop()
     system = make_system(shop, ScriptedPlanner(refund_if_shipped("1")), principals=AGENT)
-    assert system.plugins.pm.get_plugin("memory_sqlite") is None
+    assert system.plugins.pm.get_plugin("agentkeel.memory.sqlite") is None
+    assert not system.plugins.hook.agentkeel_load_context.get_hookimpls()
     response = await run(system)
     assert response.status is RunStatus.SUCCEEDED
 
@@ -253,6 +289,7 @@ async def test_no_planner_answer_is_a_clear_failure(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     response = await run(make_system(Shop(), principals=AGENT), message="something no template knows")
     assert response.status is RunStatus.FAILED
+    assert response.config_error  # the configuration's fault: the CLI exits 2
     assert "no plan template matched" in response.message
 
 
@@ -270,7 +307,9 @@ async def test_per_tool_timeout_override_from_config() -> None:
             register(slow)
 
     planner = ScriptedPlanner(plan(step("slow", {})))
-    system = make_system(Slow(), planner, config={"tools": {"slow": {"timeout": 0.05}}})
+    # slow declares no permissions: only a principal that lists it may call it.
+    system = make_system(Slow(), planner, config={"principals": {"tester": {"permissions": [], "tools": ["slow"]}},
+                                                  "tools": {"slow": {"timeout": 0.05}}})
     assert system.tools["slow"].timeout == 0.05
     response = await run(system, user="tester")
     assert response.status is RunStatus.FAILED
@@ -295,6 +334,6 @@ async def test_memory_turns_reach_the_next_plan() -> None:
         await system.run(AgentRequest(message="second question", user_id="agent", session_id="s1"))
         await system.run(AgentRequest(message="other session", user_id="agent", session_id="s2"))
     assert seen[0].turns == ()
-    assert [t["content"] for t in seen[1].turns][0] == "first question"
+    assert seen[1].turns[0]["content"] == "first question"
     assert seen[1].turns[1]["role"] == "assistant"
     assert seen[2].turns == ()

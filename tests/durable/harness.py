@@ -222,7 +222,8 @@ def plan_step(step: int, kind: str) -> dict[str, Any]:
     tag = f"s{step}"
     order = ORDER_IDS[step % len(ORDER_IDS)]
     if kind == "lookup":
-        return {"description": f"look up {order}", "tool_name": "h_lookup", "tool_args": {"order_id": order, "tag": tag}}
+        return {"description": f"look up {order}", "tool_name": "h_lookup",
+                "tool_args": {"order_id": order, "tag": tag}}
     if kind == "refund":  # small distinct amounts: never more than an order's total
         amount = round(1.0 + step / 100, 2)
         return {"description": f"refund {amount} on {order}", "tool_name": "h_refund",

@@ -44,7 +44,8 @@ RANDOM_SEED = 20240604
 
 
 def _matrix() -> list[Any]:
-    cases = [pytest.param(name, (point,), id=f"{name}-{point}") for name in PLANS for point in crash_points(PLANS[name])]
+    cases = [pytest.param(name, (point,), id=f"{name}-{point}")
+             for name in PLANS for point in crash_points(PLANS[name])]
     rng = random.Random(RANDOM_SEED)
     for i in range(RANDOM_CASES):
         name = rng.choice(sorted(PLANS))

@@ -32,7 +32,7 @@ from agentkeel.errors import (
     RunNotFoundError,
 )
 from agentkeel.journal.base import Lease, StepRecord, make_owner
-from agentkeel.types import StepStatus
+from agentkeel.types import RunStatus, StepStatus
 
 from tests.journal.conformance_processes import ProcessConformance
 from tests.journal.helpers import (
@@ -76,6 +76,7 @@ class JournalConformance(ProcessConformance):
         assert (run.status, run.detail, run.owner, run.epoch) == ("running", "", ALICE, 1)
         assert run.created_at == run.updated_at == clock.now
         assert run.lease_expires_at == lease.expires_at
+        assert (run.planning_cost_usd, run.then_status) == (0.0, "")  # the defaults
         assert journal.load("run-1").steps == ()
         other = journal.load("run-2").run
         assert other.budget_usd is None
@@ -142,6 +143,51 @@ class JournalConformance(ProcessConformance):
         journal.set_status(lease, StepStatus.FAILED)
         assert journal.load("run-1").run.status == "failed"
         assert journal.load("run-1").run.detail == ""
+
+    def test_planning_cost_round_trips(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        new_run(journal, planning_cost_usd=0.012345678901)
+        new_run(journal, "run-2", planning_cost_usd=2)  # an int is stored as a float
+        run = journal.load("run-1").run
+        assert run.planning_cost_usd == 0.012345678901 and type(run.planning_cost_usd) is float
+        other = journal.load("run-2").run
+        assert other.planning_cost_usd == 2.0 and type(other.planning_cost_usd) is float
+        listed = {r.run_id: r.planning_cost_usd for r in journal.list_runs()}
+        assert listed == {"run-1": 0.012345678901, "run-2": 2.0}
+
+    def test_then_status_is_set_with_the_status_and_cleared_by_the_next(
+        self, make_journal: MakeJournal
+    ) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, planning_cost_usd=0.5)
+        clock.advance(2)
+        journal.set_status(lease, "rolling_back", "step 3 failed", then_status="failed")
+        run = journal.load("run-1").run
+        assert (run.status, run.detail, run.then_status) == ("rolling_back", "step 3 failed", "failed")
+        assert run.updated_at == clock.now
+        assert run.planning_cost_usd == 0.5  # a status change leaves the planning cost alone
+        assert [r.then_status for r in journal.list_runs()] == ["failed"]
+        journal.set_status(lease, RunStatus.ROLLING_BACK, "asked to", then_status=RunStatus.ROLLED_BACK)
+        run = journal.load("run-1").run
+        assert (run.status, run.then_status) == ("rolling_back", "rolled_back")
+        assert type(run.then_status) is str  # enum members are stored as their value
+        journal.set_status(lease, "failed", "done")
+        assert journal.load("run-1").run.then_status == ""
+
+    def test_a_fenced_set_status_leaves_then_status_alone(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        stale = new_run(journal, ttl_s=10)
+        journal.set_status(stale, "rolling_back", "aborting", then_status="denied")
+        clock.advance(11)
+        fresh = journal.acquire("run-1", BOB)
+        with pytest.raises(FencedError):
+            journal.set_status(stale, "rolling_back", "stale", then_status="rolled_back")
+        run = journal.load("run-1").run
+        assert (run.status, run.detail, run.then_status) == ("rolling_back", "aborting", "denied")
+        journal.set_status(fresh, "rolling_back", "resumed", then_status="denied")
+        assert journal.load("run-1").run.then_status == "denied"
 
     # --- steps ------------------------------------------------------------------------
 

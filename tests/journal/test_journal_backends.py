@@ -121,3 +121,35 @@ def test_a_locked_database_is_reported_as_a_store_error(tmp_path: Path) -> None:
     assert len(journal.load("run-1").steps) == 1
     assert journal.load("run-1").run.owner == ALICE
     journal.close()
+
+
+def test_migration_3_adds_the_planning_cost_and_then_status_to_existing_runs(tmp_path: Path) -> None:
+    """A file written before migration 3 opens with its runs intact and the new fields defaulted."""
+    assert [m.version for m in MIGRATIONS[:3]] == [1, 2, 3]
+    old = open_db(tmp_path, migrations=MIGRATIONS[:2])
+    try:
+        assert schema_version(old) == 2
+        old.execute(
+            "INSERT INTO runs (run_id, user_id, session_id, message, principal, budget_usd, plan, status, "
+            "detail, created_at, updated_at, owner, epoch, lease_expires_at) "
+            "VALUES ('old-run', 'u', 's', 'm', 'p', 1.5, '{}', 'rolling_back', 'aborting', 1.0, 2.0, '', 3, 0)"
+        )
+    finally:
+        old.close()
+    journal = SQLiteJournal(tmp_path)
+    try:
+        run = journal.load("old-run").run
+        assert (run.status, run.detail, run.epoch, run.budget_usd) == ("rolling_back", "aborting", 3, 1.5)
+        assert (run.planning_cost_usd, run.then_status) == (0.0, "")
+        lease = journal.acquire("old-run", ALICE)
+        journal.set_status(lease, "rolling_back", "resumed", then_status="failed")
+        assert journal.load("old-run").run.then_status == "failed"
+    finally:
+        journal.close()
+    conn = open_db(tmp_path)
+    try:
+        assert schema_version(conn) == len(MIGRATIONS)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        assert {"planning_cost_usd", "then_status"} <= columns
+    finally:
+        conn.close()

@@ -1,4 +1,4 @@
-"""The SQLite memory manager and the shared store helper, against real SQLite files."""
+"""The SQLite memory manager against real SQLite files (one plugin instance per system)."""
 
 from __future__ import annotations
 
@@ -12,37 +12,35 @@ import pluggy
 import pytest
 from agentkeel import hookspecs
 from agentkeel.config import Config
-from agentkeel.memory import sqlite as memory_sqlite
 from agentkeel.errors import ConfigError
 from agentkeel.markers import PROJECT_NAME
-from agentkeel.plugin.manager import Plugins
-from agentkeel.stores import (
-    DB_FILENAME,
-    MIGRATIONS,
-    ConnectionCache,
-    Migration,
-    StoreError,
-    open_db,
-    schema_version,
-)
+from agentkeel.memory import sqlite as memory_sqlite
+from agentkeel.memory.sqlite import SQLiteMemory
+from agentkeel.plugin.facade import Plugins
+from agentkeel.plugin.manager import LoadedPlugins
+from agentkeel.stores import DB_FILENAME
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext, RunStatus
 
 
-@pytest.fixture(autouse=True)
-def _fresh_connections() -> Iterator[None]:
-    memory_sqlite.close_connections()
-    yield
-    memory_sqlite.close_connections()
+@pytest.fixture
+def memory() -> Iterator[SQLiteMemory]:
+    plugin = SQLiteMemory()
+    yield plugin
+    plugin.close_connections()
+
+
+def plugins_with(memory: SQLiteMemory) -> Plugins:
+    """A plugin manager holding only ``memory``, checked against the hookspecs."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    pm.register(memory, name="agentkeel.memory.sqlite")
+    pm.check_pending()
+    return Plugins(LoadedPlugins(pm))
 
 
 @pytest.fixture
-def plugins() -> Plugins:
-    """A plugin manager holding only the memory plugin, checked against the hookspecs."""
-    pm = pluggy.PluginManager(PROJECT_NAME)
-    pm.add_hookspecs(hookspecs)
-    pm.register(memory_sqlite, name="memory_sqlite")
-    pm.check_pending()
-    return Plugins(pm)
+def plugins(memory: SQLiteMemory) -> Plugins:
+    return plugins_with(memory)
 
 
 def make_config(
@@ -194,7 +192,7 @@ def test_invalid_limit_is_named_and_falls_back(
     bad: Any,
 ) -> None:
     config = make_config(tmp_path, {"recent_turns": bad}, monkeypatch)
-    with pytest.raises(ConfigError, match="plugins.memory.recent_turns"):
+    with pytest.raises(ConfigError, match=r"plugins\.memory\.recent_turns"):
         memory_sqlite.recent_turns(config)
 
     exchange(plugins, config, "q", "a")
@@ -203,12 +201,14 @@ def test_invalid_limit_is_named_and_falls_back(
     assert "recent_turns" in caplog.text
 
 
-def test_startup_rejects_an_invalid_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    class FakeSystem:  # only the attribute the hook reads
-        config = make_config(tmp_path, {"recent_turns": -3}, monkeypatch)
-
-    with pytest.raises(ConfigError):
-        memory_sqlite.agentkeel_startup(system=FakeSystem())  # type: ignore[arg-type]
+def test_startup_rejects_an_invalid_limit(
+    plugins: Plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path, {"recent_turns": -3}, monkeypatch)
+    with pytest.raises(ConfigError, match=r"plugins\.memory\.recent_turns"):
+        plugins.startup(config=config, tools={}, sandboxes={}, system=None)
+    assert plugins.startup(config=make_config(tmp_path, {"recent_turns": 3}), tools={}, sandboxes={},
+                           system=None) == []
 
 
 def test_follows_the_home_directory(
@@ -245,10 +245,10 @@ def test_corrupted_database_gives_empty_context_and_a_warning(
 
 
 def test_database_damaged_after_it_was_opened(
-    plugins: Plugins, config: Config, caplog: pytest.LogCaptureFixture
+    memory: SQLiteMemory, plugins: Plugins, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     exchange(plugins, config, "before", "damage")
-    memory_sqlite.close_connections()
+    memory.close_connections()
     for name in (DB_FILENAME, DB_FILENAME + "-wal", DB_FILENAME + "-shm"):
         path = config.home / name
         if path.exists():
@@ -269,80 +269,39 @@ def test_unopenable_home_gives_empty_context(
     assert "without memory" in caplog.text
 
 
-def test_shutdown_closes_and_later_calls_reopen(plugins: Plugins, config: Config) -> None:
+def test_shutdown_closes_and_later_calls_reopen(
+    memory: SQLiteMemory, plugins: Plugins, config: Config
+) -> None:
     exchange(plugins, config, "q", "a")
-    assert len(memory_sqlite._connections) == 1
+    assert len(memory._connections) == 1
 
-    plugins.shutdown(system=object())
+    plugins.shutdown(config=config, tools={}, sandboxes={}, system=None)
 
-    assert len(memory_sqlite._connections) == 0
+    assert len(memory._connections) == 0
     assert len(load(plugins, config).turns) == 2
 
 
-# --- the shared store helper ------------------------------------------------------
-
-
-def test_open_db_uses_wal_and_migrates_once(tmp_path: Path) -> None:
-    first = open_db(tmp_path / "h")
-    second = open_db(tmp_path / "h")
+def test_each_instance_has_its_own_connections(memory: SQLiteMemory, config: Config) -> None:
+    """One plugin instance per system: closing one system's memory leaves another's open."""
+    other = SQLiteMemory()
     try:
-        assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert first.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
-        assert schema_version(first) == schema_version(second) == len(MIGRATIONS)
-        tables = {
-            r[0] for r in second.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
-        assert "memory_turns" in tables
+        mine, theirs = plugins_with(memory), plugins_with(other)
+        exchange(mine, config, "q", "a")
+        assert [t["content"] for t in load(theirs, config).turns] == ["q", "a"]  # same file
+        assert len(memory._connections) == len(other._connections) == 1
+        memory.close_connections()
+        assert len(memory._connections) == 0 and len(other._connections) == 1
+        exchange(theirs, config, "still", "open")
+        assert len(load(mine, config).turns) == 4
     finally:
-        first.close()
-        second.close()
+        other.close_connections()
 
 
-def test_later_migrations_apply_to_an_existing_file(tmp_path: Path) -> None:
-    open_db(tmp_path).close()
-    extra = (
-        *MIGRATIONS,
-        Migration(len(MIGRATIONS) + 1, "journal", ("CREATE TABLE journal_x (k TEXT)",)),
-    )
+def test_the_default_plugin_is_one_instance_per_system() -> None:
+    from agentkeel.testing import make_system
 
-    conn = open_db(tmp_path, migrations=extra)
-    try:
-        assert schema_version(conn) == len(extra)
-        conn.execute("INSERT INTO journal_x VALUES ('ok')")
-    finally:
-        conn.close()
-
-    with pytest.raises(StoreError, match="newer than this agentkeel knows"):
-        open_db(tmp_path)
-
-
-def test_a_failing_migration_leaves_the_version_unchanged(tmp_path: Path) -> None:
-    broken = (
-        *MIGRATIONS,
-        Migration(len(MIGRATIONS) + 1, "bad", ("CREATE TABLE ok_t (x)", "NOT SQL")),
-    )
-    with pytest.raises(sqlite3.OperationalError):
-        open_db(tmp_path, migrations=broken)
-    conn = open_db(tmp_path)
-    try:
-        assert schema_version(conn) == len(MIGRATIONS)
-        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'ok_t'").fetchone() is None
-    finally:
-        conn.close()
-
-
-def test_migration_versions_must_be_contiguous(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="no gaps"):
-        open_db(tmp_path, migrations=(Migration(2, "x", ()),))
-
-
-def test_connection_cache_keys_by_path(tmp_path: Path) -> None:
-    cache = ConnectionCache()
-    try:
-        a = cache.get(tmp_path / "a")
-        assert cache.get(tmp_path / "a" / ".." / "a") is a
-        assert cache.get(tmp_path / "b") is not a
-        cache.discard(tmp_path / "a")
-        assert cache.get(tmp_path / "a") is not a
-    finally:
-        cache.close_all()
+    with make_system() as one, make_system() as two:
+        first = one.plugins.pm.get_plugin("agentkeel.memory.sqlite")
+        second = two.plugins.pm.get_plugin("agentkeel.memory.sqlite")
+    assert isinstance(first, SQLiteMemory) and isinstance(second, SQLiteMemory)
+    assert first is not second

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentkeel.cli.audit import audit
+from agentkeel.config import Config
 from agentkeel.permissions.audit import (
     GENESIS,
     RECORD_FIELDS,
@@ -21,8 +23,6 @@ from agentkeel.permissions.audit import (
     line_hash,
     verify,
 )
-from agentkeel.cli.audit import audit
-from agentkeel.config import Config
 from agentkeel.types import AuditRecord
 from click.testing import CliRunner
 

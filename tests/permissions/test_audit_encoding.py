@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
+from agentkeel.permissions.audit import canonical, record_text
 from hypothesis import given
 from hypothesis import strategies as st
-
-from agentkeel.permissions.audit import canonical, record_text
 
 text = st.text(max_size=30)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import socket
+from collections.abc import Mapping
 from typing import Any
 
 import pluggy
@@ -11,14 +12,15 @@ import pytest
 from agentkeel import hookspecs
 from agentkeel.config import Config
 from agentkeel.context import RunContext
-from agentkeel.cost.budget import Budget, Pricer
 from agentkeel.cost import pricing
-from agentkeel.planner import llm as planner_llm
-from agentkeel.errors import BudgetExceededError, PlanningError, PlanRejectedError
+from agentkeel.cost.budget import Budget, Pricer
+from agentkeel.errors import BudgetExceededError, ConfigError, PlanningError, PlanRejectedError
 from agentkeel.markers import PROJECT_NAME
-from agentkeel.plugin.manager import Plugins
+from agentkeel.planner.llm import LLMPlanner, plan_with_tiers
+from agentkeel.plugin.facade import Plugins
+from agentkeel.plugin.manager import LoadedPlugins
 from agentkeel.testing.server import ScriptedOpenAIServer
-from agentkeel.tools.decorator import tool
+from agentkeel.tools.decorator import spec_of, tool
 from agentkeel.types import AgentRequest, CostRecord, MemoryContext, Principal, ToolSpec, Usage
 
 
@@ -38,7 +40,7 @@ def wipe_database() -> None:
 
 
 TOOLS: dict[str, ToolSpec] = {
-    f.__agentkeel_tool__.name: f.__agentkeel_tool__ for f in (lookup_order, issue_refund)
+    spec.name: spec for spec in (spec_of(lookup_order), spec_of(issue_refund)) if spec is not None
 }
 
 GOOD_PLAN = {
@@ -67,13 +69,6 @@ FAST = {"input_per_mtok": 1.0, "output_per_mtok": 4.0}
 STRONG = {"input_per_mtok": 10.0, "output_per_mtok": 40.0}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_capabilities() -> Iterator[None]:
-    planner_llm.forget_json_schema_support()
-    yield
-    planner_llm.forget_json_schema_support()
-
-
 def make_run(
     base_url: str | None,
     *,
@@ -98,24 +93,33 @@ def make_run(
         **(extra or {}),
     }
     config = Config.from_dict(data, "<test>")
-    pm = pluggy.PluginManager(PROJECT_NAME)
-    pm.add_hookspecs(hookspecs)
-    pm.register(pricing)
     request = AgentRequest(message=message, user_id="tester")
     return RunContext(
         request=request,
         principal=Principal("tester"),
         config=config,
         budget=Budget(budget_usd),
-        pricer=Pricer(Plugins(pm), config),
-        system=None,  # type: ignore[arg-type]  # the planner never touches the system
+        pricer=Pricer(price_lookup(), config),
     )
 
 
+def price_lookup() -> Any:
+    """``agentkeel_model_price`` as the host calls it, with only the pricing plugin loaded."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    pm.register(pricing, name="agentkeel.cost.pricing")
+    return Plugins(LoadedPlugins(pm)).model_price
+
+
 async def plan_with(
-    run: RunContext, context: MemoryContext | None = None, tools: Mapping[str, ToolSpec] = TOOLS
+    run: RunContext,
+    context: MemoryContext | None = None,
+    tools: Mapping[str, ToolSpec] = TOOLS,
+    planner: LLMPlanner | None = None,
 ) -> Any:
-    return await planner_llm.agentkeel_plan(
+    """Call the planner's hook as the host does (a fresh planner: a fresh system)."""
+    planner = planner or LLMPlanner()
+    return await planner.agentkeel_plan(
         request=run.request, context=context or MemoryContext(), tools=tools, run=run
     )
 
@@ -165,14 +169,21 @@ async def test_json_schema_unsupported_falls_back_to_json_object_and_remembers()
     with ScriptedOpenAIServer(supports_json_schema=False) as server:
         server.queue(GOOD_PLAN, usage=(100, 10))
         server.queue(GOOD_PLAN, usage=(100, 10))
+        server.queue(GOOD_PLAN, usage=(100, 10))
         run = make_run(server.base_url)
-        assert (await plan_with(run)).planner == "llm:fast"
-        assert (await plan_with(run)).planner == "llm:fast"
+        planner = LLMPlanner()  # one per system: what it learns stays with it
+        assert (await plan_with(run, planner=planner)).planner == "llm:fast"
+        assert planner.no_json_schema == {server.base_url + "/"}
+        assert (await plan_with(run, planner=planner)).planner == "llm:fast"
         formats = [r["response_format"]["type"] for r in server.requests]
         assert formats == ["json_schema", "json_object", "json_object"]
         # the refused call was released, not billed
         assert run.budget.spent_usd == pytest.approx(2 * (100 * 1.0 + 10 * 4.0) / 1e6)
         assert run.budget.reserved_usd == pytest.approx(0.0)
+        # Another system's planner has learnt nothing: it asks for json_schema again.
+        assert (await plan_with(run, planner=LLMPlanner())).planner == "llm:fast"
+        formats = [r["response_format"]["type"] for r in server.requests]
+        assert formats[3:] == ["json_schema", "json_object"]
 
 
 async def test_invalid_json_gets_one_repair_round(openai_server: ScriptedOpenAIServer) -> None:
@@ -283,12 +294,49 @@ async def test_no_second_retry_layer(openai_server: ScriptedOpenAIServer) -> Non
 
 
 async def test_server_error_on_a_tier_escalates(openai_server: ScriptedOpenAIServer) -> None:
+    # A 500 to json_schema is first taken for a server that cannot do it (llama_cpp.server
+    # answers so): the tier is asked again in JSON mode. A 500 to that too is a failed tier.
+    openai_server.queue_error(500)
     openai_server.queue_error(500)
     openai_server.queue(GOOD_PLAN, usage=(100, 10))
     run = make_run(openai_server.base_url, extra=no_retries())
     plan = await plan_with(run)
     assert plan.planner == "llm:strong"
+    assert [(r["model"], r["response_format"]["type"]) for r in openai_server.requests] == [
+        ("m-fast", "json_schema"),
+        ("m-fast", "json_object"),
+        ("m-strong", "json_schema"),
+    ]
+    # the error answers were released, not billed
     assert run.budget.spent_usd == pytest.approx((100 * 10.0 + 10 * 40.0) / 1e6)
+    assert run.budget.reserved_usd == pytest.approx(0.0)
+
+
+async def test_a_500_to_json_schema_falls_back_to_json_object_and_remembers(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
+    openai_server.queue_error(500, message="failed to parse the grammar")
+    openai_server.queue(GOOD_PLAN, usage=(100, 10))
+    openai_server.queue(GOOD_PLAN, usage=(100, 10))
+    run = make_run(openai_server.base_url, extra=no_retries())
+    planner = LLMPlanner()
+    assert (await plan_with(run, planner=planner)).planner == "llm:fast"
+    assert (await plan_with(run, planner=planner)).planner == "llm:fast"
+    formats = [r["response_format"]["type"] for r in openai_server.requests]
+    assert formats == ["json_schema", "json_object", "json_object"]
+    assert run.budget.spent_usd == pytest.approx(2 * (100 * 1.0 + 10 * 4.0) / 1e6)
+
+
+async def test_plan_with_tiers_uses_and_fills_the_given_capability_set(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
+    openai_server.queue(GOOD_PLAN)
+    run = make_run(openai_server.base_url)
+    known = {openai_server.base_url + "/"}  # this server is known to lack json_schema
+    plan = await plan_with_tiers(run.request, MemoryContext(), TOOLS, run, known)
+    assert plan.planner == "llm:fast"
+    assert [r["response_format"]["type"] for r in openai_server.requests] == ["json_object"]
+    assert known == {openai_server.base_url + "/"}
 
 
 async def test_usage_is_recorded_and_budget_settled_to_the_real_price(
@@ -322,6 +370,7 @@ async def test_unreported_usage_is_charged_at_the_worst_case(
     assert (
         run.budget.spent_usd == pytest.approx(record.cost_usd) and record.cost_usd > 500 * 4.0 / 1e6
     )
+    assert record.estimated  # a guess, and marked as one
 
 
 async def test_timeout_is_charged_at_the_worst_case_and_escalates(
@@ -334,7 +383,43 @@ async def test_timeout_is_charged_at_the_worst_case_and_escalates(
     assert plan.planner == "llm:strong"
     worst, real = run.costs
     assert worst.tier == "fast" and worst.usage is not None and worst.usage.output_tokens == 500
+    assert worst.estimated  # the server may have processed it: billed at the worst case
     assert real.usage == Usage(100, 10)
+    assert not real.estimated
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_a_refused_connection_is_released_not_billed() -> None:
+    run = make_run(f"http://127.0.0.1:{free_port()}/v1", extra=no_retries())
+    with pytest.raises(PlanningError, match="every LLM tier failed") as failed:
+        await plan_with(run)
+    assert "m-fast call failed" in str(failed.value) and "m-strong call failed" in str(failed.value)
+    # Nothing reached a server on either tier: nothing to pay, nothing left reserved.
+    assert run.costs == []
+    assert run.budget.spent_usd == 0.0
+    assert run.budget.reserved_usd == pytest.approx(0.0)
+
+
+async def test_an_unreadable_answer_is_billed_at_the_worst_case(
+    openai_server: ScriptedOpenAIServer,
+) -> None:
+    openai_server.queue_malformed()  # the server processed the call; its body is cut off
+    openai_server.queue(GOOD_PLAN, usage=(100, 10))
+    run = make_run(openai_server.base_url, extra=no_retries())
+    plan = await plan_with(run)
+    assert plan.planner == "llm:strong"
+    worst, real = run.costs
+    assert (worst.tier, worst.estimated) == ("fast", True)
+    assert worst.usage is not None and worst.usage.output_tokens == 500
+    assert (real.tier, real.estimated) == ("strong", False)
+    assert run.budget.spent_usd == pytest.approx(worst.cost_usd + real.cost_usd)
 
 
 async def test_budget_too_small_stops_before_any_request(
@@ -360,10 +445,25 @@ async def test_no_key_and_no_base_url_says_how_to_configure(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    # A missing endpoint is the configuration's fault (exit code 2), not a planning failure.
     with pytest.raises(
-        PlanningError, match="no plan template matched.*OPENAI_API_KEY.*OPENAI_BASE_URL"
+        ConfigError, match=r"no plan template matched.*OPENAI_API_KEY.*OPENAI_BASE_URL"
     ):
         await plan_with(make_run(None))
+
+
+async def test_no_tiers_configured_is_a_config_error(openai_server: ScriptedOpenAIServer) -> None:
+    run = make_run(openai_server.base_url)
+    run = RunContext(
+        run.request,
+        run.principal,
+        Config.from_dict({"models": {"base_url": openai_server.base_url}}, "<test>"),
+        run.budget,
+        run.pricer,
+    )
+    with pytest.raises(ConfigError, match=r"no LLM tiers are configured.*\[\[models.tiers\]\]"):
+        await plan_with(run)
+    assert openai_server.requests == []
 
 
 async def test_a_400_unrelated_to_json_schema_is_not_remembered(

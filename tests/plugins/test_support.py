@@ -18,7 +18,7 @@ import pytest
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookspecs
 from agentkeel.errors import ToolError
 from agentkeel.planner.plan import evaluate_condition, parse_plan, resolve_args
-from agentkeel.tools.decorator import ToolRegistry
+from agentkeel.tools.registry import ToolRegistry
 from agentkeel.types import Plan, ToolSpec
 from agentkeel_support import shop
 from agentkeel_support.plugin import TEMPLATES
@@ -454,8 +454,8 @@ def test_other_messages_match_no_template(message: str) -> None:
 async def test_refund_in_the_subprocess_sandbox_honours_the_key(
     shop_db: Path, tools: dict[str, ToolSpec]
 ) -> None:
-    from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
     from agentkeel.sandbox.protocol import ToolCall
+    from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
 
     # The child gets a minimal environment: the shop's location must be passed through.
     backend = SubprocessBackend(SubprocessSettings(pass_env=(shop.SHOP_DB_ENV,), prestart=0))

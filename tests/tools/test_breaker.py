@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from agentkeel.tools.breaker import Admission, BreakerBoard, BreakerState, BreakerStore, CircuitBreaker
 from agentkeel.config import Config
 from agentkeel.errors import CircuitOpenError, ToolError
+from agentkeel.tools.breaker import Admission, BreakerBoard, BreakerState, BreakerStore, CircuitBreaker
 
 
 class FakeClock:
@@ -150,6 +150,7 @@ async def test_half_open_admits_exactly_one_of_50_tasks(breaker: CircuitBreaker,
     open_breaker(breaker)
     clock.advance(10.0)
     start = asyncio.Event()
+    everyone_tried = asyncio.Event()
     admitted: list[Admission] = []
     refused = 0
 
@@ -160,9 +161,14 @@ async def test_half_open_admits_exactly_one_of_50_tasks(breaker: CircuitBreaker,
             token = breaker.admit()
         except CircuitOpenError:
             refused += 1
+            token = None
+        else:
+            admitted.append(token)
+        if len(admitted) + refused == 50:
+            everyone_tried.set()
+        if token is None:
             return
-        admitted.append(token)
-        await asyncio.sleep(0.01)  # the probe is in flight while the others arrive
+        await everyone_tried.wait()  # the probe stays in flight until every other task has arrived
         breaker.record_success(token)
 
     tasks = [asyncio.create_task(caller()) for _ in range(50)]

@@ -1,10 +1,12 @@
+"""``@tool``: the schema and metadata a function declares."""
+
 from __future__ import annotations
 
 from typing import Literal
 
 import pytest
 from agentkeel import ToolSpecError, tool
-from agentkeel.tools.decorator import ToolRegistry, spec_of
+from agentkeel.tools.decorator import spec_of
 
 
 def test_schema_and_metadata_come_from_the_function() -> None:
@@ -38,34 +40,13 @@ def test_bare_decorator_and_sync_functions() -> None:
 
 
 def test_declaration_errors_name_the_tool() -> None:
-    with pytest.raises(ToolSpecError, match="isolation must be one of"):
-        tool(isolation="vm")(lambda: None)
+    # Which sandboxes exist is known only once plugins are loaded (the registry checks the
+    # name, see test_registry); the decorator refuses what can never be a sandbox name.
+    with pytest.raises(ToolSpecError, match="tool '<lambda>': isolation must be a sandbox name"):
+        tool(isolation="")(lambda: None)
+    with pytest.raises(ToolSpecError, match="isolation must be a sandbox name, got 3"):
+        tool(isolation=3)(lambda: None)  # type: ignore[arg-type]
+    spec = spec_of(tool(isolation="vm")(lambda: None))
+    assert spec is not None and spec.isolation == "vm"
     with pytest.raises(ToolSpecError, match="permissions must be a list"):
         tool(permissions="refunds")(lambda: None)
-
-
-def test_registry_rejects_duplicates_bad_schemas_and_unknown_targets() -> None:
-    @tool
-    def a() -> None: ...
-
-    @tool(name="a")
-    def a2() -> None: ...
-
-    @tool(args_schema={"type": "object", "properties": {"x": {"type": "nonsense"}}})
-    def b(x: int) -> None: ...
-
-    @tool(rollback="missing")
-    def c() -> None: ...
-
-    registry = ToolRegistry()
-    registry.register_callback("p1")(a)
-    with pytest.raises(ToolSpecError, match="plugin 'p2': tool 'a' is already registered by plugin 'p1'"):
-        registry.register_callback("p2")(a2)
-    with pytest.raises(ToolSpecError, match="plugin 'p3': tool 'b': invalid args_schema"):
-        registry.register_callback("p3")(b)
-    with pytest.raises(ToolSpecError, match="plugin 'p4': register\\(\\) takes a function decorated"):
-        registry.register_callback("p4")(lambda: None)
-    registry.register_callback("p5")(c)
-    with pytest.raises(ToolSpecError, match="plugin 'p5': tool 'c': rollback target 'missing'"):
-        registry.validate_references()
-    assert registry["a"].plugin == "p1"

@@ -9,8 +9,8 @@ import attrs
 import pytest
 from agentkeel import tool
 from agentkeel.errors import RateLimitedError
-from agentkeel.tools.ratelimit import RateLimiterBoard, RateLimitStore, TokenBucket
 from agentkeel.tools.decorator import spec_of
+from agentkeel.tools.ratelimit import RateLimiterBoard, RateLimitStore, TokenBucket
 from agentkeel.types import ToolSpec
 
 
