@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import agentkeel
+import pytest
 
 PACKAGE = Path(agentkeel.__file__).parent
 LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores"}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from agentkeel.errors import PluginError
 from agentkeel.plugin.manager import build_plugin_manager
 
