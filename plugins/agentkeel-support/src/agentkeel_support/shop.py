@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -165,8 +166,16 @@ def _ensure_schema(conn: sqlite3.Connection, db: Path) -> None:
             f"understands ({SCHEMA_VERSION}); upgrade agentkeel-support or set {SHOP_DB_ENV}",
             retryable=False,
         )
-    # WAL is a property of the file; it cannot be switched inside a transaction.
-    conn.execute("PRAGMA journal_mode = WAL")
+    # WAL is a property of the file; it cannot be switched inside a transaction. Switching
+    # can report "locked" at once (no busy wait) while another process creates the file.
+    for attempt in range(50):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.02)
     with transaction(conn):
         if _user_version(conn) == SCHEMA_VERSION:
             return  # another process created it while this one waited for the lock
