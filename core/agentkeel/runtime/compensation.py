@@ -124,13 +124,11 @@ class Compensation:
         args = compensation_args(comp, step.tool_args, step.result)
         started = perf_counter()
         plan_step = PlanStep(step.step_id, comp.name, args, description=f"compensate step {step.step_id}")
-        done = await self.runner.run_call(self.run, plan_step, comp, args, kind="compensation",
-                                          lease=self.lease, validate=True)
-        result = StepResult(step.step_id, done.spec.name, done.status, args, done.result, done.error,
-                            perf_counter() - started, done.cost_usd, done.attempts, done.verdict)
+        result, _ = await self.runner.run_call(self.run, plan_step, comp, args, kind="compensation",
+                                               lease=self.lease, validate=True, started=started)
         self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "compensation", result))
         self.runner.plugins.event("step_compensated", self.run.run_id, step_id=step.step_id, tool=comp.name,
-                                  error=done.error)
-        if done.status is StepStatus.SUCCEEDED:
+                                  error=result.error)
+        if result.status is StepStatus.SUCCEEDED:
             return None
-        return f"{where} left uncompensated: {comp.name} {done.status.value}: {done.error}"
+        return f"{where} left uncompensated: {comp.name} {result.status.value}: {result.error}"

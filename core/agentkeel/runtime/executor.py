@@ -63,21 +63,6 @@ def took_effect(step: StepResult) -> bool:
     return step.status is StepStatus.FAILED and step.verdict is not None and not step.verdict.passed
 
 
-@attrs.frozen
-class CallOutcome:
-    """How one step's calls ended: the last tool tried, its arguments, and the result."""
-
-    status: StepStatus
-    spec: ToolSpec
-    args: Mapping[str, Any]
-    result: Any = None
-    error: str | None = None
-    attempts: int = 0
-    verdict: Verdict | None = None
-    cost_usd: float = 0.0
-    budget_exhausted: bool = False
-
-
 @attrs.define
 class StepRunner:
     """Runs one step's tool calls with permissions, evaluation and recovery; shared by
@@ -98,20 +83,28 @@ class StepRunner:
         kind: str,
         lease: HeldLease,
         validate: bool,
-    ) -> CallOutcome:
+        started: float,
+    ) -> tuple[StepResult, bool]:
+        """The step's result (its tool: the last one tried) and whether the budget ran out."""
         plugins = self.plugins
+
+        def finish(status: StepStatus, result: Any = None, error: str | None = None, verdict: Verdict | None = None,
+                   cost: float = 0.0) -> StepResult:
+            return StepResult(step.step_id, spec.name, status, args, result, error, perf_counter() - started,
+                              cost, attempt, verdict)
+
         attempt = 0
         while True:
             if validate:
                 problems = args_errors(spec, args)
                 if problems:
-                    return CallOutcome(StepStatus.FAILED, spec, args, error="; ".join(problems), attempts=attempt)
+                    return finish(StepStatus.FAILED, error="; ".join(problems)), False
                 validate = False
             decision = plugins.authorize(run.principal, spec, args)
             self.audit(run, spec.name, decision, args)
             if not decision.allowed:
                 status = StepStatus.WAITING if decision.wait else StepStatus.DENIED
-                return CallOutcome(status, spec, args, error=decision.reason, attempts=attempt)
+                return finish(status, error=decision.reason), False
             attempt += 1
             rejected: tuple[Any, Verdict] | None = None  # a result the evaluator turned down
             try:
@@ -119,24 +112,21 @@ class StepRunner:
                     run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=lease.intent
                 )
             except BudgetExceededError as exc:
-                return CallOutcome(StepStatus.FAILED, spec, args, error=str(exc), attempts=attempt,
-                                   budget_exhausted=True)
+                return finish(StepStatus.FAILED, error=str(exc)), True
             except CallFailure as failure:
                 error, retryable = str(failure), failure.retryable
             else:
                 verdict = plugins.evaluate(step, spec, result)
                 if verdict.passed:
-                    return CallOutcome(StepStatus.SUCCEEDED, spec, args, result, attempts=attempt, verdict=verdict,
-                                       cost_usd=spec.cost_usd)
+                    return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), False
                 error = f"evaluator rejected the result: {verdict.reason}"
                 if not spec.retry_safe:
                     # The tool ran: its effect stands. Trying again, or another tool, would repeat it.
-                    return CallOutcome(
-                        StepStatus.FAILED, spec, args, result, attempts=attempt, verdict=verdict,
-                        cost_usd=spec.cost_usd,
+                    return finish(
+                        StepStatus.FAILED, result, verdict=verdict, cost=spec.cost_usd,
                         error=f"{error} ({spec.name} is not retry-safe: its effect stands and is "
                         "compensated if the run aborts)",
-                    )
+                    ), False
                 retryable = True
                 rejected = (result, verdict)
             recovery = plugins.recover(step, spec, error, attempt, retryable, run)
@@ -153,10 +143,9 @@ class StepRunner:
                 validate = True
                 continue
             if rejected is None:
-                return CallOutcome(StepStatus.FAILED, spec, args, error=f"{error} ({recovery.reason})",
-                                   attempts=attempt)
-            return CallOutcome(StepStatus.FAILED, spec, args, rejected[0], error=f"{error} ({recovery.reason})",
-                               attempts=attempt, verdict=rejected[1], cost_usd=spec.cost_usd)
+                return finish(StepStatus.FAILED, error=f"{error} ({recovery.reason})"), False
+            return finish(StepStatus.FAILED, rejected[0], error=f"{error} ({recovery.reason})", verdict=rejected[1],
+                          cost=spec.cost_usd), False
 
 
 class PlanExecutor:
@@ -276,24 +265,13 @@ class PlanExecutor:
             return StepResult(step.step_id, step.tool_name, StepStatus.FAILED, step.tool_args, error=str(exc),
                               duration_s=perf_counter() - started)
         # The plan check validated arguments that hold no references; the rest are validated here.
-        outcome = await self.runner.run_call(
+        result, budget_exhausted = await self.runner.run_call(
             self.run, step, self.runner.tools[step.tool_name], args, kind="forward", lease=self.lease,
-            validate=bool(step.arg_refs),
+            validate=bool(step.arg_refs), started=started,
         )
-        if outcome.budget_exhausted:
+        if budget_exhausted:
             self.budget_exhausted = True
-        return StepResult(
-            step_id=step.step_id,
-            tool_name=outcome.spec.name,
-            status=outcome.status,
-            tool_args=outcome.args,
-            result=outcome.result,
-            error=outcome.error,
-            duration_s=perf_counter() - started,
-            cost_usd=outcome.cost_usd,
-            attempts=outcome.attempts,
-            verdict=outcome.verdict,
-        )
+        return result
 
 
 def _skipped(step: PlanStep, started: float, why: str) -> StepResult:
