@@ -46,12 +46,12 @@ async def call(backend: DockerBackend, specs: dict[str, Any], name: str, timeout
     return await backend.run(ToolCall(specs[name], args, timeout, run_id="abuse", step_id=1))
 
 
-async def test_network_egress_and_dns_are_blocked(backend: DockerBackend, abuse_specs: dict[str, Any]) -> None:
+async def test_the_container_has_no_network_but_loopback(backend: DockerBackend, abuse_specs: dict[str, Any]) -> None:
     result = await call(backend, abuse_specs, "network_probe")
-    assert result["tcp"] != "ok" and "unreachable" in result["tcp"].lower()
-    assert result["udp"] != "ok"
-    assert result["dns"].startswith("gaierror")
+    # Isolation is checked by what the container has, never by sending traffic out.
     assert result["interfaces"] == "lo"
+    assert result["ipv4_route_devices"] == []  # no route at all: nothing can leave, DNS included
+    assert set(result["ipv6_route_devices"]) <= {"lo"}
 
 
 async def test_fork_bomb_hits_the_pids_limit(backend: DockerBackend, abuse_specs: dict[str, Any]) -> None:

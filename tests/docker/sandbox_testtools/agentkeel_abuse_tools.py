@@ -47,20 +47,19 @@ async def async_add(a: int, b: int) -> int:
 
 
 @tool(**DOCKER)
-def network_probe() -> dict[str, str]:
-    """Try egress by IP (TCP and UDP) and DNS resolution."""
-    def tcp() -> None:
-        socket.create_connection(("1.1.1.1", 53), timeout=2).close()
+def network_probe() -> dict[str, Any]:
+    """What network the container has, read from the kernel; nothing is sent anywhere."""
+    def routes(path: str, device_column: int) -> list[str]:
+        try:
+            with open(path) as fh:
+                rows = [line.split() for line in fh.read().splitlines()]
+        except OSError as exc:
+            return [f"unreadable: {exc}"]
+        return sorted({row[device_column] for row in rows if len(row) > device_column} - {"Iface"})
 
-    def udp() -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(2)
-        s.sendto(b"\0" * 12, ("8.8.8.8", 53))
-        s.recvfrom(512)
-
-    return {"tcp": _attempt(tcp), "udp": _attempt(udp),
-            "dns": _attempt(lambda: socket.getaddrinfo("example.com", 443)),
-            "interfaces": " ".join(sorted(n for _, n in socket.if_nameindex()))}
+    return {"interfaces": " ".join(sorted(n for _, n in socket.if_nameindex())),
+            "ipv4_route_devices": routes("/proc/net/route", 0),
+            "ipv6_route_devices": routes("/proc/net/ipv6_route", 9)}
 
 
 @tool(**DOCKER)
