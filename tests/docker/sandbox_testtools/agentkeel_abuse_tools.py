@@ -134,14 +134,14 @@ def read_host(paths: list[str]) -> dict[str, Any]:
 
 @tool(**DOCKER)
 def docker_socket() -> dict[str, str]:
-    """Look for and try to connect to the Docker socket."""
+    """Look for and try to connect to the Docker socket (the engine's TCP port would need a
+    route out, which the container does not have: see ``network_probe``)."""
     out = {}
     for path in ("/var/run/docker.sock", "/run/docker.sock"):
         def connect(p: str = path) -> None:
             s = socket.socket(socket.AF_UNIX)
             s.connect(p)
         out[path] = _attempt(connect)
-    out["tcp-2375"] = _attempt(lambda: socket.create_connection(("172.17.0.1", 2375), timeout=2))
     return out
 
 

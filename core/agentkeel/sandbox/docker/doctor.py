@@ -106,9 +106,10 @@ def _round_trip(base_url: str | None) -> Check:
         backend = DockerBackend(DockerSettings(pool_size=0, base_url=base_url))
         try:
             return await backend.run_code(
+                # The network is judged by what the container has (interfaces), never by sending traffic.
                 "import os, socket\nprint(os.getuid())\n"
-                "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('net')\n"
-                "except OSError:\n    print('nonet')",
+                "names = sorted(n for _, n in socket.if_nameindex())\n"
+                "print('nonet' if names == ['lo'] else 'net:' + ','.join(names))",
                 timeout=20,
             )
         finally:
