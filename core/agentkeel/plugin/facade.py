@@ -218,8 +218,11 @@ class Plugins:
 
 
 def _replaced_default(impls: Sequence[Any]) -> bool:
-    """True when a plugin other than the router implements ``agentkeel_call_tool``."""
-    return any(getattr(i.plugin, "__name__", "") != "agentkeel.tools.router" for i in impls)
+    """True when ``agentkeel_call_tool`` has an implementation besides the default one
+    (``sandbox.run(call)``), so the hook must be dispatched rather than skipped."""
+    from agentkeel.tools.router import agentkeel_call_tool as default
+
+    return any(i.function is not default for i in impls)
 
 
 _PASS = Verdict(True, 1.0, "")

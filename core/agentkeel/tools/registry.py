@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import attrs
@@ -21,6 +22,7 @@ class ToolRegistry:
 
     def __init__(self) -> None:
         self._tools: dict[str, ToolSpec] = {}
+        self._view: Mapping[str, ToolSpec] = MappingProxyType(self._tools)
 
     def register_callback(self, plugin: str) -> Callable[[Any], None]:
         """A ``register`` function that attributes tools to ``plugin``."""
@@ -110,10 +112,8 @@ class ToolRegistry:
             self._tools[tool_name] = attrs.evolve(spec, **values)
 
     def as_mapping(self) -> Mapping[str, ToolSpec]:
-        """A read-only view of the table (no copy)."""
-        from types import MappingProxyType
-
-        return MappingProxyType(self._tools)
+        """A read-only live view of the table (no copy)."""
+        return self._view
 
     def __getitem__(self, name: str) -> ToolSpec:
         return self._tools[name]
