@@ -14,9 +14,6 @@ from typing import Any
 
 import attrs
 
-BUILTIN_ISOLATIONS = ("inprocess", "subprocess", "docker")
-"""The sandboxes agentkeel ships; plugins may register more (``agentkeel_register_sandboxes``)."""
-
 
 class StepStatus(str, enum.Enum):
     PENDING = "pending"

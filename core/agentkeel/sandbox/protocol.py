@@ -9,8 +9,6 @@ import attrs
 
 from agentkeel.types import ToolSpec
 
-KINDS = ("forward", "compensation")
-
 
 @attrs.frozen
 class ToolCall:
