@@ -120,7 +120,7 @@ class Shop:
             shop.refunds.append(charge_id)
             return {"refunded": charge_id}
 
-        @tool(permissions=["shop"])
+        @tool(permissions=["shop"], allow_uncancellable=True)
         def ship(order_id: str) -> None:
             """Ship an order (the warehouse is down)."""
             raise ToolError("the warehouse is closed", retryable=False)

@@ -12,7 +12,7 @@ import agentkeel
 import pytest
 
 PACKAGE = Path(agentkeel.__file__).parent
-LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores"}
+LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns"}
 PUBLIC = {"__init__", "__main__", "plan"}  # the public facade and compatibility names: above everything
 COMPONENTS = {"permissions", "cost", "memory", "planner", "tools", "sandbox", "evaluator", "recovery", "journal"}
 LAYERS = {"leaf": 0, "component": 1, "plugin": 2, "runtime": 3, "testing": 4, "cli": 4, "public": 5}

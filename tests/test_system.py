@@ -312,8 +312,10 @@ async def test_per_tool_timeout_override_from_config() -> None:
                                                   "tools": {"slow": {"timeout": 0.05}}})
     assert system.tools["slow"].timeout == 0.05
     response = await run(system, user="tester")
-    assert response.status is RunStatus.FAILED
+    # Given up at its deadline, a tool that is not retry-safe may have taken effect: a human decides.
+    assert response.status is RunStatus.IN_DOUBT
     assert "timed out after 0.05s" in (response.steps[0].error or "")
+    assert "--resolve 1=done" in response.message
 
 
 async def test_memory_turns_reach_the_next_plan() -> None:

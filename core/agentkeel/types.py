@@ -127,6 +127,7 @@ class ToolSpec:
     is_async: bool = False
     plugin: str = ""
     image: str | None = None
+    allow_uncancellable: bool = False
 
     @property
     def retry_safe(self) -> bool:
@@ -152,6 +153,7 @@ class ToolSpec:
             "timeout": self.timeout,
             "rate_limit": self.rate_limit,
             "cost_usd": self.cost_usd,
+            "allow_uncancellable": self.allow_uncancellable,
             "args_schema": dict(self.args_schema),
             "output_schema": dict(self.output_schema) if self.output_schema else None,
         }

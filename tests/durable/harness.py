@@ -165,7 +165,7 @@ def h_cancel(
     )
 
 
-@tool(permissions=["email"])
+@tool(permissions=["email"], allow_uncancellable=True)
 def h_email(to: str, subject: str, tag: str) -> dict[str, Any]:
     """Send an email; the subject is prefixed with the step tag so the shop row names its step."""
     return _effect("h_email", tag, lambda: send_email(to, f"[{tag}] {subject}", "sent by the crash harness"))

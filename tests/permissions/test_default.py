@@ -18,17 +18,17 @@ def spec(fn: Any) -> ToolSpec:
     return found
 
 
-@tool(permissions=["refunds"])
+@tool(permissions=["refunds"], allow_uncancellable=True)
 def refund(order_id: str, amount: float) -> None:
     """Refund an order."""
 
 
-@tool(permissions=["refunds", "audit"])
+@tool(permissions=["refunds", "audit"], allow_uncancellable=True)
 def refund_audited(order_id: str) -> None:
     """Refund with an audit trail."""
 
 
-@tool
+@tool(allow_uncancellable=True)
 def open_tool() -> None:
     """A tool that declares no permissions."""
 

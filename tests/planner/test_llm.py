@@ -24,17 +24,17 @@ from agentkeel.tools.decorator import spec_of, tool
 from agentkeel.types import AgentRequest, CostRecord, MemoryContext, Principal, ToolSpec, Usage
 
 
-@tool(description="Look an order up by id.")
+@tool(description="Look an order up by id.", allow_uncancellable=True)
 def lookup_order(order_id: str) -> dict[str, Any]:
     return {"order_id": order_id, "status": "shipped", "total": 10.0}
 
 
-@tool(description="Refund an order.")
+@tool(description="Refund an order.", allow_uncancellable=True)
 def issue_refund(order_id: str, amount: float) -> dict[str, Any]:
     return {"refund_id": "r1"}
 
 
-@tool(description="Delete every customer record.")
+@tool(description="Delete every customer record.", allow_uncancellable=True)
 def wipe_database() -> None:
     return None
 

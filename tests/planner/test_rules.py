@@ -14,7 +14,7 @@ from agentkeel.tools.decorator import spec_of
 from agentkeel.types import ToolSpec
 
 
-@tool(permissions=["shop"])
+@tool(permissions=["shop"], allow_uncancellable=True)
 def refund(order_id: str, amount: float, units: int = 1) -> dict[str, Any]:
     """Refund an order."""
     return {"order_id": order_id, "amount": amount, "units": units}

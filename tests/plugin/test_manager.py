@@ -105,7 +105,7 @@ def test_bad_tool_registration_names_the_plugin() -> None:
     class Bad:
         @hookimpl
         def agentkeel_register_tools(self, register: Any) -> None:
-            @tool(fallback="nowhere")
+            @tool(fallback="nowhere", allow_uncancellable=True)
             def lost() -> None: ...
 
             register(lost)

@@ -35,7 +35,7 @@ def unbook(item: str, booking: str) -> dict[str, Any]:
     return {"cancelled": booking}
 
 
-@tool(permissions=["t"])
+@tool(permissions=["t"], allow_uncancellable=True)
 def refuse() -> None:
     """Always refuses."""
     raise ToolError("refused", retryable=False)

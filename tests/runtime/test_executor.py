@@ -30,7 +30,7 @@ def flaky_read(key: str) -> dict[str, Any]:
     return {"key": key, "status": "shipped", "total": 12.5}
 
 
-@tool(permissions=["t"], fallback="backup")
+@tool(permissions=["t"], fallback="backup", allow_uncancellable=True)
 def once_only(key: str) -> dict[str, Any]:
     """Not retry-safe; has a fallback."""
     _maybe_fail("once_only")
@@ -44,14 +44,14 @@ def backup(key: str) -> dict[str, Any]:
     return {"backup": key}
 
 
-@tool(permissions=["t"], cost_usd=0.4)
+@tool(permissions=["t"], cost_usd=0.4, allow_uncancellable=True)
 def priced(key: str) -> dict[str, Any]:
     """Costs money per call."""
     CALLS.append("priced")
     return {"paid": key}
 
 
-@tool(permissions=["t"])
+@tool(permissions=["t"], allow_uncancellable=True)
 def takes_amount(amount: float) -> float:
     """Reads an earlier result through a reference."""
     CALLS.append("takes_amount")

@@ -17,7 +17,7 @@ from agentkeel.testing import ScriptedPlanner, make_system
 REFUNDS: dict[str, list[float]] = {}
 
 
-@tool(permissions=["refunds"], rollback="undo_refund",
+@tool(permissions=["refunds"], rollback="undo_refund", allow_uncancellable=True,
       output_schema={"type": "object", "required": ["refund_id"]})
 def pay(order: str, amount: float) -> dict[str, Any]:
     """A refund that reports success in a shape the evaluator rejects when amount > 100."""
@@ -32,7 +32,7 @@ def undo_refund(order: str) -> dict[str, Any]:
     return {"undone": order}
 
 
-@tool(permissions=["refunds"])
+@tool(permissions=["refunds"], allow_uncancellable=True)
 def fail_always(order: str) -> dict[str, Any]:
     """A business refusal."""
     from agentkeel.errors import ToolError
@@ -40,7 +40,7 @@ def fail_always(order: str) -> dict[str, Any]:
     raise ToolError(f"no for {order}", retryable=False)
 
 
-@tool
+@tool(allow_uncancellable=True)
 def open_tool(x: int) -> int:
     """Declares no permissions."""
     return x

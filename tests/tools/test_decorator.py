@@ -30,7 +30,7 @@ def test_schema_and_metadata_come_from_the_function() -> None:
 
 
 def test_bare_decorator_and_sync_functions() -> None:
-    @tool
+    @tool(allow_uncancellable=True)
     def ping(n: int) -> int:
         return n
 

@@ -160,7 +160,7 @@ def test_invalid_buckets_are_refused() -> None:
         TokenBucket(float("inf"), 1)
 
 
-@tool
+@tool(allow_uncancellable=True)
 def lookup(q: str) -> str:
     """Look something up."""
     return q

@@ -21,16 +21,16 @@ SANDBOXES: dict[str, Any] = {"inprocess": Backend(0), "subprocess": Backend(10),
 
 
 def test_registry_rejects_duplicates_bad_schemas_and_unknown_targets() -> None:
-    @tool
+    @tool(allow_uncancellable=True)
     def a() -> None: ...
 
-    @tool(name="a")
+    @tool(name="a", allow_uncancellable=True)
     def a2() -> None: ...
 
-    @tool(args_schema={"type": "object", "properties": {"x": {"type": "nonsense"}}})
+    @tool(args_schema={"type": "object", "properties": {"x": {"type": "nonsense"}}}, allow_uncancellable=True)
     def b(x: int) -> None: ...
 
-    @tool(rollback="missing")
+    @tool(rollback="missing", allow_uncancellable=True)
     def c() -> None: ...
 
     registry = ToolRegistry()
@@ -55,7 +55,7 @@ def registry_of(*fns: Any, plugin: str = "p") -> ToolRegistry:
 
 
 def test_a_tool_cannot_be_its_own_rollback_or_fallback() -> None:
-    @tool(fallback="loop")
+    @tool(fallback="loop", allow_uncancellable=True)
     def loop() -> None: ...
 
     with pytest.raises(ToolSpecError, match="plugin 'p': tool 'loop': fallback cannot name the tool itself"):
@@ -73,10 +73,10 @@ def test_isolation_must_name_a_registered_sandbox() -> None:
 
 
 def test_remove_plugin_forgets_only_its_tools() -> None:
-    @tool
+    @tool(allow_uncancellable=True)
     def mine() -> None: ...
 
-    @tool
+    @tool(allow_uncancellable=True)
     def theirs() -> None: ...
 
     registry = registry_of(mine, plugin="a")
@@ -112,7 +112,7 @@ def test_isolation_is_never_loosened_by_config() -> None:
 
 
 def test_override_naming_an_unregistered_tool_is_a_config_error() -> None:
-    @tool
+    @tool(allow_uncancellable=True)
     def search(q: str) -> str:
         return q
 

@@ -126,6 +126,11 @@ class Compensation:
         plan_step = PlanStep(step.step_id, comp.name, args, description=f"compensate step {step.step_id}")
         result, _ = await self.runner.run_call(self.run, plan_step, comp, args, kind="compensation",
                                                lease=self.lease, validate=True, started=started)
+        if result.status is StepStatus.IN_DOUBT:
+            # Not journaled as an outcome: a resume then sees a compensation that started and never
+            # finished, and asks a human instead of running a compensator that is not retry-safe again.
+            return (f"{where}: its compensation {comp.name} was given up at its timeout and may or may not "
+                    f"have run; {comp.name} is not retry-safe, so a human must check it")
         self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "compensation", result))
         self.runner.plugins.event("step_compensated", self.run.run_id, step_id=step.step_id, tool=comp.name,
                                   error=result.error)

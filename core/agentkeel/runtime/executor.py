@@ -31,6 +31,8 @@ import attrs
 
 from agentkeel.errors import BudgetExceededError
 from agentkeel.journal.base import RunState, StepRecord
+from agentkeel.jsonvalue import JSONValueError
+from agentkeel.jsonvalue import check as check_json
 from agentkeel.planner.plan import RefError, evaluate_condition, resolve_args
 from agentkeel.tools.router import CallFailure, ToolRouter, idempotency_key
 from agentkeel.tools.validation import args_errors
@@ -114,9 +116,20 @@ class StepRunner:
             except BudgetExceededError as exc:
                 return finish(StepStatus.FAILED, error=str(exc)), True
             except CallFailure as failure:
+                if failure.timed_out and not spec.retry_safe:
+                    # Given up at the deadline: it may have taken effect, or still may. Running it
+                    # again could repeat the effect; compensating it could undo one that never happened.
+                    return finish(StepStatus.IN_DOUBT, error=str(failure)), False
                 error, retryable = str(failure), failure.retryable
             else:
-                verdict = plugins.evaluate(step, spec, result)
+                try:
+                    check_json(result, what="the tool's result")
+                except JSONValueError as exc:
+                    # The tool ran (its effect stands, and is compensated like any other), but its
+                    # result cannot be journaled, evaluated or referenced by later steps.
+                    result, verdict = None, Verdict(False, 0.0, str(exc))
+                else:
+                    verdict = plugins.evaluate(step, spec, result)
                 if verdict.passed:
                     return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), False
                 error = f"evaluator rejected the result: {verdict.reason}"
@@ -177,6 +190,19 @@ class PlanExecutor:
                     break
                 self.lease.keep()
                 result = await self.execute_step(step)
+                if result.status is StepStatus.IN_DOUBT:
+                    # No outcome is journaled: the journal says what is known (started, never
+                    # finished), so a resume asks a human exactly as after a crash.
+                    self.status = RunStatus.IN_DOUBT
+                    self.detail = in_doubt_detail(
+                        self.run.run_id, step.step_id, result.tool_name, result.tool_args,
+                        f"was given up at its timeout ({result.error}) and may have taken effect or still may",
+                    )
+                    result = attrs.evolve(result, error=self.detail)
+                    self.outcomes[step.step_id] = result
+                    out.append(result)
+                    stopped_at = step
+                    break
                 if result.status is StepStatus.WAITING:
                     self.status = RunStatus.WAITING
                     self.detail = f"step {step.step_id} ({step.tool_name}) is waiting: {result.error}"
@@ -232,14 +258,8 @@ class PlanExecutor:
         if spec is not None and spec.retry_safe:
             return False  # re-run: idempotent, or it gets the same idempotency key again
         self.status = RunStatus.IN_DOUBT
-        self.detail = (
-            f"step {step.step_id} ({intent.tool_name}) started but its outcome was never recorded, and "
-            f"{intent.tool_name} is neither idempotent nor takes an idempotency key, so it was not run again. "
-            f"A human must check whether {intent.tool_name} took effect for arguments "
-            f"{dict(intent.args)} (idempotency key {intent.idempotency_key}), then run "
-            f"`agentkeel resume {self.run.run_id} --resolve {step.step_id}=done` (it happened) or "
-            f"`--resolve {step.step_id}=not-done` (run it again)."
-        )
+        self.detail = in_doubt_detail(self.run.run_id, step.step_id, intent.tool_name, intent.args,
+                                      "started but its outcome was never recorded")
         self.outcomes[step.step_id] = StepResult(step.step_id, intent.tool_name, StepStatus.IN_DOUBT,
                                                  intent.args, error=self.detail)
         return True
@@ -272,6 +292,17 @@ class PlanExecutor:
         if budget_exhausted:
             self.budget_exhausted = True
         return result
+
+
+def in_doubt_detail(run_id: str, step_id: int, tool_name: str, args: Mapping[str, Any], what: str) -> str:
+    """What a human must check, and how to tell agentkeel, for a step whose effect is unknown."""
+    return (
+        f"step {step_id} ({tool_name}) {what}, and {tool_name} is neither idempotent nor takes an "
+        f"idempotency key, so it was not run again. A human must check whether {tool_name} took effect "
+        f"for arguments {dict(args)} (idempotency key {idempotency_key(run_id, step_id)}), then run "
+        f"`agentkeel resume {run_id} --resolve {step_id}=done` (it happened) or "
+        f"`--resolve {step_id}=not-done` (run it again)."
+    )
 
 
 def _skipped(step: PlanStep, started: float, why: str) -> StepResult:

@@ -100,7 +100,7 @@ class AgentSystem:
         while True:
             try:
                 self.tools.validate_references()
-                self.tools.check_sandboxes(self.sandboxes)
+                self.tools.check_sandboxes(self.sandboxes, self.config.tool_overrides)
                 return
             except ToolSpecError as exc:
                 if not tolerant:

@@ -101,6 +101,7 @@ def tool(
     rate_limit: float | None = None,
     cost_usd: float = 0.0,
     image: str | None = None,
+    allow_uncancellable: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -120,12 +121,21 @@ def tool(
     rate_limit: float | None = None,
     cost_usd: float = 0.0,
     image: str | None = None,
+    allow_uncancellable: bool = False,
 ) -> Any:
     """Declare a tool. Usable bare (``@tool``) or with options (``@tool(...)``).
 
     The description defaults to the docstring, the argument schema to one
     derived from the type hints. A parameter named ``idempotency_key`` marks the
     tool as accepting the runtime's stable key (``run_id:step_id``).
+
+    A sync tool in the ``inprocess`` sandbox runs on a thread that nothing can
+    stop at its timeout: the call is abandoned, not ended, and its effect may
+    still happen. For a tool that is not retry-safe (neither ``idempotent`` nor
+    taking an ``idempotency_key``) that is refused at load time unless the tool
+    says ``allow_uncancellable=True`` (accepting that such a timeout leaves the
+    step ``in_doubt``); otherwise make it async, give it a stronger
+    ``isolation`` ("subprocess", "docker"), or make it retry-safe.
     Declaration errors raise ``ToolSpecError`` at import time, naming the tool.
     """
 
@@ -160,6 +170,7 @@ def tool(
             accepts_key=IDEMPOTENCY_KEY_ARG in inspect.signature(func).parameters,
             is_async=inspect.iscoroutinefunction(target),
             image=image,
+            allow_uncancellable=bool(allow_uncancellable),
         )
         setattr(func, SPEC_ATTR, spec)
         return func

@@ -74,14 +74,38 @@ class ToolRegistry:
                 if target == spec.name:
                     raise ToolSpecError(spec.plugin, f"tool {spec.name!r}: {kind} cannot name the tool itself")
 
-    def check_sandboxes(self, sandboxes: Mapping[str, object]) -> None:
-        """Every tool's isolation must name a registered sandbox."""
+    def check_sandboxes(
+        self, sandboxes: Mapping[str, object], overrides: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
+        """Every tool's isolation must name a registered sandbox, and one that can stop it.
+
+        A sandbox whose ``stops_sync_calls`` is False (the in-process one) abandons a
+        sync call at its timeout while the thread runs on; a tool that is not
+        retry-safe may run there only with ``allow_uncancellable=True``. The
+        isolation checked is the one in effect: a ``[tools.NAME] isolation`` from
+        ``overrides`` counts (``apply_overrides`` checks that it is not weaker).
+        """
         for spec in self._tools.values():
             if spec.isolation not in sandboxes:
                 raise ToolSpecError(
                     spec.plugin,
                     f"tool {spec.name!r} needs the {spec.isolation!r} sandbox, which no plugin provides "
                     f"(registered: {', '.join(sorted(sandboxes))})",
+                )
+            isolation = (overrides or {}).get(spec.name, {}).get("isolation", spec.isolation)
+            if isolation not in sandboxes or _strength(sandboxes[isolation]) < _strength(sandboxes[spec.isolation]):
+                isolation = spec.isolation  # an override that is not allowed: apply_overrides says why
+            backend = sandboxes[isolation]
+            if (not getattr(backend, "stops_sync_calls", True) and not spec.is_async
+                    and not spec.retry_safe and not spec.allow_uncancellable):
+                raise ToolSpecError(
+                    spec.plugin,
+                    f"tool {spec.name!r} is a sync tool that is not retry-safe, and the {isolation!r} sandbox "
+                    f"cannot stop a sync call at its timeout: the thread runs on and its effect may happen "
+                    f"after the step was given up. Give it isolation='subprocess' (or 'docker', here or in "
+                    f"[tools.{spec.name}]), make it async, make it retry-safe (idempotent=True or an "
+                    f"idempotency_key parameter), or accept the risk with @tool(allow_uncancellable=True): "
+                    f"its timeouts then leave the step in_doubt",
                 )
 
     def apply_overrides(self, overrides: Mapping[str, Mapping[str, Any]], sandboxes: Mapping[str, _Ranked]) -> None:
@@ -130,3 +154,6 @@ class ToolRegistry:
     def all(self) -> dict[str, ToolSpec]:
         return dict(self._tools)
 
+
+def _strength(backend: object) -> int:
+    return int(getattr(backend, "strength", 0))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from agentkeel.errors import SandboxError, ToolError
+from agentkeel.errors import SandboxError, ToolError, ToolTimeoutError
 from agentkeel.journal.base import StepRecord
 from agentkeel.markers import hookimpl
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
@@ -34,12 +34,14 @@ WriteIntent = Callable[[StepRecord], None]
 
 class CallFailure(Exception):
     """One call attempt failed. ``retryable``: could trying again help? ``sent``: did the
-    call reach the sandbox (so the tool may have run)?"""
+    call reach the sandbox (so the tool may have run)? ``timed_out``: it was sent and
+    given up at its deadline, so whether (or when) it takes effect is unknown."""
 
-    def __init__(self, message: str, *, retryable: bool, sent: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, sent: bool, timed_out: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.sent = sent
+        self.timed_out = timed_out
 
 
 @hookimpl(trylast=True)
@@ -121,7 +123,8 @@ class ToolRouter:
             breaker.record_success(token)
         except (ToolError, SandboxError) as exc:
             self._settle(run, reservation, spec, step_id, sent)
-            raise CallFailure(str(exc), retryable=isinstance(exc, ToolError) and exc.retryable, sent=sent) from exc
+            raise CallFailure(str(exc), retryable=isinstance(exc, ToolError) and exc.retryable, sent=sent,
+                              timed_out=sent and isinstance(exc, ToolTimeoutError)) from exc
         except BaseException:
             self._settle(run, reservation, spec, step_id, sent)
             raise
