@@ -6,7 +6,7 @@ spends from, the registered tools) and never the ``AgentSystem``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -23,7 +23,10 @@ class RunContext:
     """What a hook needs to know about the run it serves, and the budget it spends from.
 
     ``tools`` is every registered tool (read-only); the tools the principal may
-    call are the ``tools`` argument of ``agentkeel_plan``.
+    call are the ``tools`` argument of ``agentkeel_plan``. A planner that turns
+    down a proposal naming a registered tool the principal may not call reports
+    it with ``refused``, so the refusal is in the audit log like every other
+    permission decision.
     """
 
     request: AgentRequest
@@ -33,10 +36,16 @@ class RunContext:
     pricer: Pricer
     tools: Mapping[str, ToolSpec] = attrs.field(factory=dict)
     costs: list[CostRecord] = attrs.field(factory=list)
+    on_refused: Callable[[str, str], None] | None = attrs.field(default=None, repr=False)
 
     @property
     def run_id(self) -> str:
         return self.request.run_id
+
+    def refused(self, tool: str, reason: str) -> None:
+        """Record that a planner refused ``tool`` on permission grounds (an audit record)."""
+        if self.on_refused is not None:
+            self.on_refused(tool, reason)
 
     def reserve_llm(self, model: str, messages: Iterable[Mapping[str, Any]], max_tokens: int) -> Reservation:
         """Reserve the worst-case cost of one chat completion before making it."""

@@ -16,6 +16,8 @@ def test_demo_refund_if_shipped_json(workdir: Path) -> None:
     proc = agentkeel("run", "refund order 1001 if it has shipped", "--user", "demo", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "embedded demo defaults" in proc.stderr
+    # Never silently: the note says who is active and what they may do.
+    assert "'demo' holds code, email, read, refunds" in proc.stderr and "before serving real users" in proc.stderr
     out = json.loads(proc.stdout)
     assert out["status"] == "succeeded"
     assert [(s["step_id"], s["tool_name"], s["status"]) for s in out["steps"]] == [

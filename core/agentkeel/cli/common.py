@@ -61,8 +61,19 @@ def load_config(config_path: str | None) -> Config:
         why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
         raise click.ClickException(f"cannot read the configuration file {where}: {why}") from exc
     if config.is_embedded_default:
-        click.echo("note: no agentkeel.toml found; using the embedded demo defaults", err=True)
+        click.echo(demo_note(config), err=True)
     return config
+
+
+def demo_note(config: Config) -> str:
+    """The warning printed whenever the embedded demo defaults are in use."""
+    granted = "; ".join(
+        f"{name!r} holds {', '.join(sorted(p.permissions)) or 'no permissions'}"
+        for name, p in sorted(config.principals.items())
+    )
+    return (f"note: no agentkeel.toml found; using the embedded demo defaults. The demo principals are active "
+            f"({granted}): anyone who can run this command as them can use those tools. Write an agentkeel.toml "
+            f"with your own principals before serving real users.")
 
 
 def build_system(config: Config, *, tolerant: bool = False) -> AgentSystem:

@@ -9,6 +9,7 @@ with its status, reason and what planning cost.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,7 @@ class Pipeline:
             return self._respond(request, RunStatus.DENIED, started, None, (), [], message, remember=False)
         budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
         run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self.tools.as_mapping())
+        run.on_refused = functools.partial(self._audit_planner_refusal, run)
         self.plugins.event("run_started", request.run_id, request=request)
 
         plan: Plan | None = None
@@ -204,6 +206,12 @@ class Pipeline:
         held.set_status(status, detail)
         message = detail or summary(status, steps)
         return self._respond(run.request, status, started, plan, steps, run.costs, message, remember=state is None)
+
+    def _audit_planner_refusal(self, run: RunContext, tool: str, reason: str) -> None:
+        self.stores.audit.record(
+            run_id=run.run_id, principal=run.principal.name, action="plan", tool=tool, decision="deny",
+            reason=reason, arg_keys=(),
+        )
 
     def _permission_problems(self, run: RunContext, plan: Plan, visible: Mapping[str, ToolSpec]) -> list[str]:
         """Steps naming a registered tool the principal may not call: a denial, audited."""
