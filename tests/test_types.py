@@ -32,6 +32,11 @@ def test_a_valid_request_takes_defaults() -> None:
         ({"budget_usd": math.inf}, "budget must be a finite amount"),
         ({"budget_usd": True}, "budget must be a number of USD"),
         ({"budget_usd": "1.0"}, "budget must be a number of USD"),
+        ({"budget_usd": -1}, "budget must be a finite amount of USD >= 0"),
+        ({"session_id": None}, "session id must be a string, got NoneType"),
+        ({"session_id": "s\ud800"}, "session id is not valid UTF-8 text"),
+        ({"user_id": ["u"]}, "user id must be a string, got list"),
+        ({"run_id": "r\udc80"}, "run id is not valid UTF-8 text"),
     ],
 )
 def test_invalid_requests_are_refused_naming_the_field(fields: dict[str, Any], error: str) -> None:
