@@ -105,3 +105,22 @@ def test_cli_with_llm_planner_in_a_subprocess(openai_server: ScriptedOpenAIServe
     assert out["total_cost_usd"] > 0
     assert out["cost_breakdown"]["by_tier"]["fast"] == out["total_cost_usd"]
     assert refund_rows() == [("1003", 120.0)]
+
+
+async def test_a_model_proposing_a_tool_the_principal_may_not_call_is_audited(
+    openai_server_env: ScriptedOpenAIServer,
+) -> None:
+    """The planner's own validation refuses send_email (agent-42 lacks "email"): that refusal,
+    made before any permission check of the plan, is an audit record naming principal and tool."""
+    sneaky = {"reasoning": "x", "steps": [{"description": "d", "tool_name": "send_email",
+                                           "tool_args": {"to": "a@example.com", "subject": "s", "body": "b"}}]}
+    for _ in range(4):
+        openai_server_env.queue(sneaky)
+    async with AgentSystem(Config.from_dict(CONFIG)) as system:
+        response = await system.run(AgentRequest(message="email the customer", user_id="agent-42"))
+        home = system.config.home
+    assert response.status is not RunStatus.SUCCEEDED
+    lines = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+    refusals = [r for r in lines if r.get("tool") == "send_email" and r.get("decision") == "deny"]
+    assert refusals and all(r["principal"] == "agent-42" and r["run_id"] == response.run_id for r in refusals)
+    assert "may not call" in refusals[0]["reason"]

@@ -20,9 +20,13 @@ import jsonschema
 import platformdirs
 
 from agentkeel.errors import ConfigError
+from agentkeel.patterns import check_schema
 from agentkeel.types import Principal
 
 CONFIG_FILENAME = "agentkeel.toml"
+
+DEFAULT_MAX_STEPS = 50
+"""``[planner] max_steps``: the most steps a plan may have, whichever planner produced it."""
 
 _NUMBER = {"type": "number"}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
@@ -66,10 +70,16 @@ CONFIG_SCHEMA: dict[str, Any] = {
                             "model": {"type": "string", "minLength": 1},
                             "max_tokens": {"type": "integer", "minimum": 1},
                             "temperature": _NUMBER,
+                            "timeout_s": _POSITIVE,
                         },
                     },
                 },
             },
+        },
+        "planner": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"max_steps": {"type": "integer", "minimum": 1}},
         },
         "budget": {
             "type": "object",
@@ -136,10 +146,14 @@ _VALIDATOR = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
 
 @attrs.frozen
 class ModelTier:
+    """One ``[[models.tiers]]`` entry. ``timeout_s`` (None: ``[models] timeout_s``) bounds each
+    call to this tier, the client's retries and ``Retry-After`` waits included."""
+
     name: str
     model: str
     max_tokens: int = 1024
     temperature: float = 0.0
+    timeout_s: float | None = None
 
 
 @attrs.frozen
@@ -161,6 +175,11 @@ class Config:
     max_attempts: int = 3
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
+    max_steps: int = DEFAULT_MAX_STEPS
+
+    def tier_timeout_s(self, tier: ModelTier) -> float:
+        """The deadline of one call to ``tier``: its own ``timeout_s``, else ``[models] timeout_s``."""
+        return tier.timeout_s if tier.timeout_s is not None else self.llm_timeout_s
 
     @property
     def is_embedded_default(self) -> bool:
@@ -192,7 +211,7 @@ class Config:
         for name, p in data.get("principals", {}).items():
             for tool_name, props in p.get("constraints", {}).items():
                 try:
-                    jsonschema.Draft202012Validator.check_schema({"type": "object", "properties": props})
+                    check_schema({"type": "object", "properties": props})  # patterns are ECMA-262
                 except jsonschema.SchemaError as exc:
                     raise ConfigError(
                         f"invalid configuration in {source}: principals.{name}.constraints.{tool_name}: {exc.message}"
@@ -208,7 +227,7 @@ class Config:
             source=source,
             home=_home(data),
             principals=principals,
-            tiers=tuple(ModelTier(**t) for t in models.get("tiers", [])),
+            tiers=tuple(_tier(t) for t in models.get("tiers", [])),
             default_budget_usd=float(data.get("budget", {}).get("default_usd", 1.0)),
             tool_overrides=data.get("tools", {}),
             prices=data.get("prices", {}),
@@ -219,6 +238,7 @@ class Config:
             max_attempts=retry.get("max_attempts", 3),
             base_delay_s=float(retry.get("base_delay_s", 0.2)),
             max_delay_s=float(retry.get("max_delay_s", 5.0)),
+            max_steps=int(data.get("planner", {}).get("max_steps", DEFAULT_MAX_STEPS)),
         )
 
     @classmethod
@@ -239,6 +259,11 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, str(file))
+
+
+def _tier(data: Mapping[str, Any]) -> ModelTier:
+    timeout = data.get("timeout_s")
+    return ModelTier(**{**data, "timeout_s": float(timeout) if timeout is not None else None})
 
 
 def _non_finite(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, float]]:

@@ -66,7 +66,7 @@ def problem(value: Any, *, max_depth: int = MAX_DEPTH) -> str | None:
     # Fast path for the common flat case: scalars and containers of scalars.
     kind = type(value)
     if kind is str:
-        return _text_problem(value)
+        return _text_problem(value) or None
     if kind in (int, bool) or value is None:
         return None
     if kind is float:

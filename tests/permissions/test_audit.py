@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -15,10 +16,12 @@ import pytest
 from agentkeel.cli.audit import audit
 from agentkeel.config import Config
 from agentkeel.permissions.audit import (
+    FORMAT,
     GENESIS,
     RECORD_FIELDS,
     AuditLog,
     AuditLogError,
+    canonical,
     default_path,
     line_hash,
     verify,
@@ -46,6 +49,12 @@ def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
 
 
+def forged_line(row: dict[str, Any]) -> bytes:
+    """``row`` as the writer lays a line out, with its hash recomputed: what a forger writes."""
+    body = canonical({k: v for k, v in row.items() if k != "hash"})
+    return body[:-1] + b',"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'"}\n'
+
+
 @pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     path = tmp_path / "audit.jsonl"
@@ -63,12 +72,14 @@ def test_records_form_a_chain_that_verifies(log_path: Path) -> None:
         assert after["prev"] == before["hash"]
     for row in rows:
         assert row["hash"] == line_hash(row)
-        assert set(row) == {*RECORD_FIELDS, "seq", "prev", "hash"}
+        assert set(row) == {*RECORD_FIELDS, "seq", "prev", "v", "hash"}
+        assert row["v"] == FORMAT
     assert rows[0]["arg_keys"] == ["order_id", "amount"]
 
     result = verify(log_path)
     assert result.ok and result.records == 6 and result.problem is None and result.line is None
     assert result.last_hash == rows[-1]["hash"]
+    assert result.anchored and result.anchor_count == 6 and result.anchor_head == rows[-1]["hash"]
 
 
 def test_record_returns_the_audit_record(tmp_path: Path) -> None:
@@ -118,7 +129,7 @@ def _edited(value: Any) -> Any:
     return str(value) + "x"
 
 
-FIELDS = (*RECORD_FIELDS, "seq", "prev", "hash")
+FIELDS = (*RECORD_FIELDS, "seq", "prev", "v", "hash")
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -143,8 +154,7 @@ def test_an_edit_with_a_recomputed_hash_breaks_the_next_line(log_path: Path) -> 
     raw = lines(log_path)
     row = json.loads(raw[2])
     row["decision"] = "allow" if row["decision"] == "deny" else "deny"
-    row["hash"] = line_hash(row)
-    raw[2] = (json.dumps(row) + "\n").encode()
+    raw[2] = forged_line(row)
     log_path.write_bytes(b"".join(raw))
 
     result = verify(log_path)
@@ -324,6 +334,7 @@ def test_two_processes_appending_keep_one_chain(tmp_path: Path) -> None:
         result = verify(path)
         assert result.ok, result
         assert result.records == 401
+        assert result.anchored and result.anchor_count == 401  # the anchor moved under the same lock
         rows = [json.loads(line) for line in lines(path)]
         for name in ("p1", "p2"):
             assert [r["run_id"] for r in rows if r["principal"] == name] == [
@@ -354,6 +365,7 @@ def test_a_forked_child_gets_its_own_lock(tmp_path: Path) -> None:
     result = verify(path)
     assert result.ok, result
     assert result.records == 602
+    assert result.anchored and result.anchor_count == 602
 
 
 # --- CLI ------------------------------------------------------------------------------
@@ -383,6 +395,11 @@ def test_cli_verify_names_the_first_bad_line(log_path: Path) -> None:
         "problem": None,
         "line": 3,
         "last_hash": json.loads(raw[1])["hash"],
+        "anchored": False,
+        "anchor_count": 6,
+        "anchor_head": json.loads(raw[-1])["hash"],
+        "note": None,
+        "legacy_records": 0,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from agentkeel.permissions.audit import canonical, record_text
+from agentkeel.permissions.audit import FORMAT, canonical, record_text
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +26,7 @@ def test_record_text_is_canonical(
     fast = record_text(ts=ts, run_id=run_id, principal=principal, action=action, tool=tool,
                        decision=decision, reason=reason, arg_keys=arg_keys, seq=seq, prev=prev)
     body = {"ts": ts, "run_id": run_id, "principal": principal, "action": action, "tool": tool,
-            "decision": decision, "reason": reason, "arg_keys": list(arg_keys), "seq": seq, "prev": prev}
+            "decision": decision, "reason": reason, "arg_keys": list(arg_keys), "seq": seq, "prev": prev,
+            "v": FORMAT}
     assert fast == canonical(body)
     assert json.loads(fast) == body

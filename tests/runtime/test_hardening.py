@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import pytest
-
 from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl, tool
 from agentkeel.config import Config
 from agentkeel.errors import ToolSpecError

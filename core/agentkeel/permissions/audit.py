@@ -1,18 +1,52 @@
-"""The append-only, hash-chained audit log (``<home>/audit.jsonl``).
+"""The append-only, hash-chained audit log (``<home>/audit.jsonl``) and its anchor.
 
-Every permission decision and every tool call becomes one JSON line: the fields
-of an ``AuditRecord`` plus ``seq`` (1, 2, 3, ...), ``prev`` (the ``hash`` of the
-line before, ``GENESIS`` for the first) and ``hash``, the SHA-256 of the
-canonical JSON of the line without ``hash`` (sorted keys, no spaces, UTF-8).
-Changing, deleting, reordering or cutting a line breaks the chain at that line,
-which ``verify`` reports. (Removing lines from the *end* leaves a shorter valid
-chain; compare ``VerifyResult.last_hash`` with a copy kept elsewhere to catch it.)
+Format (version 2). Every permission decision and every tool call becomes one
+line: the fields of an ``AuditRecord`` plus ``seq`` (1, 2, 3, ...), ``prev``
+(the ``hash`` of the line before, ``GENESIS`` for the first) and ``v`` (2),
+written as canonical JSON (sorted keys, no spaces, UTF-8, no escapes but the
+required ones), then ``hash`` appended in one fixed way::
+
+    BODY = {"action":...,"arg_keys":[...],...,"ts":1712345678.123,"v":2}
+    line = BODY[:-1] + ',"hash":"' + sha256(BODY).hexdigest() + '"}' + "\\n"
+
+so the hash covers the exact bytes of the line: ``BODY`` is the line with its
+last 76 bytes (``,"hash":"<64 hex>"}`` and the newline) replaced by ``}``.
+``verify`` recomputes it from those bytes, never from a parsed object, so any
+byte edit (whitespace, key order, an escape, a duplicate key) breaks the line.
+It also refuses lines that are not valid UTF-8, hold a duplicate key, a NaN or
+infinite number or a lone surrogate, or are not byte-identical to the canonical
+encoding of what they parse to: every line means one thing to every reader.
+
+Format 1 (lines without ``v``, written before the version field existed) used
+the same canonical body and the same fixed ``hash`` suffix, so ``verify`` checks
+such lines byte for byte the same way and counts them in
+``VerifyResult.legacy_records``. A format-1 line after a format-2 line is refused
+(writers never go back). Appending to a format-1 log continues its chain.
+
+Anchor. Editing a line, or cutting, inserting or reordering lines, breaks the
+chain at that line. Emptying, truncating, deleting or replacing the whole file
+with a freshly chained forgery does not; so every append also records the head
+(the last hash) and the record count in the ``audit_head`` table of
+``<home>/agentkeel.db``, the store the journal uses (one UPSERT on the writer's
+connection, inside the same file lock as the write). ``verify`` compares the file
+with that row: fewer records (truncated, emptied), another head (replaced) or no
+file (deleted) fail. A writer that opens a log which does not continue its
+anchored chain records that in the row's ``broken`` column (kept until someone
+deletes the row), so deleting the log and letting the next run start a new chain
+is still reported. The exception is one line past the anchor whose ``prev`` is
+the anchored head: that is what a writer killed between its write and its
+UPSERT leaves, so the next writer accepts it (``verify`` reports it until then).
+A power cut can also leave the two disagreeing (neither is fsynced unless
+``fsync=True``), which is reported the same way as tampering.
+The anchor proves nothing against someone who can write both the log and the
+database.
 
 Writers: the file is opened with ``O_APPEND`` and each record is one ``write``
 under an exclusive ``flock``, so several processes appending to one file keep a
 single chain. A writer remembers the file size after its own last write and
 re-reads the last line (seeking from the end) only when another writer has
-appended since; the usual cost per record is a lock, an ``fstat`` and a write.
+appended since; the usual cost per record is a lock, an ``fstat``, a write and
+the anchor UPSERT (WAL, ``synchronous=NORMAL``; ``FULL`` with ``fsync=True``).
 """
 
 from __future__ import annotations
@@ -20,7 +54,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -29,7 +66,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import attrs
 
+import agentkeel.jsonvalue as jsonvalue
 from agentkeel.errors import AuditLogError
+from agentkeel.stores import db_path, open_db
 from agentkeel.types import AuditRecord
 
 if TYPE_CHECKING:
@@ -37,10 +76,32 @@ if TYPE_CHECKING:
 
 AUDIT_FILENAME = "audit.jsonl"
 GENESIS = "0" * 64
+FORMAT = 2
+LEGACY_FORMAT = 1
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in attrs.fields(AuditRecord))
 CHAIN_FIELDS = ("seq", "prev", "hash")
+LINE_FIELDS = frozenset((*RECORD_FIELDS, *CHAIN_FIELDS, "v"))
+LEGACY_LINE_FIELDS = frozenset((*RECORD_FIELDS, *CHAIN_FIELDS))
 _TAIL_BLOCK = 4096
+# The fixed end of every line: the hash of the bytes before it, then "}" and a newline.
+_HASH_TAIL = re.compile(rb',"hash":"([0-9a-f]{64})"\}\n\Z')
 
+ANCHOR_TABLE = "audit_head"
+_CREATE_ANCHOR = f"""
+CREATE TABLE IF NOT EXISTS {ANCHOR_TABLE} (
+    log_path   TEXT PRIMARY KEY,
+    head       TEXT NOT NULL,
+    count      INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    broken     TEXT
+)
+"""
+_UPSERT_ANCHOR = (
+    f"INSERT INTO {ANCHOR_TABLE} (log_path, head, count, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (log_path) DO UPDATE SET "
+    "head = excluded.head, count = excluded.count, updated_at = excluded.updated_at"
+)
+_SELECT_ANCHOR = f"SELECT count, head, updated_at, broken FROM {ANCHOR_TABLE} WHERE log_path = ?"
 
 
 def default_path(config: Config) -> Path:
@@ -63,20 +124,40 @@ def record_text(
     *, ts: float, run_id: str, principal: str, action: str, tool: str, decision: str, reason: str,
     arg_keys: tuple[str, ...], seq: int, prev: str,
 ) -> bytes:
-    """``canonical()`` of one record, written out directly: keys in sorted order, the
-    same string and float encoders. About five times cheaper than the general
-    encoder, and it runs for every permission decision and tool call."""
+    """``canonical()`` of one format-2 record without ``hash``, written out directly:
+    keys in sorted order, the same string and float encoders. About five times
+    cheaper than the general encoder, and it runs for every permission decision
+    and tool call. A lone surrogate in a field (which UTF-8 cannot hold) is
+    written as U+FFFD."""
     keys = ",".join(map(_str, arg_keys))
-    return (
+    text = (
         f'{{"action":{_str(action)},"arg_keys":[{keys}],"decision":{_str(decision)},'
         f'"prev":{_str(prev)},"principal":{_str(principal)},"reason":{_str(reason)},'
-        f'"run_id":{_str(run_id)},"seq":{seq},"tool":{_str(tool)},"ts":{float.__repr__(ts)}}}'
-    ).encode()
+        f'"run_id":{_str(run_id)},"seq":{seq},"tool":{_str(tool)},"ts":{float.__repr__(ts)},'
+        f'"v":{FORMAT}}}'
+    )
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
 
 
 def line_hash(body: dict[str, Any]) -> str:
-    """The hash of one line's fields, ``hash`` excluded."""
+    """The hash of one line's fields, ``hash`` excluded (for a line in canonical form,
+    the hash of its bytes)."""
     return hashlib.sha256(canonical({k: v for k, v in body.items() if k != "hash"})).hexdigest()
+
+
+def anchor_key(path: str | os.PathLike[str], home: str | os.PathLike[str]) -> str:
+    """The ``log_path`` of the anchor row of the log at ``path`` in ``<home>/agentkeel.db``:
+    the path relative to ``home`` when the log lies under it (``audit.jsonl``; a
+    home moved elsewhere keeps its anchors), else the absolute path."""
+    log = Path(path).expanduser().resolve()
+    base = Path(home).expanduser().resolve()
+    try:
+        return log.relative_to(base).as_posix()
+    except ValueError:
+        return str(log)
 
 
 class AuditLog:
@@ -87,13 +168,30 @@ class AuditLog:
     is handed to the kernel with one ``write`` and survives a process crash,
     not a power cut. Raises ``AuditLogError`` when the file ends in a damaged
     line (an interrupted write): appending after it would hide where it broke.
+
+    Each append also updates the anchor row of this log in ``<home>/agentkeel.db``
+    (``home`` defaults to the log's directory, which is ``config.home`` for the
+    default log); ``anchor=False`` skips it (``verify`` then reports the log as
+    not anchored).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = False,
+        home: str | os.PathLike[str] | None = None,
+        anchor: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.home = Path(home) if home is not None else self.path.parent
+        self.anchor = anchor
+        self._key = anchor_key(self.path, self.home)
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._db: sqlite3.Connection | None = None
+        self._inherited: list[sqlite3.Connection] = []
         self._pid = 0
         self._size = -1  # file size after our last write; -1 forces a re-read
         self._seq = 0
@@ -102,12 +200,14 @@ class AuditLog:
 
     @classmethod
     def for_config(cls, config: Config, *, fsync: bool = False) -> AuditLog:
-        return cls(default_path(config), fsync=fsync)
+        return cls(default_path(config), fsync=fsync, home=config.home)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._pid = os.getpid()
+        if self.anchor:
+            self._db = self._open_db()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._size = -1
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
@@ -115,16 +215,39 @@ class AuditLog:
         except BaseException:
             os.close(self._fd)
             self._fd = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
             raise
         finally:
             if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _open_db(self) -> sqlite3.Connection:
+        try:
+            conn = open_db(self.home)
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditLogError(
+                f"cannot open {db_path(self.home)}, where the audit log {self.path} records its "
+                f"head: {exc}"
+            ) from exc
+        try:
+            conn.execute(_CREATE_ANCHOR)
+            if self.fsync:
+                conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise AuditLogError(
+                f"cannot create the {ANCHOR_TABLE} table in {db_path(self.home)}: {exc}"
+            ) from exc
+        return conn
+
     def _sync_tail(self, size: int) -> None:
-        """Take ``seq`` and ``prev`` from the last line of a file of ``size`` bytes."""
+        """Take ``seq`` and ``prev`` from the last line of a file of ``size`` bytes, and
+        check that the file still continues the anchored chain."""
         assert self._fd is not None
         if size == 0:
-            self._seq, self._prev = 0, GENESIS
+            seq, head, before = 0, GENESIS, GENESIS
         else:
             last = _read_last_line(self._fd, size)
             if not last.endswith(b"\n"):
@@ -135,16 +258,46 @@ class AuditLog:
                 )
             try:
                 body = json.loads(last)
-                seq, prev = body["seq"], body["hash"]
-                if not isinstance(seq, int) or not isinstance(prev, str):
+                seq, head, before = body["seq"], body["hash"], body["prev"]
+                if not isinstance(seq, int) or not isinstance(head, str):
                     raise TypeError("seq must be an integer and hash a string")
             except (ValueError, KeyError, TypeError) as exc:
                 raise AuditLogError(
                     f"the last line of {self.path} is not an audit record ({exc}); "
                     f"run `agentkeel audit verify {self.path}` and move the file aside"
                 ) from exc
-            self._seq, self._prev = seq, prev
+        if self._db is not None:
+            self._check_anchor(seq, head, before)
+        self._seq, self._prev = seq, head
         self._size = size
+
+    def _check_anchor(self, seq: int, head: str, before: Any) -> None:
+        """Record in the anchor row when the file no longer continues the anchored chain."""
+        assert self._db is not None
+        try:
+            row = self._db.execute(_SELECT_ANCHOR, (self._key,)).fetchone()
+            if row is None:
+                return
+            count, anchored, _, broken = row
+            if (seq, head) == (count, anchored):
+                return
+            if seq == count + 1 and before == anchored:
+                return  # a writer was stopped between its write and its anchor update
+            if broken is None:
+                when = time.strftime("%Y-%m-%d %H:%M:%S %z")
+                detail = (
+                    f"on {when} a writer found {seq} record(s) (head {head}) in the log where its "
+                    f"anchor had {count} (head {anchored}): records were cut, or the file was "
+                    "emptied, deleted or replaced; later records continue the new chain"
+                )
+                self._db.execute(
+                    f"UPDATE {ANCHOR_TABLE} SET broken = ? WHERE log_path = ? AND broken IS NULL",
+                    (detail, self._key),
+                )
+        except sqlite3.Error as exc:
+            raise AuditLogError(
+                f"cannot read the anchor of {self.path} in {db_path(self.home)}: {exc}"
+            ) from exc
 
     def record(
         self,
@@ -157,7 +310,8 @@ class AuditLog:
         reason: str,
         arg_keys: Iterable[str] = (),
     ) -> AuditRecord:
-        """Append one record and return it. One ``write`` per record; see the class docs."""
+        """Append one record and return it. One ``write`` and one anchor UPSERT per
+        record; see the class docs."""
         rec = AuditRecord(
             ts=time.time(),
             run_id=run_id,
@@ -187,7 +341,7 @@ class AuditLog:
                     decision=decision, reason=reason, arg_keys=rec.arg_keys, seq=seq, prev=self._prev,
                 )
                 digest = hashlib.sha256(text).hexdigest()
-                # Key order does not matter to verify(), so append "hash" without re-encoding.
+                # The fixed suffix verify() expects: the hash of every byte before it.
                 data = text[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
                 written = os.write(fd, data)
                 if written != len(data):
@@ -201,13 +355,27 @@ class AuditLog:
                 self._size = size + written
                 self._seq = seq
                 self._prev = digest
+                if self._db is not None:
+                    try:
+                        self._db.execute(_UPSERT_ANCHOR, (self._key, digest, seq, rec.ts))
+                    except sqlite3.Error as exc:
+                        raise AuditLogError(
+                            f"record {seq} was appended to {self.path}, but its anchor in "
+                            f"{db_path(self.home)} could not be updated ({exc}); the next append "
+                            "updates it, and until then `agentkeel audit verify` reports the "
+                            "record as not anchored"
+                        ) from exc
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         return rec
 
     def _reopen_after_fork(self) -> None:
         # A forked child shares the parent's open file description, and so its
-        # flock: it must get its own before it may append.
+        # flock: it must get its own before it may append. Its parent's SQLite
+        # connection is kept alive but never used (nor closed) here.
+        if self._db is not None:
+            self._inherited.append(self._db)
+            self._db = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -216,11 +384,18 @@ class AuditLog:
     def close(self) -> None:
         """Close the file; later ``record`` calls raise ``AuditLogError``. Idempotent."""
         with self._lock:
+            mine = self._pid == os.getpid()
             if self._fd is not None:
-                if self._pid == os.getpid() and self.fsync:
+                if mine and self.fsync:
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
+            if self._db is not None:
+                if mine:
+                    self._db.close()
+                else:
+                    self._inherited.append(self._db)
+                self._db = None
 
     @property
     def closed(self) -> bool:
@@ -251,13 +426,58 @@ def _read_last_line(fd: int, size: int) -> bytes:
 
 
 @attrs.frozen
+class Anchor:
+    """The anchor row of one log: the head and count written with its last append."""
+
+    count: int
+    head: str
+    updated_at: float
+    broken: str | None = None
+
+
+def read_anchor(
+    path: str | os.PathLike[str], home: str | os.PathLike[str] | None = None
+) -> Anchor | str:
+    """The anchor of the log at ``path`` in ``<home>/agentkeel.db`` (``home`` defaults to
+    the log's directory), or why there is none. Opens the database read-only and
+    never creates it. Raises ``AuditLogError`` when it exists but cannot be read."""
+    base = Path(home) if home is not None else Path(path).parent
+    db = db_path(base)
+    if not db.is_file():
+        return f"{db} does not exist"
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise AuditLogError(f"cannot open {db} to read the audit log's anchor: {exc}") from exc
+    try:
+        try:
+            row = conn.execute(_SELECT_ANCHOR, (anchor_key(path, base),)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return f"{db} has no {ANCHOR_TABLE} table (nothing was appended since anchors exist)"
+            raise AuditLogError(f"cannot read the audit log's anchor from {db}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise AuditLogError(f"cannot read the audit log's anchor from {db}: {exc}") from exc
+    finally:
+        conn.close()
+    if row is None:
+        return f"{db} holds no anchor for this log (nothing was appended since anchors exist)"
+    count, head, updated_at, broken = row
+    return Anchor(int(count), str(head), float(updated_at), broken)
+
+
+@attrs.frozen
 class VerifyResult:
     """The outcome of ``verify``.
 
     ``records`` counts the intact records before the first problem (all of them
-    when ``ok``); ``line`` is the 1-based number of the first bad line;
-    ``last_hash`` is the hash of the last intact record (keep it elsewhere to
-    detect lines cut from the end later).
+    when the chain is intact); ``line`` is the 1-based number of the first bad
+    line (None for a problem of the whole file); ``last_hash`` is the hash of the
+    last intact record. ``anchored`` is True when the anchor in the database was
+    found and matches the file; ``ok`` with ``anchored`` False means the chain is
+    intact but nothing proves that records were not cut from the end or the
+    whole file replaced: ``note`` says why. ``legacy_records`` counts format-1
+    records (written before the ``v`` field).
     """
 
     ok: bool
@@ -265,45 +485,171 @@ class VerifyResult:
     problem: str | None = None
     line: int | None = None
     last_hash: str | None = None
+    anchored: bool = False
+    anchor_count: int | None = None
+    anchor_head: str | None = None
+    note: str | None = None
+    legacy_records: int = 0
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyResult:
-    """Check the whole chain of the audit log at ``path``; stop at the first bad line."""
+def verify(
+    path: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None
+) -> VerifyResult:
+    """Check the audit log at ``path`` byte for byte, then against its anchor in
+    ``<home>/agentkeel.db`` (``home`` defaults to the log's directory); stop at the
+    first problem."""
     file = Path(path)
+    try:
+        anchor = read_anchor(file, home)
+    except AuditLogError as exc:
+        return VerifyResult(False, 0, str(exc))
+    anchored = isinstance(anchor, Anchor)
+    a_count = anchor.count if isinstance(anchor, Anchor) else None
+    a_head = anchor.head if isinstance(anchor, Anchor) else None
+    note = None if isinstance(anchor, Anchor) else f"not anchored: {anchor}"
+
+    def failed(problem: str, records: int, line: int | None, last: str | None, legacy: int) -> VerifyResult:
+        return VerifyResult(False, records, problem, line, last, False, a_count, a_head, note, legacy)
+
     if not file.is_file():
-        return VerifyResult(False, 0, f"{file} does not exist or is not a file", None)
+        if isinstance(anchor, Anchor):
+            return failed(
+                f"{file} is missing, but its anchor records {anchor.count} record(s) "
+                f"(head {anchor.head}): the log was deleted or moved",
+                0, None, None, 0,
+            )
+        return failed(f"{file} does not exist or is not a file", 0, None, None, 0)
     prev = GENESIS
     count = 0
+    legacy = 0
+    version = LEGACY_FORMAT
+    at_anchor: str | None = GENESIS if a_count == 0 else None
     with file.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            problem = _check_line(raw, count + 1, prev)
-            if isinstance(problem, str):
-                return VerifyResult(False, count, problem, number, prev if count else None)
-            prev = problem["hash"]
+            checked = _check_line(raw, count + 1, prev, version)
+            if isinstance(checked, str):
+                return failed(checked, count, number, prev if count else None, legacy)
+            prev, version = checked
             count += 1
-    return VerifyResult(True, count, None, None, prev if count else None)
+            legacy += version == LEGACY_FORMAT
+            if count == a_count:
+                at_anchor = prev
+    last = prev if count else None
+    if not isinstance(anchor, Anchor):
+        return VerifyResult(True, count, None, None, last, False, None, None, note, legacy)
+    if anchor.broken:
+        return failed(f"the chain was broken before: {anchor.broken}", count, None, last, legacy)
+    if count < anchor.count:
+        return failed(
+            f"the log has {count} record(s) but its anchor records {anchor.count} "
+            f"(head {anchor.head}): records were cut from the end, or the file was emptied "
+            "or replaced",
+            count, None, last, legacy,
+        )
+    if at_anchor != anchor.head:
+        return failed(
+            f"record {anchor.count} has hash {at_anchor}, but the anchored head is {anchor.head}: "
+            "the log was replaced by another chain",
+            count, anchor.count, last, legacy,
+        )
+    if count > anchor.count:
+        return failed(
+            f"{count - anchor.count} record(s) after the anchored head (record {anchor.count}) are "
+            "not anchored: a writer stopped between writing a line and anchoring it (the next "
+            "append anchors it), or the lines were appended by something other than agentkeel",
+            count, anchor.count + 1, last, legacy,
+        )
+    return VerifyResult(True, count, None, None, last, anchored, a_count, a_head, None, legacy)
 
 
-def _check_line(raw: bytes, seq: int, prev: str) -> str | dict[str, Any]:
-    """What is wrong with ``raw`` as record number ``seq`` following ``prev``, or the parsed record."""
+class _Refused(ValueError):
+    """A line the strict parser refuses (a duplicate key, a NaN constant)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"duplicate key {key!r} (readers disagree on which value counts)")
+        obj[key] = value
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _check_line(raw: bytes, seq: int, prev: str, version: int) -> str | tuple[str, int]:
+    """What is wrong with ``raw`` as record number ``seq`` following ``prev`` (a line of
+    format ``version``, or later), or its hash and format."""
     if not raw.endswith(b"\n"):
         return "incomplete last line (cut short, no newline)"
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Refused as exc:
+        return f"refused: {exc}"
+    except RecursionError:
+        return "not an audit record (nested too deep)"
     except ValueError as exc:
         return f"not valid JSON ({exc})"
     if not isinstance(body, dict):
         return "not a JSON object"
+    bad = jsonvalue.problem(body)
+    if bad is not None:
+        return f"refused: {bad.lstrip(': ')}"
+    fields = LINE_FIELDS if "v" in body else LEGACY_LINE_FIELDS
     missing = [k for k in (*RECORD_FIELDS, *CHAIN_FIELDS) if k not in body]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
-    extra = sorted(set(body) - set(RECORD_FIELDS) - set(CHAIN_FIELDS))
+    extra = sorted(set(body) - fields)
     if extra:
         return f"unexpected field(s) {', '.join(extra)}"
-    if body["hash"] != line_hash(body):
-        return "hash mismatch: the record was changed after it was written"
+    line_version = body.get("v", LEGACY_FORMAT)
+    if type(line_version) is not int or ("v" in body and line_version != FORMAT):
+        return f"unknown format version {line_version!r} (this agentkeel writes {FORMAT})"
+    wrong = _type_problem(body)
+    if wrong:
+        return wrong
+    tail = _HASH_TAIL.search(raw)
+    if tail is None:
+        return (
+            'the line does not end with the hash in its fixed form (,"hash":"<64 hex digits>"}): '
+            "it was re-encoded or edited"
+        )
+    hashed = raw[: tail.start()] + b"}"
+    if hashlib.sha256(hashed).hexdigest() != tail.group(1).decode():
+        return "hash mismatch: the line's bytes were changed after it was written"
+    if canonical({k: v for k, v in body.items() if k != "hash"}) != hashed:
+        return (
+            "not in canonical form (sorted keys, no spaces, no needless escapes) although its "
+            "hash matches: agentkeel did not write this line"
+        )
     if body["seq"] != seq:
         return f"sequence number {body['seq']!r} where {seq} was expected: a line was deleted, added or moved"
     if body["prev"] != prev:
         return "prev does not match the hash of the line before: a line was deleted, added or moved"
-    return body
+    if line_version < version:
+        return (
+            f"a format-{line_version} line after format-{version} lines: writers never go back "
+            "to the old format, so the line was inserted"
+        )
+    return str(body["hash"]), line_version
+
+
+def _type_problem(body: dict[str, Any]) -> str | None:
+    for key in ("run_id", "principal", "action", "tool", "decision", "reason", "prev", "hash"):
+        if type(body[key]) is not str:
+            return f"field {key} is not a string"
+    if type(body["seq"]) is not int or body["seq"] < 1:
+        return "field seq is not a positive integer"
+    ts = body["ts"]
+    if type(ts) is not float or not math.isfinite(ts):
+        return "field ts is not a number of seconds"
+    keys = body["arg_keys"]
+    if type(keys) is not list or any(type(k) is not str for k in keys):
+        return "field arg_keys is not a list of strings"
+    return None

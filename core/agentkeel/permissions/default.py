@@ -11,6 +11,11 @@ permission is not a grant.
 
 One ``PermissionsGate`` per system: the compiled constraint validators belong
 to the configuration they came from, never to another system in the process.
+Constraints are JSON Schemas checked like tool arguments (``CompiledSchema``:
+the compiled check, messages from ``jsonschema``), so a ``pattern`` is an
+ECMA-262 regular expression: ``$`` does not match before a trailing newline.
+A constraint whose pattern is not ECMA-262 (``Config`` refuses it at load time)
+denies every call rather than being evaluated some other way.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jsonschema
 
 from agentkeel.config import Config
 from agentkeel.markers import hookimpl
+from agentkeel.tools.validation import CompiledSchema
 from agentkeel.types import Decision, Principal, ToolSpec
 
 
@@ -30,8 +36,8 @@ class PermissionsGate:
     """The default ``agentkeel_resolve_principal`` and ``agentkeel_authorize``."""
 
     def __init__(self) -> None:
-        # (principal, tool) -> (the constraints object it was compiled from, validator)
-        self._validators: dict[tuple[str, str], tuple[Mapping[str, Any], jsonschema.Draft202012Validator]] = {}
+        # (principal, tool) -> (the constraints object it was compiled from, compiled schema)
+        self._validators: dict[tuple[str, str], tuple[Mapping[str, Any], CompiledSchema]] = {}
 
     @hookimpl(trylast=True)
     def agentkeel_resolve_principal(self, user_id: str, config: Config) -> Principal | None:
@@ -64,9 +70,15 @@ class PermissionsGate:
         key = (principal.name, tool_name)
         cached = self._validators.get(key)
         if cached is None or cached[0] is not constraints:
-            validator = jsonschema.Draft202012Validator({"type": "object", "properties": dict(constraints)})
-            cached = self._validators[key] = (constraints, validator)
-        error = jsonschema.exceptions.best_match(cached[1].iter_errors(dict(args)))
+            compiled = CompiledSchema({"type": "object", "properties": dict(constraints)})
+            cached = self._validators[key] = (constraints, compiled)
+        compiled = cached[1]
+        values = dict(args)
+        if compiled.is_valid(values):
+            return None
+        if compiled.problems:
+            return f"constraint of {principal.name!r} on {tool_name} is invalid: {'; '.join(compiled.problems)}"
+        error = jsonschema.exceptions.best_match(compiled.validator.iter_errors(values))
         if error is None:
             return None
         field = ".".join(str(p) for p in error.absolute_path) or "arguments"

@@ -9,33 +9,53 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
   and the memory context. Output is requested with ``response_format`` of type
   ``json_schema``; a server that answers 400 or 500 to it is asked again with
   ``json_object``, and that base URL is remembered by this planner (one per system).
-- Validation: ``json.loads`` + ``parse_plan`` + tool names in ``tools``,
-  required arguments present, references to earlier steps only. An invalid
-  answer gets ONE repair round (the answer and its errors are sent back); still
-  invalid, the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
+- Validation: ``agentkeel.jsonvalue.loads`` (bounded: no NaN or Infinity, at
+  most 64 levels of nesting, no lone surrogates) + at most ``[planner]
+  max_steps`` steps + ``parse_plan`` + tool names in ``tools``, required
+  arguments present, references to earlier steps only. An invalid answer gets
+  ONE repair round (the answer and its errors are sent back); still invalid,
+  the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
 - Retries of failed HTTP calls happen in one layer only: the openai client's
   (``max_retries``, honouring ``Retry-After``; ``[plugins.planner_llm]
   max_retries`` in the config, default 2). This module never re-sends a failed
   call itself: after the client gives up, the cascade moves to the next tier.
+- Deadline: each call, the client's retries and ``Retry-After`` waits
+  included, ends within the tier's ``timeout_s`` (``[models] timeout_s`` unless
+  the tier sets its own). A call past its deadline is cancelled and that tier
+  has failed: the cascade moves to the next tier.
 - Budget: before every call the worst case is reserved with
   ``run.reserve_llm`` (``BudgetExceededError`` propagates, nothing is sent);
   after it the reservation is settled to the reported usage. A call that ends
   in an HTTP error status is released (an error answer is not billed), and so is
-  one that never reached a server (connection refused). A call whose fate is
-  unknown (timed out after sending, connection lost mid-answer, unreadable body,
-  usage not reported) is settled to the worst case and its cost record is
-  marked ``estimated``: an unknown cost is never recorded as free.
+  one that never reached a server (connection refused) and one whose deadline
+  passed while every request sent had been answered with an error (waiting out a
+  ``Retry-After``). A call whose fate is unknown (timed out after sending,
+  connection lost mid-answer, unreadable body, usage not reported) is settled to
+  the worst case and its cost record is marked ``estimated``: an unknown cost is
+  never recorded as free.
+- Reported usage is checked before it is billed (``bounded_usage``): counts
+  must be integers >= 0, prompt tokens at most the reservation's bound on what
+  was sent, completion tokens at most ``max_tokens``. A count that is not is
+  replaced by its bound, a warning is logged and the cost record is marked
+  ``estimated``; the answer itself is still used (the call did succeed). So a
+  server's usage can never add money to the budget, nor bill more than was
+  reserved.
 - No tiers, or no endpoint, while no template matched: ``ConfigError``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from agentkeel.cost.budget import prompt_token_upper_bound
+import agentkeel.jsonvalue as jsonvalue
+from agentkeel.config import DEFAULT_MAX_STEPS
+from agentkeel.cost.budget import bounded_usage, prompt_token_upper_bound
 from agentkeel.errors import ConfigError, PlanningError, PlanRejectedError
 from agentkeel.markers import hookimpl
 from agentkeel.planner.plan import parse_plan, plan_wire_schema
@@ -50,6 +70,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_RETRIES = 2
 PLACEHOLDER_API_KEY = "not-needed"
+
+log = logging.getLogger(__name__)
 
 _WIRE_FORMAT = """\
 Answer with ONE JSON object and nothing else:
@@ -133,12 +155,51 @@ def _client(config: Config) -> openai.AsyncOpenAI:
             "OpenAI-compatible server), or set [models] base_url in agentkeel.toml"
         )
     retries = config.section("plugins", "planner_llm").get("max_retries", DEFAULT_MAX_RETRIES)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(
+            f"invalid configuration in {config.source}: plugins.planner_llm.max_retries: "
+            f"must be an integer >= 0, got {retries!r}"
+        )
     return openai.AsyncOpenAI(
         api_key=api_key or PLACEHOLDER_API_KEY,
         base_url=base_url,
         timeout=config.llm_timeout_s,
-        max_retries=int(retries),
+        max_retries=retries,
+        http_client=openai.DefaultAsyncHttpxClient(
+            timeout=config.llm_timeout_s,
+            event_hooks={"request": [_on_request], "response": [_on_response]},
+        ),
     )
+
+
+class _Attempts:
+    """What became of the HTTP requests one call sent (the client may retry)."""
+
+    __slots__ = ("error_answers", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.error_answers = 0
+
+    @property
+    def all_refused(self) -> bool:
+        """Every request sent was answered with an HTTP error status: nothing to pay."""
+        return self.error_answers == self.sent
+
+
+_ATTEMPTS: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("agentkeel_llm_attempts", default=None)
+
+
+async def _on_request(request: Any) -> None:
+    attempts = _ATTEMPTS.get()
+    if attempts is not None:
+        attempts.sent += 1
+
+
+async def _on_response(response: Any) -> None:
+    attempts = _ATTEMPTS.get()
+    if attempts is not None and getattr(response, "status_code", 200) >= 400:
+        attempts.error_answers += 1
 
 
 def build_messages(
@@ -172,9 +233,11 @@ async def _plan_with_tier(
     no_json_schema: set[str],
 ) -> Plan:
     """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or PlanningError."""
+    planner = f"llm:{tier.name}"
+    max_steps = run.config.max_steps
     answer, truncated = await _complete(client, tier, messages, tools, run, no_json_schema)
     try:
-        return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
+        return validate_answer(answer, tools, planner=planner, truncated=truncated, max_steps=max_steps, run=run)
     except _InvalidAnswer as exc:
         repair = [
             *messages,
@@ -182,7 +245,7 @@ async def _plan_with_tier(
             {"role": "user", "content": _repair_prompt(exc.errors)},
         ]
     answer, truncated = await _complete(client, tier, repair, tools, run, no_json_schema)
-    return validate_answer(answer, tools, planner=f"llm:{tier.name}", truncated=truncated)
+    return validate_answer(answer, tools, planner=planner, truncated=truncated, max_steps=max_steps, run=run)
 
 
 def _repair_prompt(errors: Sequence[str]) -> str:
@@ -191,16 +254,27 @@ def _repair_prompt(errors: Sequence[str]) -> str:
 
 
 def validate_answer(
-    answer: str | None, tools: Mapping[str, ToolSpec], *, planner: str, truncated: bool = False
+    answer: str | None,
+    tools: Mapping[str, ToolSpec],
+    *,
+    planner: str,
+    truncated: bool = False,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    run: RunContext | None = None,
 ) -> Plan:
-    """Parse and check one answer; raises _InvalidAnswer listing every problem."""
+    """Parse and check one answer; raises _InvalidAnswer listing every problem.
+
+    A step naming a registered tool the principal may not call (``run.tools`` holds
+    every registered tool, ``tools`` the permitted ones) is a refusal on permission
+    grounds: it is reported to ``run.refused`` (the audit log) as well."""
     if not answer:
         raise _InvalidAnswer(["the answer was empty; return the plan as a JSON object"])
-    try:
-        data = json.loads(answer)
-    except json.JSONDecodeError as exc:
-        cut = " (it was cut off at max_tokens: make the plan shorter)" if truncated else ""
-        raise _InvalidAnswer([f"the answer is not valid JSON{cut}: {exc}"]) from exc
+    data = _decode_answer(answer, truncated)
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if isinstance(steps, list) and len(steps) > max_steps:
+        raise _InvalidAnswer(
+            [f"the plan has {len(steps)} steps, more than the {max_steps} allowed; plan fewer steps"]
+        )
     try:
         plan = parse_plan(data, planner=planner)
     except PlanRejectedError as exc:
@@ -210,6 +284,9 @@ def validate_answer(
         where = f"steps[{step.step_id - 1}] (step {step.step_id})"
         spec = tools.get(step.tool_name)
         if spec is None:
+            if run is not None and step.tool_name in run.tools:
+                run.refused(step.tool_name, f"planner {planner} proposed {step.tool_name}, which "
+                            f"{run.principal.name!r} may not call; the proposal was refused")
             available = ", ".join(sorted(tools)) or "none"
             errors.append(
                 f"{where}: tool {step.tool_name!r} is not available; use one of: {available}"
@@ -230,6 +307,39 @@ def validate_answer(
     return plan
 
 
+_ANSWER = "the answer"
+
+
+def _decode_answer(answer: str, truncated: bool) -> Any:
+    """The answer's JSON value, decoded with ``jsonvalue``'s limits; raises _InvalidAnswer."""
+    try:
+        return jsonvalue.loads(answer, what=_ANSWER)
+    except jsonvalue.JSONValueError as exc:
+        cut = " (it was cut off at max_tokens: make the plan shorter)" if truncated else ""
+        detail = _where_not_finite(answer) or str(exc).removeprefix(_ANSWER).lstrip(": ")
+        raise _InvalidAnswer([f"the answer is not valid JSON{cut}: {detail}"]) from None
+
+
+def _where_not_finite(answer: str) -> str | None:
+    """Where a literal NaN or Infinity is in ``answer``, when that is what ``jsonvalue`` refused.
+
+    ``jsonvalue.loads`` refuses the literal while decoding, before it knows the
+    field; the model is told which field instead. Only for text ``loads``
+    accepted the size of; deep nesting (a RecursionError here) is reported as is.
+    """
+    if len(answer) > jsonvalue.MAX_BYTES:
+        return None
+    try:
+        value = json.loads(answer, parse_constant=float)
+    except (ValueError, RecursionError):
+        return None
+    bad = jsonvalue.problem(value)
+    if bad is None or "is not a JSON number" not in bad:
+        return None
+    path, _, why = bad.partition(": ")
+    return f"{path or '(top level)'}: {why} (JSON has no NaN or Infinity: use a number)"
+
+
 async def _complete(
     client: openai.AsyncOpenAI,
     tier: ModelTier,
@@ -246,6 +356,7 @@ async def _complete(
 
     key = str(client.base_url)
     use_schema = key not in no_json_schema
+    deadline_s = run.config.tier_timeout_s(tier)
     while True:
         if use_schema:
             response_format: dict[str, Any] = {
@@ -254,29 +365,45 @@ async def _complete(
             }
         else:
             response_format = {"type": "json_object"}
-        reservation = run.reserve_llm(tier.model, messages, tier.max_tokens)
+        # The bound covers everything sent: the messages and the response format's schema.
+        sent = [*messages, {"role": "system", "content": json.dumps(response_format)}]
+        prompt_bound = prompt_token_upper_bound(sent)
+        reservation = run.reserve_llm(tier.model, sent, tier.max_tokens)
+        attempts = _Attempts()
+        token = _ATTEMPTS.set(attempts)
         try:
-            response = await client.chat.completions.create(  # type: ignore[call-overload]
-                model=tier.model,
-                messages=messages,
-                max_tokens=tier.max_tokens,
-                temperature=tier.temperature,
-                response_format=response_format,
-            )
+            async with asyncio.timeout(deadline_s):
+                response = await client.chat.completions.create(  # type: ignore[call-overload]
+                    model=tier.model,
+                    messages=messages,
+                    max_tokens=tier.max_tokens,
+                    temperature=tier.temperature,
+                    response_format=response_format,
+                    timeout=deadline_s,
+                )
+        except TimeoutError as exc:
+            if attempts.sent and attempts.all_refused:
+                reservation.release()  # waiting out a Retry-After: every answer so far was an error
+            else:
+                _settle_worst_case(run, reservation, tier, prompt_bound)
+            raise PlanningError(
+                f"{tier.model} did not answer within its {deadline_s:g} s deadline "
+                f"({attempts.sent} request(s) sent, retries and Retry-After waits included)"
+            ) from exc
         except openai.BadRequestError as exc:
-            reservation.release()
+            _settle_failed(run, reservation, tier, prompt_bound, attempts)
             if use_schema:
                 use_schema = False
                 continue
             raise PlanningError(f"{tier.model} rejected the request (400): {exc.message}") from exc
         except openai.InternalServerError as exc:
-            reservation.release()
+            _settle_failed(run, reservation, tier, prompt_bound, attempts)
             if use_schema:  # llama_cpp.server answers json_schema with a 500: ask in JSON mode
                 use_schema = False
                 continue
             raise PlanningError(f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}") from exc
         except openai.APIStatusError as exc:
-            reservation.release()
+            _settle_failed(run, reservation, tier, prompt_bound, attempts)
             if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
                 raise
             raise PlanningError(
@@ -286,28 +413,56 @@ async def _complete(
             if _never_sent(exc):
                 reservation.release()  # nothing reached a server: nothing to pay
             else:
-                _settle_worst_case(run, reservation, tier, messages)
+                _settle_worst_case(run, reservation, tier, prompt_bound)
             raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
         except (openai.APIError, json.JSONDecodeError) as exc:
-            _settle_worst_case(run, reservation, tier, messages)
+            _settle_worst_case(run, reservation, tier, prompt_bound)
             raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            _ATTEMPTS.reset(token)
         if response_format["type"] == "json_object":
             no_json_schema.add(key)
-        if response.usage is None:
-            _settle_worst_case(run, reservation, tier, messages)
-        else:
-            usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
-            run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=usage)
+        _settle_usage(run, reservation, tier, prompt_bound, response.usage)
         if not response.choices:
             return None, False
         choice = response.choices[0]
         return choice.message.content, choice.finish_reason == "length"
 
 
-def _settle_worst_case(
-    run: RunContext, reservation: Reservation, tier: ModelTier, messages: list[dict[str, str]]
+def _settle_usage(
+    run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int, usage: Any
 ) -> None:
-    worst = Usage(prompt_token_upper_bound(messages), tier.max_tokens)
+    """Settle a call that succeeded to its reported usage, bounded by what was reserved."""
+    if usage is None:
+        _settle_worst_case(run, reservation, tier, prompt_bound)
+        return
+    billed, problems = bounded_usage(
+        getattr(usage, "prompt_tokens", None),
+        getattr(usage, "completion_tokens", None),
+        prompt_bound=prompt_bound,
+        max_tokens=tier.max_tokens,
+    )
+    if problems:
+        log.warning(
+            "%s (tier %r) reported unusable usage: %s; billed %d prompt and %d completion tokens "
+            "instead (the bounds reserved for the call), marked estimated",
+            tier.model, tier.name, "; ".join(problems), billed.input_tokens, billed.output_tokens,
+        )
+    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=billed, estimated=bool(problems))
+
+
+def _settle_failed(
+    run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int, attempts: _Attempts
+) -> None:
+    """A call that ended in an HTTP error status: free, unless an earlier attempt's fate is unknown."""
+    if attempts.all_refused:
+        reservation.release()
+    else:  # an earlier attempt timed out or lost its connection, then the client retried
+        _settle_worst_case(run, reservation, tier, prompt_bound)
+
+
+def _settle_worst_case(run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int) -> None:
+    worst = Usage(prompt_bound, tier.max_tokens)
     run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst, estimated=True)
 
 

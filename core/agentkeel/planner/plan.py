@@ -27,6 +27,7 @@ from typing import Any
 
 import attrs
 import jsonschema
+import re2
 
 from agentkeel.errors import PlanRejectedError
 from agentkeel.types import Plan, PlanStep
@@ -268,7 +269,18 @@ def _as_steps(steps: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ..
 
 @attrs.frozen
 class PlanTemplate:
-    """A rule: a regular expression with named groups and the wire-format steps it yields.
+    r"""A rule: a regular expression with named groups and the wire-format steps it yields.
+
+    The pattern must match the whole message (stripped of surrounding space),
+    case-insensitively. It is compiled by RE2, which matches in time linear in
+    the message's length whatever the pattern (Python's ``re`` backtracks: two
+    adjacent ``\s*`` before a failing tail took seconds on a long run of
+    spaces), so its syntax is RE2's: ``(?P<name>...)`` and ``(?<name>...)``
+    groups, classes, ``{m,n}`` repetition and ``(?i)``-style flags, but no
+    backreferences, lookahead or lookbehind, and ``\z`` rather than ``\Z``;
+    ``\d``, ``\s``, ``\w`` and ``\b`` are ASCII (``\pL``, ``\p{Greek}`` name
+    Unicode classes). A pattern RE2 cannot compile is refused when the template
+    is built, with a ``ValueError`` naming the template.
 
     String values in ``tool_args`` may contain ``{group}`` placeholders, filled
     from the match. A value that is exactly one placeholder is converted to the
@@ -279,10 +291,10 @@ class PlanTemplate:
     steps: tuple[Mapping[str, Any], ...] = attrs.field(converter=_as_steps)
     reasoning: str = ""
     name: str = ""
-    _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)
+    _regex: Any = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_regex", re.compile(self.pattern, re.IGNORECASE))
+        object.__setattr__(self, "_regex", _template_regex(self.pattern, self.name))
 
     def match(self, message: str) -> dict[str, Any] | None:
         """The wire-format plan for ``message``, or None when the pattern does not match."""
@@ -294,6 +306,26 @@ class PlanTemplate:
             "reasoning": self.reasoning or f"matched template {self.name or self.pattern!r}",
             "steps": [_fill(step, groups) for step in self.steps],
         }
+
+
+def _template_regex(pattern: Any, name: str) -> Any:
+    """``pattern`` compiled by RE2, case-insensitive; a ``ValueError`` naming the template if it cannot be."""
+    what = f"plan template {name or pattern!r}"
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what}: the pattern must be a string, got {type(pattern).__name__}")
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        raise ValueError(
+            f"{what}: pattern {pattern!r} is refused: {reason}. Templates are matched by RE2, in time linear "
+            f"in the length of the message: backreferences, lookahead and lookbehind, possessive quantifiers "
+            f"and Python-only syntax such as (?x), (?#...) and \\Z (write \\z) are not available"
+        ) from None
 
 
 def _fill(value: Any, groups: Mapping[str, str]) -> Any:

@@ -2,6 +2,12 @@
 
 A template that matches the whole message yields a plan for free; when none
 matches, the next planner (the LLM planner by default) is asked.
+
+Matching time is bounded twice: each template's pattern runs on RE2, in time
+linear in the message's length (``PlanTemplate``), and a message longer than
+``TEMPLATE_MAX_CHARS`` is not offered to the templates at all (they are written
+for short requests; the next planner is asked), so the templates together cost
+at most a few tens of milliseconds, whatever the message.
 """
 
 from __future__ import annotations
@@ -14,9 +20,14 @@ from agentkeel.markers import hookimpl
 from agentkeel.planner.plan import PlanTemplate, parse_plan
 from agentkeel.types import AgentRequest, Plan, ToolSpec
 
+TEMPLATE_MAX_CHARS = 256 * 1024
+"""The longest message (in characters) the templates are matched against."""
+
 
 @hookimpl(tryfirst=True)
 def agentkeel_plan(request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate]) -> Plan | None:
+    if len(request.message) > TEMPLATE_MAX_CHARS:
+        return None
     registry = run.tools
     for template in templates:
         wire = template.match(request.message)

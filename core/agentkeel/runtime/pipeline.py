@@ -148,7 +148,7 @@ class Pipeline:
             if denials:
                 status, message = RunStatus.DENIED, "permission denied: " + "; ".join(denials)
             else:
-                problems = plan_problems(plan, self.tools.as_mapping())
+                problems = plan_problems(plan, self.tools.as_mapping(), max_steps=self.config.max_steps)
                 problems += self.plugins.check_plan(plan, visible, principal)
                 estimate = sum(self.tools[s.tool_name].cost_usd for s in plan.steps if s.tool_name in self.tools)
                 if estimate > run.budget.remaining_usd:

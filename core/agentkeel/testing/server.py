@@ -43,6 +43,7 @@ class ScriptedReply:
     delay_s: float = 0.0
     content: str | None = None
     usage: tuple[int, int] | None = None
+    usage_body: Mapping[str, Any] | None = None
     report_usage: bool = True
     model: str | None = None
     finish_reason: str = "stop"
@@ -198,16 +199,19 @@ class ScriptedOpenAIServer:
         content: Any = "",
         *,
         usage: tuple[int, int] | None = None,
+        usage_body: Mapping[str, Any] | None = None,
         report_usage: bool = True,
         model: str | None = None,
         finish_reason: str = "stop",
     ) -> None:
         """Queue a completion. ``content`` that is not a string is sent as its JSON dump.
 
-        ``usage=(prompt_tokens, completion_tokens)``; None estimates it from the
-        text (about 4 characters a token). ``report_usage=False`` leaves the
-        ``usage`` field out, as some servers do. ``model`` overrides the echo of
-        the requested model.
+        ``usage=(prompt_tokens, completion_tokens)``, sent as given (negative or
+        absurd counts included, to test how a client copes); None estimates it
+        from the text (about 4 characters a token). ``usage_body`` is sent as the
+        ``usage`` object verbatim (fields missing or of the wrong type).
+        ``report_usage=False`` leaves the ``usage`` field out, as some servers
+        do. ``model`` overrides the echo of the requested model.
         """
         text = content if isinstance(content, str) else json.dumps(content)
         self._push(
@@ -216,6 +220,7 @@ class ScriptedOpenAIServer:
                 None,
                 content=text,
                 usage=usage,
+                usage_body=usage_body,
                 report_usage=report_usage,
                 model=model,
                 finish_reason=finish_reason,
@@ -231,7 +236,11 @@ class ScriptedOpenAIServer:
         error_type: str | None = None,
         code: str | None = None,
     ) -> None:
-        """Queue an HTTP error in OpenAI's error format; ``retry_after`` sets the header."""
+        """Queue an HTTP error in OpenAI's error format; ``retry_after`` sets the header.
+
+        ``queue_error(429, retry_after=20)`` is a rate limit asking the client to
+        wait 20 s before trying again (the openai client honours it).
+        """
         headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
         default_type = {429: "rate_limit_error", 401: "authentication_error"}.get(
             status, "server_error" if status >= 500 else "invalid_request_error"
@@ -341,7 +350,9 @@ class ScriptedOpenAIServer:
                 }
             ],
         }
-        if reply.report_usage:
+        if reply.report_usage and reply.usage_body is not None:
+            out["usage"] = dict(reply.usage_body)
+        elif reply.report_usage:
             if reply.usage is not None:
                 prompt, completion = reply.usage
             else:

@@ -38,7 +38,10 @@ class ToolRegistry:
         return register
 
     def add(self, spec: ToolSpec, plugin: str) -> None:
-        import jsonschema  # not at module level: sandbox children import this module
+        # Not at module level: sandbox children import this module.
+        import jsonschema
+
+        from agentkeel.patterns import check_schema
 
         existing = self._tools.get(spec.name)
         if existing is not None:
@@ -51,7 +54,7 @@ class ToolRegistry:
             if schema is None:
                 continue
             try:
-                jsonschema.Draft202012Validator.check_schema(schema)
+                check_schema(schema)  # 2020-12, with ECMA-262 patterns
             except jsonschema.SchemaError as exc:
                 raise ToolSpecError(plugin, f"tool {spec.name!r}: invalid {label}: {exc.message}") from exc
         if spec.args_schema.get("type") != "object":

@@ -7,18 +7,27 @@ The compiled check is used only for schemas made of keywords that mean the
 same in draft-07 (fastjsonschema's newest draft) and 2020-12; any other schema
 is checked by ``jsonschema`` alone, so the semantics are always 2020-12's.
 Error messages always come from ``jsonschema``: they name the field.
+
+Patterns are ECMA-262, as JSON Schema defines them, on both paths: ``jsonschema``
+is ``agentkeel.patterns.Validator``, and the compiled check's pattern table (the
+``REGEX_PATTERNS`` its generated code looks patterns up in) is refilled with the
+same ECMA-262 regexes; when that table is not what is expected (another
+``fastjsonschema``, or a pattern ``re`` cannot compile) the schema is checked by
+``jsonschema`` alone. A schema with a pattern that is not ECMA-262 fails every
+value, with an error naming the field, rather than being evaluated some other way.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import fastjsonschema
-import jsonschema
 
+from agentkeel.patterns import Validator, ecma_regex, pattern_problems
 from agentkeel.types import ToolSpec
 
 # Keywords whose meaning is identical in draft-07 and 2020-12 (``items`` only as
@@ -35,43 +44,89 @@ _PORTABLE = frozenset(
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf")
 
 
-def _portable(schema: Any) -> bool:
+def _portable_patterns(schema: Any, found: set[str] | None = None) -> set[str] | None:
+    """The ``pattern`` values of a schema made of portable keywords only (None when it is not)."""
+    found = set() if found is None else found
     if isinstance(schema, bool):
-        return True
+        return found
     if not isinstance(schema, Mapping) or not _PORTABLE.issuperset(schema):
-        return False
+        return None
     if isinstance(schema.get("items"), list):
-        return False
+        return None
+    if "pattern" in schema:
+        if not isinstance(schema["pattern"], str):
+            return None
+        found.add(schema["pattern"])
     subs: list[Any] = list(schema.get("properties", {}).values())
     for key in ("additionalProperties", "not", "items"):
         if isinstance(schema.get(key), (Mapping, bool)):
             subs.append(schema[key])
     for key in _SCHEMA_LISTS:
         subs.extend(schema.get(key, ()))
-    return all(_portable(s) for s in subs)
+    for sub in subs:
+        if _portable_patterns(sub, found) is None:
+            return None
+    return found
+
+
+class _EcmaSearch:
+    """What the compiled check calls ``.search`` on: an ECMA-262 regex in place of ``re``'s."""
+
+    __slots__ = ("search",)
+
+    def __init__(self, pattern: str) -> None:
+        self.search = ecma_regex(pattern).find
+
+
+def _compiled_check(schema: Mapping[str, Any]) -> Callable[[Any], bool] | None:
+    """The fastjsonschema check of a portable schema with ECMA-262 patterns, or None."""
+    wanted = _portable_patterns(schema)
+    if wanted is None:
+        return None
+    try:
+        compiled = fastjsonschema.compile(dict(schema), use_default=False, use_formats=False)
+    except (re.error, fastjsonschema.JsonSchemaDefinitionException):
+        return None  # a pattern re cannot compile (ECMA-262 has syntax re lacks), or a schema it refuses
+    table = getattr(compiled, "__globals__", {}).get("REGEX_PATTERNS")
+    if wanted or table:
+        if not isinstance(table, dict) or set(table) != wanted:
+            return None  # not the generated code this was written against: jsonschema alone
+        for pattern in wanted:
+            table[pattern] = _EcmaSearch(pattern)
+    return _boolean(compiled)
 
 
 class CompiledSchema:
     """One schema: a fast ``is_valid`` and field-naming ``errors``."""
 
-    __slots__ = ("is_valid", "schema", "validator")
+    __slots__ = ("fast", "is_valid", "problems", "schema", "validator")
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self.schema = schema
-        self.validator = jsonschema.Draft202012Validator(schema)
+        self.validator = Validator(schema)
+        self.problems = pattern_problems(schema)
         self.is_valid: Callable[[Any], bool] = self.validator.is_valid
-        if _portable(schema):
-            compiled = fastjsonschema.compile(dict(schema), use_default=False, use_formats=False)
-            self.is_valid = _boolean(compiled)
+        compiled = None if self.problems else _compiled_check(schema)
+        self.fast = compiled is not None  # checked by the compiled check rather than by jsonschema
+        if self.problems:
+            self.is_valid = _never
+        elif compiled is not None:
+            self.is_valid = compiled
 
     def errors(self, value: Any, what: str = "argument") -> list[str]:
         if self.is_valid(value):
             return []
+        if self.problems:
+            return [f"{what}s: the schema is invalid: {problem}" for problem in self.problems]
         out = []
         for error in sorted(self.validator.iter_errors(value), key=lambda e: list(e.absolute_path)):
             field = ".".join(str(p) for p in error.absolute_path)
             out.append(f"{what} {field}: {error.message}" if field else f"{what}s: {error.message}")
         return out
+
+
+def _never(value: Any) -> bool:
+    return False
 
 
 def _boolean(compiled: Callable[[Any], Any]) -> Callable[[Any], bool]:
