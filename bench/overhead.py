@@ -48,7 +48,8 @@ def wire(k: int) -> dict:
 
 async def measure(k: int, runs: int, warmup: int, journal: str) -> list[float]:
     system = make_system(
-        NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": ["bench"]}, config={"journal": {"backend": journal}}
+        NoopTools(), ScriptedPlanner(wire(k)), principals={"bench": ["bench"]},
+        config={"journal": {"backend": journal}, "planner": {"max_steps": max(k, 1)}},
     )
     times = []
     async with system:
