@@ -277,7 +277,8 @@ def test_deleting_the_log_is_still_reported_after_the_next_run_starts_a_new_chai
 
     result = verify(log_path)
     assert not result.ok
-    assert result.records == 2 and result.anchor_count == 2  # the new chain itself is intact
+    # The new chain itself is intact; the anchor never moves backwards, so it still counts 6.
+    assert result.records == 2 and result.anchor_count == 6
     problem = result.problem or ""
     assert "the chain was broken before" in problem
     assert "found 0 record(s)" in problem and "anchor had 6" in problem
@@ -301,12 +302,12 @@ def test_a_writer_with_the_log_open_sees_the_truncation_too(log_path: Path) -> N
 
 
 def test_a_line_written_but_not_anchored_is_reported_then_taken_up(log_path: Path) -> None:
-    """What a writer killed between its write and its anchor update leaves behind."""
+    """What a writer killed before anchoring leaves behind (or a request still in flight)."""
     with AuditLog(log_path, anchor=False) as log:
         write(log, 1)
     result = verify(log_path)
-    assert (result.ok, result.line) == (False, 7)
-    assert "not anchored" in (result.problem or "")
+    assert result.ok and result.anchor_count == 6 and result.records == 7
+    assert "1 record(s) after the anchored head (record 6) are not anchored yet" in (result.note or "")
 
     with AuditLog(log_path) as log:
         write(log, 1)
@@ -381,3 +382,28 @@ def test_an_unknown_format_version_fails(log_path: Path) -> None:
     result = verify(log_path)
     assert (result.ok, result.line) == (False, 6)
     assert "unknown format version 3" in (result.problem or "")
+
+
+def test_a_writer_anchors_once_per_request_not_per_record(log_path: Path) -> None:
+    """Records are anchored by flush (the end of a request) or close, not one commit each."""
+    with AuditLog(log_path) as log:
+        log.flush()
+        write(log, 3)  # the first of these may anchor (the interval elapsed); the rest wait
+        pending = verify(log_path)
+        assert pending.ok and pending.records == 9
+        log.flush()
+        flushed = verify(log_path)
+        assert flushed.ok and flushed.anchored and flushed.anchor_count == 9 and flushed.note is None
+
+
+def test_a_longer_forgery_is_refused_by_the_next_writer_too(log_path: Path) -> None:
+    """A replacement with more records than anchored: the writer checks the anchored record's
+    place (one read at its offset) and marks the chain broken instead of anchoring the forgery."""
+    forged = tmp = log_path.with_name("forged.jsonl")
+    with AuditLog(tmp, anchor=False) as other:
+        write(other, 9)
+    log_path.write_bytes(forged.read_bytes())
+    with AuditLog(log_path) as log:
+        write(log, 1)
+    result = verify(log_path)
+    assert not result.ok and "the chain was broken before" in (result.problem or "")

@@ -80,6 +80,11 @@ class Stores:
             self._journal = journal
         return self._journal
 
+    def flush(self) -> None:
+        """Anchor the audit log's newest record (at the end of every request)."""
+        if self._audit is not None:
+            self._audit.flush()
+
     def close(self) -> None:
         if self._audit is not None:
             self._audit.close()

@@ -210,7 +210,10 @@ class AgentSystem:
         status, never raised; only bugs and invalid configuration raise."""
         self._check_open()
         await self.start()
-        return await self.pipeline.serve(request)
+        try:
+            return await self.pipeline.serve(request)
+        finally:
+            self.pipeline.stores.flush()
 
     async def resume(self, run_id: str, resolve: Mapping[int, bool] | None = None) -> AgentResponse:
         """Continue a run from its journal: completed steps are not run again, a step
@@ -224,7 +227,10 @@ class AgentSystem:
         is no such run, ``AgentkeelError`` when a step to resolve is not in doubt."""
         self._check_open()
         await self.start()
-        return await self.pipeline.resume(run_id, resolve)
+        try:
+            return await self.pipeline.resume(run_id, resolve)
+        finally:
+            self.pipeline.stores.flush()
 
     async def rollback(self, run_id: str) -> AgentResponse:
         """Compensate the steps of a run that took effect, last first. A run already
@@ -232,7 +238,10 @@ class AgentSystem:
         response says so."""
         self._check_open()
         await self.start()
-        return await self.pipeline.rollback(run_id)
+        try:
+            return await self.pipeline.rollback(run_id)
+        finally:
+            self.pipeline.stores.flush()
 
     def show(self, run_id: str) -> AgentResponse:
         """The journaled state of a run, as a response. Raises ``RunNotFoundError``."""
