@@ -1,39 +1,65 @@
 """agentkeel in-container runner (standard library only).
 
 Reads one JSON request line on stdin, runs it in a child process, and writes one
-JSON result line on stdout, then exits.  The container is used once.
+authenticated JSON result line on stdout, then exits.  The container is used once.
 
-Request:  {"v": 2, "kind": "tool", "target": "module:qualname", "args": {...},
-           "is_async": false, "deadline_s": 30, "output_limit": 65536,
+Request:  {"v": 3, "key": "<64 hex digits>", "kind": "tool", "target": "module:qualname",
+           "args": {...}, "is_async": false, "deadline_s": 30, "output_limit": 65536,
            "result_limit": 1048576}
-      or  {"v": 2, "kind": "code", "code": "print(1)", "deadline_s": 30, ...}
+      or  {"v": 3, "key": "...", "kind": "code", "code": "print(1)", "deadline_s": 30, ...}
 
-Result:   the tool's result envelope (``envelope.py``, next to this file in the
-          image: agentkeel.sandbox.envelope, shared with the subprocess sandbox)
-          plus what this runner observed:
-          {"v": 2, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
+``key`` is a secret the host draws for this one call.  The runner takes it out
+of the request before anything else sees the request (the worker never gets it)
+and authenticates its reply with it.
+
+Reply:    one line, ``<MAC> <JSON>``: MAC is the lowercase hex HMAC-SHA256, keyed
+          with ``key``, of the exact JSON bytes after the space.  The JSON is the
+          tool's result envelope (``envelope.py``, next to this file in the image:
+          agentkeel.sandbox.envelope, shared with the subprocess sandbox) plus what
+          this runner observed:
+          {"v": 3, "ok": true, "value": ..., "exit_code": 0, "stdout": "...",
            "stderr": "...", "stdout_truncated": false, "stderr_truncated": false,
            "duration_s": 0.01}
-      or  {"v": 2, "ok": false, "error": {"kind": K, "type": "module.Type",
+      or  {"v": 3, "ok": false, "error": {"kind": K, "type": "module.Type",
            "message": "...", "retryable": false, "traceback": "..."}, ...}
+          A request the runner cannot read (no valid key) gets the bare JSON
+          without a MAC, which the host refuses.
 with K one of envelope.KINDS: the tool's own failures (exception, import,
 bad_request, bad_output, result_too_large, oom) come from the worker; this
 runner adds timeout, output_limit, oom, result_too_large, killed, internal.
+The tool's value is forwarded as the worker wrote it (a NaN included): the
+host's bounded decode (agentkeel.jsonvalue) is the one judge of what it accepts.
+
+The reply channel: the runner is the container's PID 1 (the container has no
+init process) and makes itself non-dumpable before it starts the worker, so no
+other process of the container, all running as the same uid without
+capabilities, can open ``/proc/1/fd/1`` (the container's stdout, which the host
+reads), read its memory or the key, ptrace it, or stop or kill it (PID 1 of a
+pid namespace gets no SIGKILL or SIGSTOP from inside it).  If either cannot be
+had (not PID 1, prctl unavailable or failing) the runner refuses to serve.  As
+init it reaps the orphaned processes of the call (every zombie child but the
+worker, whose exit status is the call's).
 
 A worker child is started at once, before the request arrives, and imports
 the modules named in /opt/agentkeel/preload, so a warm container answers
 without paying for interpreter start-up.  Once the child is ready the runner
 writes the line ``agentkeel-runner-ready`` on stderr (the host waits for it
-before handing a pooled container out).  ``code`` requests run in that child
-as ``python -c`` would (exit status, tracebacks on stderr).
+before handing a pooled container out).  The worker is non-dumpable too, so the
+processes a tool starts (the code ``run_python`` runs) cannot reach its result
+pipe.  ``code`` requests run in that child as ``python -c`` would (exit status,
+tracebacks on stderr); the worker closes its result pipe before the code runs
+and the runner ignores that pipe for them: a code run's outcome is its exit
+status and its streams.
 
 Promises: the child never sees the caller's environment (a fixed minimal one);
-the deadline is enforced here by killing every process of the container except
-PID 1 and this runner; the child's stdout and stderr are captured and capped
-(past the cap the call is stopped and reported as ``output_limit``); the result
-is capped at ``result_limit`` bytes of JSON.
+the deadline is enforced here by killing every process of the container but
+this runner; the child's stdout and stderr are captured and capped (past the
+cap the call is stopped and reported as ``output_limit``); the result is capped
+at ``result_limit`` bytes of JSON.
 """
 
+import hashlib
+import hmac
 import importlib.util
 import json
 import os
@@ -58,11 +84,16 @@ def _load_envelope():
 
 envelope = _load_envelope()
 
-PROTOCOL = 2
+PROTOCOL = 3
 MAX_REQUEST = 16 * 1024 * 1024
 WORKDIR = "/work"
 PRELOAD_FILE = "/opt/agentkeel/preload"
 READY_MARKER = "agentkeel-runner-ready"
+KEY_FIELD = "key"
+KEY_HEX_LENGTH = 64  # 32 bytes
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+REFUSED_EXIT = 70  # EX_SOFTWARE: the runner refused to serve
 CHILD_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": WORKDIR,
@@ -76,20 +107,74 @@ NOT_FOUND_HINT = ("; build the plugin's image with `agentkeel sandbox build PLUG
                   "or set image= on the tool")
 
 
+class Unsafe(Exception):
+    """The runner cannot protect its reply channel here, so it does not serve."""
+
+
+def _set_non_dumpable():
+    """PR_SET_DUMPABLE 0, checked with PR_GET_DUMPABLE; ``Unsafe`` when it cannot be had.
+
+    A non-dumpable process's /proc entries (fd, mem, environ...) and ptrace are
+    closed to processes of the same uid that lack CAP_SYS_PTRACE, which every
+    process of the container lacks (all capabilities are dropped)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise Unsafe("prctl(PR_SET_DUMPABLE, 0) failed: %s" % os.strerror(ctypes.get_errno()))
+        if libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise Unsafe("the process is still dumpable after prctl(PR_SET_DUMPABLE, 0)")
+    except Unsafe:
+        raise
+    except Exception as exc:  # no ctypes, no libc, no prctl
+        raise Unsafe("cannot make this process non-dumpable: %s: %s" % (type(exc).__name__, exc)) from None
+
+
 def _harden_self():
-    """Ignore catchable signals (tini forwards them) and become non-dumpable, so
-    the tool cannot reach this process through /proc/<pid>/fd or ptrace."""
+    """Protect the reply channel before any other code runs (see the module docs).
+
+    Called first thing in ``main``, before the worker (hence any tool or plugin
+    code) starts.  Raises ``Unsafe`` when the runner is not PID 1 or cannot
+    become non-dumpable."""
+    if os.getpid() != 1:
+        raise Unsafe("the runner is PID %d, not the container's PID 1: start the container without an "
+                     "init process (docker run --init and HostConfig.Init are not supported), or other "
+                     "processes could reach the container's stdout" % os.getpid())
+    _set_non_dumpable()
     for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE"):
         try:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
         except (AttributeError, OSError, ValueError):
             pass
-    try:
-        import ctypes
+    signal.signal(signal.SIGCHLD, _reap_orphans)
 
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    except Exception:
-        pass
+
+# The worker's Popen once started: the one child the reaper leaves to Popen.
+_WORKER = []
+
+
+def _reap_orphans(signum=None, frame=None):
+    """Reap the zombie children of this runner (as PID 1 it inherits every orphan),
+    except the worker while Popen has not collected its exit status."""
+    if not _WORKER:
+        return  # the worker's pid is not known yet: reaping now could steal its status
+    proc = _WORKER[0]
+    keep = proc.pid if proc.returncode is None else None
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == keep:
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[0] == "Z" and fields[1] == str(me):
+            try:
+                os.waitpid(int(name), os.WNOHANG)
+            except OSError:
+                pass
 
 
 def _oom_kills():
@@ -106,7 +191,7 @@ def _oom_kills():
 
 
 def _kill_others():
-    """SIGKILL every process in the container except PID 1 and ourselves."""
+    """SIGKILL every process in the container except ourselves (PID 1)."""
     me = os.getpid()
     for _ in range(50):
         others = [pid for pid in _pids() if pid not in (1, me)]
@@ -167,9 +252,35 @@ class _Capture(threading.Thread):
         return self.data.decode("utf-8", "replace")
 
 
-def _emit(result):
-    sys.stdout.write(envelope.dumps(result).decode() + "\n")
-    sys.stdout.flush()
+def _reply_bytes(result):
+    """The reply's JSON.  The tool's value is forwarded as read, non-finite numbers
+    included (the host rejects them naming the field); a value that cannot be
+    encoded again becomes a bad_output failure."""
+    try:
+        return json.dumps(result, separators=(",", ":")).encode()
+    except (ValueError, TypeError, RecursionError):
+        keep = {k: result[k] for k in ("stdout", "stderr", "stdout_truncated", "stderr_truncated", "duration_s",
+                                       "exit_code") if k in result}
+        return envelope.dumps(_error("bad_output", "the tool's result cannot be encoded as JSON again", **keep))
+
+
+def _emit(result, key):
+    """Write the one reply line: ``<hex HMAC-SHA256 of the JSON> <JSON>``; bare JSON without a key."""
+    body = _reply_bytes(result)
+    line = body if key is None else hmac.new(key, body, hashlib.sha256).hexdigest().encode() + b" " + body
+    sys.stdout.buffer.write(line + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _take_key(request):
+    """Remove the reply key from ``request`` (it must never reach the worker); its bytes, or None."""
+    key = request.pop(KEY_FIELD, None)
+    if not isinstance(key, str) or len(key) != KEY_HEX_LENGTH:
+        return None
+    try:
+        return bytes.fromhex(key)
+    except ValueError:
+        return None
 
 
 def _error(kind, message, **extra):
@@ -190,6 +301,8 @@ class _Child:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(CHILD_ENV),
             cwd=cwd, pass_fds=(write_fd, ready_w), start_new_session=True,
         )
+        _WORKER[:] = [self.proc]
+        _reap_orphans()  # anything that became a zombie while the pid was unknown
         os.close(write_fd)
         os.close(ready_w)
         self.overflow = threading.Event()
@@ -276,18 +389,24 @@ class _Child:
             return _error("output_limit", "output exceeded %d bytes and the call was stopped" % out_limit, **common)
         if self.oom_before is not None and oom_after is not None and oom_after > self.oom_before:
             return _error("oom", "out of memory: the container's memory limit was reached", **common)
+        if kind == "code":
+            # The code's outcome is its exit status and streams; its result pipe was closed
+            # before it ran, and whatever arrived there is not trusted.
+            if code is not None and code >= 0:
+                return {"v": PROTOCOL, "ok": True, "value": None, **common}
+            return _error("killed", "the code was killed by signal %d" % -code, **common)
         if len(self.res.data) > result_limit + ERROR_SLACK:
             return _error("result_too_large", "the tool's result is more than %d bytes of JSON" % result_limit,
                           **common)
         if not self.res.data:
             why = "killed by signal %d" % -code if code < 0 else "exit code %d" % code
-            if kind == "code" and code >= 0:
-                return {"v": PROTOCOL, "ok": True, "value": None, **common}
             return _error("killed", "the process ended (%s) without a result" % why, **common)
         try:
             child = json.loads(self.res.data.decode("utf-8"))
             envelope.decode(child)
-        except ValueError:  # MalformedEnvelopeError included
+        except RecursionError:
+            return _error("bad_output", "the tool process wrote a result nested too deeply to read", **common)
+        except ValueError:  # MalformedEnvelopeError and UnicodeDecodeError included
             return _error("bad_output", "the tool process wrote an unreadable result", **common)
         if child["ok"]:
             if len(self.res.data) > result_limit:
@@ -313,7 +432,7 @@ def _preload():
             pass
 
 
-def _run_code(code, result_out):
+def _run_code(code):
     """Run ``code`` as ``python -c`` would; the exit status is the process's."""
     status = 0
     try:
@@ -326,7 +445,6 @@ def _run_code(code, result_out):
         kind, exc, tb = sys.exc_info()
         traceback.print_exception(kind, exc, tb.tb_next if tb is not None else None)
         status = 1
-    result_out.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
@@ -334,6 +452,13 @@ def _run_code(code, result_out):
 
 def _child(fd, ready_fd):
     """Import and call the tool; write its result envelope (see envelope.py) to ``fd``."""
+    try:
+        _set_non_dumpable()  # the processes the tool starts cannot reach fd through /proc
+    except Unsafe as exc:
+        sys.stderr.write("agentkeel runner worker: refusing to run: %s\n" % exc)
+        sys.stderr.flush()
+        os._exit(REFUSED_EXIT)
+    os.set_inheritable(fd, False)  # not even a tool's os.system children inherit it
     result_out = os.fdopen(fd, "wb")
     _preload()
     os.write(ready_fd, b"1")
@@ -345,7 +470,8 @@ def _child(fd, ready_fd):
     except OSError:
         pass
     if request.get("kind") == "code":
-        return _run_code(request.get("code", ""), result_out)
+        result_out.close()  # the code's outcome is its exit status: it gets no result channel
+        return _run_code(request.get("code", ""))
     result_limit = int(request.get("result_limit", envelope.DEFAULT_MAX_BYTES))
     payload = envelope.call_tool(str(request.get("target", "")), request.get("args", {}), max_bytes=result_limit,
                                  not_found_hint=NOT_FOUND_HINT)
@@ -367,7 +493,12 @@ def main(argv):
     if len(argv) == 4 and argv[1] == "--child":
         _child(int(argv[2]), int(argv[3]))
         _finish()
-    _harden_self()
+    try:
+        _harden_self()  # first: no tool or plugin code has run yet
+    except Unsafe as exc:
+        sys.stderr.write("agentkeel runner: refusing to serve: %s\n" % exc)
+        sys.stderr.flush()
+        return REFUSED_EXIT
     child = _Child()
     child.wait_ready()
     line = sys.stdin.buffer.readline(MAX_REQUEST + 1)
@@ -378,18 +509,25 @@ def main(argv):
         request = json.loads(line.decode("utf-8"))
         if not isinstance(request, dict):
             raise ValueError("not an object")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         child.stop()
-        _emit(_error("bad_request", "request is not a JSON object: %s" % exc))
+        _emit(_error("bad_request", "request is not a JSON object: %s" % exc), None)
         return 0
+    key = _take_key(request)
     if request.get("v") != PROTOCOL:
         child.stop()
-        _emit(_error("bad_request", "protocol version %r, this runner speaks %d" % (request.get("v"), PROTOCOL)))
+        _emit(_error("bad_request", "protocol version %r, this runner speaks %d" % (request.get("v"), PROTOCOL)),
+              key)
+        return 0
+    if key is None:
+        child.stop()
+        _emit(_error("bad_request", "the request has no valid reply key"), None)
         return 0
     try:
-        _emit(child.run(request))
+        result = child.run(request)
     except Exception as exc:
-        _emit(_error("internal", "runner failure: %s: %s" % (type(exc).__name__, exc)))
+        result = _error("internal", "runner failure: %s: %s" % (type(exc).__name__, exc))
+    _emit(result, key)
     return 0
 
 

@@ -15,13 +15,17 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hostile_subprocess_tools as hostile
 import tools_for_tests as tools
+from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError, ToolError, ToolTimeoutError
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 from agentkeel.sandbox.subprocess import backend as sandbox_subprocess
 from agentkeel.sandbox.subprocess.backend import SubprocessBackend, SubprocessSettings
+from agentkeel.testing import ScriptedPlanner, make_system
 from agentkeel.tools.decorator import spec_of
 
 # Generous: a loaded CI machine can take a second or more to start an interpreter.
@@ -283,10 +287,62 @@ async def test_host_caps_what_it_reads_from_the_result_channel() -> None:
     try:
         with pytest.raises(ToolError, match="wrote more than 10000 bytes of result"):
             await backend.run(call(tools.scribble, size=50_000))
-        with pytest.raises(ToolError, match=r"output that is not a result .*'xxxxx"):
+        with pytest.raises(ToolError, match=r"output that is not a result: .*not JSON.*'xxxxx"):
             await backend.run(call(tools.scribble, size=100))
     finally:
         await backend.aclose()
+
+
+async def test_a_result_nested_100000_levels_deep_is_a_clean_tool_error(backend: SubprocessBackend) -> None:
+    """Returned (the envelope refuses it in the child) or written onto the result channel by the
+    tool itself (the host's bounded decode refuses it): never a RecursionError in the host."""
+    with pytest.raises(ToolError, match="nested too deeply") as returned:
+        await backend.run(call(hostile.returns_deep))
+    assert returned.value.retryable is False
+    for fn in (hostile.writes_deep, hostile.writes_deep_failure):
+        with pytest.raises(ToolError, match="nested more than") as written:
+            await backend.run(call(fn))
+        assert written.value.retryable is False
+    with pytest.raises(ToolError, match=r"value\.0\.0.*nested more than"):
+        await backend.run(call(hostile.writes_deep, depth=200))
+    assert await backend.run(call(hostile.returns_deep, depth=20)) == json.loads("[" * 20 + "0" + "]" * 20)
+
+
+async def test_a_nan_is_refused_naming_the_field(backend: SubprocessBackend) -> None:
+    with pytest.raises(ToolError, match=r"value\.score: NaN is not a JSON number") as returned:
+        await backend.run(call(hostile.returns_nan))
+    assert returned.value.retryable is False
+    with pytest.raises(ToolError, match=r"value\.score: NaN is not a JSON number") as written:
+        await backend.run(call(hostile.writes_nan))
+    assert written.value.retryable is False
+    assert await backend.run(call(hostile.returns_floats)) == {"score": 0.25, "big": 1e300}
+
+
+class HostilePlugin:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    @hookimpl
+    def agentkeel_register_tools(self, register: Any) -> None:
+        register(self.fn)
+
+
+@pytest.mark.parametrize("fn", [hostile.writes_deep, hostile.writes_nan, hostile.returns_deep, hostile.returns_nan],
+                         ids=lambda fn: fn.__name__)
+async def test_a_hostile_result_fails_the_step_and_the_run_ends(fn: Callable[..., Any]) -> None:
+    spec = spec_of(fn)
+    assert spec is not None
+    planner = ScriptedPlanner({"reasoning": "", "steps": [{"description": "attack", "tool_name": spec.name,
+                                                            "tool_args": {}}]})
+    system = make_system(HostilePlugin(fn), planner, principals={"tester": ["sandbox-test"]},
+                         config={"sandbox": {"subprocess": {"prestart": 0}}})
+    async with system:
+        response = await system.run(AgentRequest(message="go", user_id="tester"))
+        assert response.status is RunStatus.FAILED, response.to_dict()
+        step = response.steps[0]
+        assert step.status is StepStatus.FAILED and step.attempts == 1, step
+        assert step.error and ("nested" in step.error or "NaN" in step.error), step.error
+        assert system.show(response.run_id).status is RunStatus.FAILED
 
 
 async def test_read_capped_stops_past_the_cap() -> None:

@@ -109,7 +109,9 @@ async def test_hardened_host_config(backend: DockerBackend, docker_api: Any, abu
     assert host["PidsLimit"] == backend.settings.limits.pids_limit
     assert host["Memory"] == host["MemorySwap"] == backend.settings.limits.memory
     assert host["NanoCpus"] == int(backend.settings.limits.cpus * 1e9)
-    assert host["Init"] is True
+    # No init process: the runner is PID 1 (non-dumpable), so nothing else in the container holds
+    # the stdout the reply is read from (test_abuse checks PID 1 from inside).
+    assert host["Init"] is False
     assert host["LogConfig"]["Config"]["max-size"] == "1m"
     assert all("noexec" in opts for opts in host["Tmpfs"].values())
     assert details["Config"]["User"] == "10001:10001"
@@ -191,3 +193,41 @@ async def test_a_pooled_container_that_died_is_skipped(
     docker_api.wait(dead, timeout=10)
     info = await backend.run(ToolCall(abuse_specs["sandbox_info"], {}, 20))
     assert info["hostname"] != dead[:12]
+
+
+async def test_an_image_built_for_another_runner_protocol_is_refused_with_rebuild_advice(
+    docker_api: Any, abuse_specs: dict[str, Any], tmp_path: Any
+) -> None:
+    from agentkeel.sandbox.docker.build import docker_build
+    from agentkeel.sandbox.docker.images import SANDBOX_IMAGE
+
+    (tmp_path / "Dockerfile").write_text(f"FROM {SANDBOX_IMAGE}\n")
+    tag = "agentkeel/sandbox-python:test-protocol-2"
+    docker_build(docker_api, tmp_path, [tag], {}, {"io.agentkeel.protocol": "2"}, lambda _t: None)
+    backend = DockerBackend(DockerSettings(pool_size=0))
+    try:
+        with pytest.raises(SandboxError, match=r"built for runner protocol 2.*rebuild it with `agentkeel sandbox"):
+            await backend.run(ToolCall(attrs.evolve(abuse_specs["async_add"], image=tag), {"a": 1, "b": 2}, 20))
+    finally:
+        await backend.aclose()
+        docker_api.remove_image(tag, force=True)
+
+
+async def test_the_runner_refuses_to_serve_under_an_init_process(
+    abuse_specs: dict[str, Any], monkeypatch: pytest.MonkeyPatch, running_containers: Any
+) -> None:
+    """With docker's init (tini) as PID 1, tini would hold the container's stdout: the runner
+    refuses, before starting its worker, and the call fails saying why."""
+    from agentkeel.sandbox.docker import container as container_module
+    from agentkeel.sandbox.docker.settings import host_config_kwargs
+
+    monkeypatch.setattr(container_module, "host_config_kwargs",
+                        lambda settings, limits: {**host_config_kwargs(settings, limits), "init": True})
+    backend = DockerBackend(DockerSettings(pool_size=0))
+    try:
+        with pytest.raises(SandboxError, match=r"refused to serve \(exit code 70\): the runner is PID \d+, not the "
+                                               r"container's PID 1"):
+            await backend.run(ToolCall(abuse_specs["async_add"], {"a": 1, "b": 2}, 20))
+    finally:
+        await backend.aclose()
+    assert running_containers(backend.owner) == []

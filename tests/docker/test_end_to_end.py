@@ -120,3 +120,38 @@ async def test_a_request_without_docker_tools_starts_no_container(
         assert running_containers(backend.owner) == []
         assert not backend.client.connected  # Docker was never contacted
     assert running_containers(backend.owner) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "succeeds"),
+    [
+        ("forge_reply_via_pid1", {}, True),
+        ("forge_reply_via_pid1", {"deep": True}, True),
+        ("writes_result", {"kind": "deep"}, False),
+        ("writes_result", {"kind": "nan"}, False),
+        ("returns_deep", {}, False),
+        ("returns_nan", {}, False),
+    ],
+    ids=["forged-line", "deep-line", "writes-deep", "writes-nan", "returns-deep", "returns-nan"],
+)
+async def test_a_hostile_reply_ends_the_run_with_a_step_failure_or_the_real_result(
+    abuse_specs: dict[str, Any], running_containers: Any, name: str, args: dict[str, Any], succeeds: bool
+) -> None:
+    planner = ScriptedPlanner({"reasoning": "", "steps": [{"description": "attack", "tool_name": name,
+                                                            "tool_args": args}]})
+    system = make_system(AbuseToolsPlugin(abuse_specs, (name,)), planner, principals={"agent": ["sandbox-test"]},
+                         config={"sandbox": {"docker": {"pool_size": 0}}})
+    backend = system.sandboxes["docker"]
+    assert isinstance(backend, DockerBackend)
+    async with system:
+        response = await system.run(AgentRequest(message="go", user_id="agent"))
+        step = response.steps[0]
+        if succeeds:
+            assert response.status is RunStatus.SUCCEEDED, response.to_dict()
+            assert step.result["/proc/1/fd/1"].startswith("PermissionError")  # the tool's own, real result
+        else:
+            assert response.status is RunStatus.FAILED, response.to_dict()
+            assert step.status is StepStatus.FAILED and step.attempts == 1, step
+            assert step.error and ("nested" in step.error or "NaN" in step.error), step.error
+        assert system.show(response.run_id).status is response.status  # the journal says it ended
+    assert running_containers(backend.owner) == []

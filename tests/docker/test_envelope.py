@@ -194,13 +194,13 @@ def test_the_runner_in_a_container_encodes_like_the_subprocess_child(tools_image
     limits = backend.settings.limits
     container = SandboxContainer.launch(api, tools_image, backend.settings, limits,
                                         container_labels(backend.owner, tools_image, False, name))
+    request = protocol.tool_request(target, {}, False, 20, limits)
     try:
-        exchange = container.exchange(protocol.tool_request(target, {}, False, 20, limits),
-                                      time.monotonic() + 60, protocol.max_reply_bytes(limits))
+        exchange = container.exchange(request.line, time.monotonic() + 60, protocol.max_reply_bytes(limits))
     finally:
         container.destroy()
         backend.client.close()
-    reply = protocol.parse_reply(exchange, name)
+    reply = protocol.parse_reply(exchange, name, request.key, limits)
     in_container = reply["error"]
     on_host = subprocess_child(target)["error"]
     tb_container, tb_host = in_container.pop("traceback"), on_host.pop("traceback")

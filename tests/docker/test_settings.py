@@ -23,7 +23,7 @@ def test_defaults_are_hardened() -> None:
     assert kwargs["read_only"] is True
     assert kwargs["cap_drop"] == ["ALL"]
     assert kwargs["security_opt"] == ["no-new-privileges:true"]
-    assert kwargs["init"] is True
+    assert kwargs["init"] is False  # explicitly: the runner must be PID 1, even if the daemon defaults to --init
     assert kwargs["mem_limit"] == kwargs["memswap_limit"] == settings.limits.memory
     assert kwargs["pids_limit"] == settings.limits.pids_limit
     assert all("noexec" in options and "size=" in options for options in kwargs["tmpfs"].values())

@@ -31,12 +31,18 @@ An envelope is one JSON object::
 
 A supervisor may add keys of its own next to ``ok`` (the docker runner adds
 ``v``, ``stdout``, ``stderr``...); ``decode`` ignores them.
+
+What a host reads back is untrusted: the hosts decode it with
+``agentkeel.jsonvalue.loads`` (bounded depth and size, no NaN) and hand
+``decode`` the parsed object. ``decode`` of raw text is bounded too (no NaN,
+no ``RecursionError``), for callers that cannot import agentkeel.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import traceback as _traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TextIO
@@ -186,6 +192,9 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     except RecursionError:
         raise BadResultError("the tool's result is nested too deeply to be JSON") from None
     except ValueError as exc:  # NaN or infinity, circular references
+        where = non_finite_path(value)
+        if where is not None:
+            raise BadResultError(f"the tool's result is not valid JSON: {where}") from None
         raise BadResultError(f"the tool's result is not valid JSON: {exc}") from None
     if len(data) > max_bytes:
         raise ResultTooLargeError(
@@ -193,6 +202,28 @@ def encode_value(value: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             f"return a reference (a path, an id) instead of the data"
         )
     return data
+
+
+def non_finite_path(value: Any, root: str = "value") -> str | None:
+    """``"value.a.0: NaN is not a JSON number"`` for the first NaN or infinity in ``value``, else None.
+
+    Iterative (any depth); containers met twice are skipped (a cycle is not a number problem).
+    """
+    stack: list[tuple[Any, str]] = [(value, root)]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                name = "NaN" if math.isnan(node) else ("Infinity" if node > 0 else "-Infinity")
+                return f"{path}: {name} is not a JSON number"
+        elif isinstance(node, (Mapping, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            items = node.items() if isinstance(node, Mapping) else enumerate(node)
+            stack.extend((item, f"{path}.{key}") for key, item in reversed(list(items)))
+    return None
 
 
 def encode_exception(exc: BaseException) -> bytes:
@@ -305,14 +336,24 @@ class Failure(NamedTuple):
         return text
 
 
+def _reject_constant(name: str) -> Any:
+    raise MalformedEnvelopeError(f"{name} is not a JSON number")
+
+
 def decode(data: bytes | str | Mapping[str, Any]) -> Success | Failure:
     """The outcome in an envelope (JSON text, or an already parsed object).
 
-    Raises ``MalformedEnvelopeError`` when ``data`` is not an envelope.
+    Raises ``MalformedEnvelopeError`` when ``data`` is not an envelope. Text is
+    parsed without NaN or infinity and a nesting too deep to parse is refused;
+    hosts parse with ``agentkeel.jsonvalue.loads`` first and pass the object.
     """
     if isinstance(data, (bytes, str)):
         try:
-            obj = json.loads(data)
+            obj = json.loads(data, parse_constant=_reject_constant)
+        except MalformedEnvelopeError:
+            raise
+        except RecursionError:
+            raise MalformedEnvelopeError("nested too deeply to parse") from None
         except ValueError as exc:
             raise MalformedEnvelopeError(f"not JSON: {exc}") from None
     else:

@@ -6,7 +6,9 @@ This module is copied into a test image (see tests/docker/conftest.py) and runs
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
@@ -154,10 +156,22 @@ def infinite_loop() -> None:
 
 @tool(**DOCKER)
 def freeze_runner_then_spin() -> None:
-    """Stop the runner (our parent) so only the host can enforce the deadline."""
-    os.kill(os.getppid(), signal.SIGSTOP)
+    """Try to stop the runner (our parent, PID 1), then spin until a deadline stops us."""
+    for pid in {1, os.getppid()}:
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
     while True:
-        time.sleep(1)
+        time.sleep(0.1)
+
+
+@tool(**DOCKER)
+def sleep_then_answer(seconds: float = 5.0) -> str:
+    """Sleep, then answer (the host freezes the container meanwhile)."""
+    time.sleep(seconds)
+    return "done"
 
 
 @tool(**DOCKER)
@@ -221,6 +235,140 @@ async def refuses_async() -> None:
     raise ToolError("the coupon has expired", retryable=False)
 
 
+# --- the reply channel ------------------------------------------------------------
+
+FORGED = "forged by the tool"
+
+
+def _forged_reply_line() -> bytes:
+    """A reply as the runner would write it, for the current protocol, with a made-up MAC."""
+    from agentkeel.sandbox.docker.settings import RUNNER_PROTOCOL
+
+    reply = {"v": RUNNER_PROTOCOL, "ok": True, "value": FORGED, "exit_code": 0, "stdout": "", "stderr": "",
+             "stdout_truncated": False, "stderr_truncated": False, "duration_s": 0.0}
+    body = json.dumps(reply, separators=(",", ":"))
+    return f"{body}\n{'0' * 64} {body}\n".encode()
+
+
+def _write_path(path: str, data: bytes) -> Any:
+    def write() -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    return write
+
+
+@tool(**DOCKER)
+def forge_reply_via_pid1(deep: bool = False) -> dict[str, str]:
+    """Write a forged reply line (or one nested 100,000 levels deep) onto the container's
+    stdout and stderr, the attach stream the host reads, through PID 1's descriptors."""
+    line = b"[" * 100_000 + b"\n" if deep else _forged_reply_line()
+    return {path: _attempt(_write_path(path, line)) for path in ("/proc/1/fd/1", "/proc/1/fd/2")}
+
+
+@tool(**DOCKER)
+def ptrace_pid1() -> dict[str, str]:
+    """PTRACE_ATTACH to PID 1 (the runner) and to our parent; detach again if it worked."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    out = {}
+    for pid in sorted({1, os.getppid()}):
+        ctypes.set_errno(0)
+        if libc.ptrace(16, pid, None, None) == 0:  # PTRACE_ATTACH
+            out[str(pid)] = "attached"
+            os.waitpid(pid, 0x40000000)  # __WALL: wait for the stop, then let it go
+            libc.ptrace(17, pid, None, None)  # PTRACE_DETACH
+        else:
+            out[str(pid)] = errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno()))
+    return out
+
+
+@tool(**DOCKER)
+def read_pid1() -> dict[str, str]:
+    """Open PID 1's stdin, memory, environment and descriptor table."""
+    out = {}
+    for path in ("/proc/1/fd/0", "/proc/1/fd/1", "/proc/1/mem", "/proc/1/environ"):
+        out[path] = _attempt(lambda p=path: os.close(os.open(p, os.O_RDONLY)))
+    out["/proc/1/fd"] = _attempt(lambda: os.listdir("/proc/1/fd"))
+    with open("/proc/1/cmdline", "rb") as fh:
+        out["cmdline"] = fh.read().replace(b"\0", b" ").decode().strip()
+    with open("/proc/1/status") as fh:
+        out["uid"] = next(line.split()[1] for line in fh if line.startswith("Uid:"))
+    out["my_uid"] = str(os.getuid())
+    return out
+
+
+def _result_fd() -> int:
+    """The worker's result pipe, from its command line (``runner.py --child RESULT_FD READY_FD``)."""
+    with open("/proc/self/cmdline", "rb") as fh:
+        argv = fh.read().split(b"\0")
+    return int(argv[argv.index(b"--child") + 1])
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@tool(**DOCKER)
+def writes_result(kind: str) -> None:
+    """Write a hostile result envelope straight onto the worker's result pipe and exit."""
+    data = {
+        "deep": b'{"ok":true,"value":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep_200": b'{"ok":true,"value":' + b"[" * 200 + b"]" * 200 + b"}",
+        "nan": b'{"ok":true,"value":{"score":NaN}}',
+    }[kind]
+    os.write(_result_fd(), data)
+    os._exit(0)
+
+
+@tool(**DOCKER)
+def returns_deep(depth: int = 100_000) -> Any:
+    """Return a list nested ``depth`` levels deep."""
+    return _deep(depth)
+
+
+@tool(**DOCKER)
+def returns_nan() -> dict[str, Any]:
+    """Return a NaN (floats are fine, this one is not)."""
+    return {"ok": 0.5, "score": float("nan")}
+
+
+@tool(**DOCKER)
+def returns_float() -> dict[str, Any]:
+    """Floats come back as they are."""
+    return {"score": 0.25, "big": 1e300, "small": -2.5e-300}
+
+
+@tool(**DOCKER)
+def orphan_storm(count: int = 400) -> int:
+    """Leave ``count`` short-lived orphans (double fork): without a reaping PID 1 their zombies
+    would fill the pids limit and the next fork would fail."""
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            if os.fork() == 0:
+                os._exit(0)  # the orphan: reparented to PID 1, which must reap it
+            os._exit(0)
+        os.waitpid(pid, 0)
+    time.sleep(0.3)
+    zombies = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    zombies += fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                pass
+    return zombies
+
+
 ALL = [sandbox_info, async_add, network_probe, fork_bomb, memory_bomb, disk_fill, write_outside, exec_from_tmp,
        read_host, docker_socket, infinite_loop, freeze_runner_then_spin, endless_stdout, signal_pid1, non_json,
-       oversized, raises, refuses, refuses_custom, refuses_async]
+       oversized, raises, refuses, refuses_custom, refuses_async, sleep_then_answer, forge_reply_via_pid1, ptrace_pid1,
+       read_pid1, writes_result, returns_deep, returns_nan, returns_float, orphan_storm]

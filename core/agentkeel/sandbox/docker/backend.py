@@ -2,10 +2,13 @@
 
 A call takes a warm container for its image (or starts one cold), writes the
 request to the runner's stdin through the attach socket and reads the one-line
-result from its stdout. The deadline is enforced twice: by the runner inside
-(``deadline_s``) and here (``timeout + grace_s``), after which the container is
-killed and removed. Cancelling the awaiting task kills the container too. All
-Docker SDK calls run in threads, never on the event loop.
+result from its stdout, authenticated with a key drawn for that call
+(``protocol``). The runner is the container's PID 1 (no init process) and
+non-dumpable, so nothing else in the container can write to that stdout.
+The deadline is enforced twice: by the runner inside (``deadline_s``) and
+here (``timeout + grace_s``), after which the container is killed and removed.
+Cancelling the awaiting task kills the container too. All Docker SDK calls run
+in threads, never on the event loop.
 
 The backend starts lazily, on its first docker call: it connects to the
 engine, removes orphaned containers of crashed processes and fills the warm
@@ -31,7 +34,7 @@ from agentkeel.errors import SandboxError, ToolError, ToolTimeoutError
 from agentkeel.sandbox.docker import protocol
 from agentkeel.sandbox.docker.client import LazyClient
 from agentkeel.sandbox.docker.container import Exchange, SandboxContainer
-from agentkeel.sandbox.docker.images import SANDBOX_IMAGE, image_for, missing_image_advice
+from agentkeel.sandbox.docker.images import SANDBOX_IMAGE, image_for, missing_image_advice, protocol_problem
 from agentkeel.sandbox.docker.labels import LABEL_BACKEND, container_labels, owner_id, sweep_orphans
 from agentkeel.sandbox.docker.pool import WarmPool
 from agentkeel.sandbox.docker.settings import DockerSettings, Limits
@@ -41,6 +44,7 @@ from agentkeel.types import ToolSpec
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+REFUSAL = "agentkeel runner: refusing to serve:"  # sandbox_images/python/runner.py, on stderr
 MAX_CACHED_IMAGES = 256
 UNREACHABLE_WARNING = "docker sandbox unavailable: cannot reach the Docker engine; see `agentkeel sandbox doctor`"
 
@@ -209,7 +213,7 @@ class DockerBackend:
     # --- one call -------------------------------------------------------------------
 
     async def _execute(
-        self, image: str, request: bytes, timeout: float, limits: Limits, label: str, tool: str = ""
+        self, image: str, request: protocol.Request, timeout: float, limits: Limits, label: str, tool: str = ""
     ) -> dict[str, Any]:
         if self._closed:
             raise SandboxError("the docker sandbox backend is closed; create a new AgentSystem")
@@ -217,14 +221,14 @@ class DockerBackend:
         holder: list[SandboxContainer] = []
         try:
             exchange, state = await asyncio.to_thread(
-                self._call_blocking, image, request, timeout, limits, tool, holder, cancelled
+                self._call_blocking, image, request.line, timeout, limits, tool, holder, cancelled
             )
         except asyncio.CancelledError:
             cancelled.set()
             if holder:
                 await asyncio.shield(asyncio.to_thread(holder[0].destroy))
             raise
-        return self._interpret(exchange, state, label, timeout, limits)
+        return self._interpret(exchange, state, label, timeout, limits, request.key)
 
     def _call_blocking(
         self,
@@ -270,9 +274,9 @@ class DockerBackend:
         return exchange, state
 
     def _interpret(
-        self, ex: Exchange, state: dict[str, Any] | None, label: str, timeout: float, limits: Limits
+        self, ex: Exchange, state: dict[str, Any] | None, label: str, timeout: float, limits: Limits, key: bytes
     ) -> dict[str, Any]:
-        """The runner's reply (to decode), or the error for a call that ended without one."""
+        """The runner's authenticated reply (to decode), or the error for a call that ended without one."""
         if ex.timed_out:
             raise ToolTimeoutError(f"{label} ran past its timeout of {timeout:g}s; its container was killed")
         if ex.overflow:
@@ -287,12 +291,15 @@ class DockerBackend:
                 )
             code = state.get("ExitCode") if state else None
             tail = ex.stderr.decode("utf-8", "replace")[-1000:]
+            refusal = tail.rpartition(REFUSAL)[2].strip() if REFUSAL in tail else ""
+            if refusal:  # before the worker started: no tool code ran
+                raise SandboxError(f"{label}: the sandbox runner refused to serve (exit code {code}): {refusal}")
             raise ToolError(
                 f"{label}: the sandbox ended without a result (exit code {code}); the tool may have killed "
                 f"its runner" + (f"\nstderr (tail):\n{tail}" if tail.strip() else ""),
                 retryable=False,
             )
-        return protocol.parse_reply(ex, label)
+        return protocol.parse_reply(ex, label, key, limits)
 
     # --- containers -------------------------------------------------------------------
 
@@ -302,11 +309,14 @@ class DockerBackend:
         import docker.errors
 
         try:
-            api.inspect_image(image)
+            details = api.inspect_image(image)
         except docker.errors.ImageNotFound as exc:
             raise SandboxError(f"sandbox image {image} is not present; {missing_image_advice(image)}") from exc
         except docker.errors.APIError as exc:
             raise SandboxError(f"cannot inspect sandbox image {image}: {exc}") from exc
+        stale = protocol_problem(image, ((details or {}).get("Config") or {}).get("Labels"))
+        if stale:
+            raise SandboxError(stale)
         self._images_seen.put(image, True)
 
     def _launch(self, api: Any, image: str, limits: Limits, *, pooled: bool, tool: str = "") -> SandboxContainer:
@@ -323,9 +333,11 @@ class DockerBackend:
         container = self._launch(self.client.get(), image, self.settings.limits, pooled=True)
         if not container.wait_ready(READY_TIMEOUT_S):
             state = container.state(wait_s=0.1)
+            tail = container.stderr_text()[-1000:].strip()
             container.destroy()
             raise SandboxError(
                 f"the runner in {image} did not become ready within {READY_TIMEOUT_S:g}s (state "
                 f"{state.get('Status')}, exit code {state.get('ExitCode')}); {protocol.REBUILD}"
+                + (f"\nstderr (tail):\n{tail}" if tail else "")
             )
         return container

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import agentkeel.jsonvalue as jsonvalue
 from agentkeel.errors import SandboxError
 from agentkeel.markers import PROJECT_NAME
 from agentkeel.sandbox import envelope
@@ -156,7 +156,14 @@ def probe_image(api: Any, image: str) -> dict[str, str]:
             raise SandboxError(f"cannot probe the Python of {image}: {api.logs(cid).decode()[-1000:]}")
     finally:
         api.remove_container(cid, force=True)
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    try:
+        found = jsonvalue.loads(out.strip().splitlines()[-1] if out.strip() else "", what=f"the probe of {image}",
+                                max_bytes=64 * 1024)
+    except jsonvalue.JSONValueError as exc:
+        raise SandboxError(f"cannot probe the Python of {image}: {exc}") from None
+    if not isinstance(found, dict):
+        raise SandboxError(f"cannot probe the Python of {image}: it answered {found!r}")
+    return found
 
 
 def build_plugin_image(

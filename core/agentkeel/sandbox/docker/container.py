@@ -100,6 +100,10 @@ class SandboxContainer:
         """Whether the runner's ready marker has been read (true for pooled containers)."""
         return READY_MARKER in self._err
 
+    def stderr_text(self) -> str:
+        """What the runner wrote on stderr so far (its ready marker left out)."""
+        return bytes(self._err).replace(READY_MARKER + b"\n", b"", 1).decode("utf-8", "replace")
+
     def wait_ready(self, timeout: float) -> bool:
         """Block until the runner says its worker is ready (stderr marker). False on EOF/timeout."""
         deadline = time.monotonic() + timeout

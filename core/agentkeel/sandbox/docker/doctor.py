@@ -22,6 +22,7 @@ from agentkeel.sandbox.docker.images import (
     SANDBOX_IMAGE,
     entry_point_plugins,
     plugin_image,
+    protocol_problem,
 )
 from agentkeel.sandbox.docker.labels import LABEL_SANDBOX, owner_alive
 
@@ -82,6 +83,9 @@ def _image_checks(api: Any) -> Iterator[Check]:
 def _image_check(name: str, api: Any, image: str, exists: bool, current: str, advice: str) -> Check:
     if not exists:
         return Check(name, False, f"{image} missing", advice)
+    stale = protocol_problem(image, (api.inspect_image(image).get("Config") or {}).get("Labels"))
+    if stale:
+        return Check(name, False, stale.split(";")[0], advice)
     if image_runner_digest(api, image) != current:
         return Check(name, False, f"{image} was built with another runner than this agentkeel's", advice)
     return Check(name, True, image)

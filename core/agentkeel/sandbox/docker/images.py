@@ -114,6 +114,31 @@ def missing_image_advice(image: str) -> str:
     return "pull or build it, or remove image= from the tool to use its plugin's image"
 
 
+def stale_image_advice(image: str) -> str:
+    """How to replace ``image`` when it was built for another runner protocol."""
+    if image.startswith(PLUGIN_REPO_PREFIX):
+        plugin = image[len(PLUGIN_REPO_PREFIX) :].split(":", 1)[0]
+        return f"rebuild it with `agentkeel sandbox build {plugin}`"
+    if image.startswith(SANDBOX_REPO):
+        return "rebuild it with `agentkeel sandbox build`"
+    return "rebuild it from the current agentkeel/sandbox-python image (`agentkeel sandbox build` first)"
+
+
+def protocol_problem(image: str, labels: dict[str, str] | None) -> str | None:
+    """Why ``image`` cannot serve this agentkeel, judged by its ``io.agentkeel.protocol`` label (None: fine).
+
+    An image without the label (not built from sandbox_images/python) is left to the runner's reply.
+    """
+    from agentkeel.sandbox.docker.labels import LABEL_PROTOCOL
+    from agentkeel.sandbox.docker.settings import RUNNER_PROTOCOL
+
+    found = (labels or {}).get(LABEL_PROTOCOL)
+    if found is None or found == str(RUNNER_PROTOCOL):
+        return None
+    return (f"sandbox image {image} was built for runner protocol {found}, this agentkeel speaks "
+            f"{RUNNER_PROTOCOL}; {stale_image_advice(image)}")
+
+
 IMAGES_PACKAGE = "agentkeel.sandbox_images"
 
 

@@ -27,6 +27,7 @@ LABEL_POOL = "io.agentkeel.pool"
 LABEL_TOOL = "io.agentkeel.tool"
 LABEL_BACKEND = "io.agentkeel.backend"  # one backend instance: what its aclose removes
 LABEL_RUNNER = "io.agentkeel.runner"  # digest of the runner's build context (images)
+LABEL_PROTOCOL = "io.agentkeel.protocol"  # the runner protocol an image speaks (sandbox_images/python/Dockerfile)
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,10 @@
 
 Security switches are fixed and not configurable: non-root user, no network,
 read-only root filesystem, all capabilities dropped, ``no-new-privileges``, an
-init process, an empty environment. Resource limits have safe defaults that the
+empty environment, and *no* init process: the runner itself is PID 1, so that
+nothing else in the container holds its stdout (the reply channel the host
+trusts) and, being non-dumpable, nothing can reach it through ``/proc/1`` or
+ptrace, stop it or kill it (``sandbox_images/python/runner.py``). Resource limits have safe defaults that the
 operator may set in ``[sandbox.docker]``; a tool may only *tighten* them in
 ``[sandbox.docker.tools.NAME]`` (a looser per-tool value is a ``ConfigError``, so
 nothing is loosened silently).
@@ -20,7 +23,9 @@ from agentkeel.errors import ConfigError
 
 SANDBOX_UID = 10001
 WORKDIR = "/work"
-RUNNER_PROTOCOL = 2  # sandbox_images/python/runner.py PROTOCOL; 2: replies carry agentkeel.sandbox.envelope
+# sandbox_images/python/runner.py PROTOCOL and the image label io.agentkeel.protocol;
+# 2: replies carry agentkeel.sandbox.envelope; 3: per-call key in the request, replies "<HMAC> <JSON>".
+RUNNER_PROTOCOL = 3
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -175,7 +180,8 @@ def host_config_kwargs(settings: DockerSettings, limits: Limits) -> dict[str, An
         "mem_limit": limits.memory,
         "memswap_limit": limits.memory,
         "nano_cpus": int(limits.cpus * 1e9),
-        "init": True,
+        # Explicitly off (a daemon may default to --init): the runner must be PID 1.
+        "init": False,
         "ipc_mode": "private",
         "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={size},mode=1777", WORKDIR: user_tmpfs},
         "ulimits": [{"Name": "core", "Soft": 0, "Hard": 0}, {"Name": "nofile", "Soft": 256, "Hard": 256}],

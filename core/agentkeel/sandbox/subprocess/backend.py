@@ -16,7 +16,11 @@ What it promises:
   (``retryable`` follows the exception's own ``retryable`` attribute when it
   has one); running out of memory, a crash, a result that is not JSON or larger
   than ``max_output_bytes`` are ``ToolError``\\s that say so. Each error carries ``stderr_tail``, the last
-  bytes the child wrote to stderr (``print`` output included).
+  bytes the child wrote to stderr (``print`` output included). What the child
+  wrote is untrusted (a tool can write to the result channel itself): it is
+  decoded with ``agentkeel.jsonvalue`` (bounded size and depth, no NaN, valid
+  text) before anything looks at it, and anything it refuses is a ``ToolError``
+  naming the field.
 
 Configuration, ``[sandbox.subprocess]`` in agentkeel.toml: ``memory_mb`` (512),
 ``cpu_s`` (ceil(timeout) + 1), ``max_open_files`` (256), ``max_output_bytes``
@@ -42,6 +46,7 @@ from typing import Any
 
 import attrs
 
+import agentkeel.jsonvalue as jsonvalue
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError, ToolError, ToolTimeoutError
 from agentkeel.markers import hookimpl
@@ -423,7 +428,17 @@ class SubprocessBackend:
                 ),
                 tail,
             )
-        outcome = _decode(output)
+        try:
+            outcome = _decode(output, self.settings.max_output_bytes)
+        except jsonvalue.JSONValueError as exc:
+            if returncode:  # the child died, maybe mid-write: its status says why
+                raise self._with_tail(self._crash(call, returncode, output, tail), tail) from None
+            preview = output[:80].decode("utf-8", "replace")
+            raise self._with_tail(
+                ToolError(f"tool {name!r}: the child process wrote output that is not a result: {exc} "
+                          f"(it starts {preview!r})", retryable=False),
+                tail,
+            ) from None
         if isinstance(outcome, envelope.Success):
             return outcome.value
         if isinstance(outcome, envelope.Failure):
@@ -482,12 +497,42 @@ class SubprocessBackend:
         return error
 
 
-def _decode(output: bytes) -> envelope.Success | envelope.Failure | None:
-    """The child's result envelope; None when it wrote none (a crash) or something else."""
+# The envelope wraps the tool's value in one object: the value itself gets jsonvalue's full depth.
+ENVELOPE_MAX_DEPTH = jsonvalue.MAX_DEPTH + 1
+
+
+def _loads(data: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
+    """``jsonvalue.loads``, and when it refuses a NaN or infinity, the field that holds it.
+
+    ``jsonvalue.loads`` stops at the first non-finite constant without saying where
+    it is; when the text parses as plain JSON, ``jsonvalue.check`` names the path.
+    Any other refusal (size, depth, text) is raised as ``loads`` raised it.
+    """
+    try:
+        return jsonvalue.loads(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
+    except jsonvalue.JSONValueError as exc:
+        error = exc
+    if len(data) <= max_bytes:
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            value = None
+        else:
+            jsonvalue.check(value, what=what, max_depth=max_depth)
+    raise error
+
+
+def _decode(output: bytes, max_bytes: int) -> envelope.Success | envelope.Failure | None:
+    """The child's result envelope; None when it wrote none (a crash) or JSON that is not an envelope.
+
+    Raises ``JSONValueError`` naming the field when the output is not acceptable
+    JSON (not JSON, too deep, too large, NaN or infinity, broken text).
+    """
     if not output:
         return None
+    obj = _loads(output, what="the result envelope", max_bytes=max_bytes, max_depth=ENVELOPE_MAX_DEPTH)
     try:
-        return envelope.decode(output)
+        return envelope.decode(obj if isinstance(obj, dict) else {})
     except envelope.MalformedEnvelopeError:
         return None
 
