@@ -82,27 +82,6 @@ def reply_mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, body, hashlib.sha256).hexdigest().encode()
 
 
-def loads_naming_field(data: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
-    """``jsonvalue.loads``, and when it refuses a NaN or infinity, the field that holds it.
-
-    ``jsonvalue.loads`` stops at the first non-finite constant without saying where
-    it is; when the text parses as plain JSON, ``jsonvalue.check`` names the path.
-    Any other refusal (size, depth, text) is raised as ``loads`` raised it.
-    """
-    try:
-        return jsonvalue.loads(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
-    except jsonvalue.JSONValueError as exc:
-        error = exc
-    if len(data) <= max_bytes:
-        try:
-            value = json.loads(data)
-        except (ValueError, RecursionError):
-            value = None
-        else:
-            jsonvalue.check(value, what=what, max_depth=max_depth)
-    raise error
-
-
 def max_reply_bytes(limits: Limits) -> int:
     """Upper bound of a well-formed reply: result (or failure envelope) plus both capped streams,
     JSON-escaped."""
@@ -128,8 +107,8 @@ def parse_reply(ex: Exchange, label: str, key: bytes, limits: Limits) -> dict[st
             f"and may be forged by code in the container; the reply was refused"
         )
     try:
-        reply = loads_naming_field(body, what=f"{label}: the sandbox reply", max_bytes=max_reply_bytes(limits),
-                                   max_depth=REPLY_MAX_DEPTH)
+        reply = jsonvalue.loads(body, what=f"{label}: the sandbox reply", max_bytes=max_reply_bytes(limits),
+                                max_depth=REPLY_MAX_DEPTH)
     except jsonvalue.JSONValueError as exc:
         raise ToolError(str(exc), retryable=False) from None
     if not isinstance(reply, dict) or "ok" not in reply:

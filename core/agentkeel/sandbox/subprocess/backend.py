@@ -501,27 +501,6 @@ class SubprocessBackend:
 ENVELOPE_MAX_DEPTH = jsonvalue.MAX_DEPTH + 1
 
 
-def _loads(data: bytes, *, what: str, max_bytes: int, max_depth: int) -> Any:
-    """``jsonvalue.loads``, and when it refuses a NaN or infinity, the field that holds it.
-
-    ``jsonvalue.loads`` stops at the first non-finite constant without saying where
-    it is; when the text parses as plain JSON, ``jsonvalue.check`` names the path.
-    Any other refusal (size, depth, text) is raised as ``loads`` raised it.
-    """
-    try:
-        return jsonvalue.loads(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
-    except jsonvalue.JSONValueError as exc:
-        error = exc
-    if len(data) <= max_bytes:
-        try:
-            value = json.loads(data)
-        except (ValueError, RecursionError):
-            value = None
-        else:
-            jsonvalue.check(value, what=what, max_depth=max_depth)
-    raise error
-
-
 def _decode(output: bytes, max_bytes: int) -> envelope.Success | envelope.Failure | None:
     """The child's result envelope; None when it wrote none (a crash) or JSON that is not an envelope.
 
@@ -530,7 +509,7 @@ def _decode(output: bytes, max_bytes: int) -> envelope.Success | envelope.Failur
     """
     if not output:
         return None
-    obj = _loads(output, what="the result envelope", max_bytes=max_bytes, max_depth=ENVELOPE_MAX_DEPTH)
+    obj = jsonvalue.loads(output, what="the result envelope", max_bytes=max_bytes, max_depth=ENVELOPE_MAX_DEPTH)
     try:
         return envelope.decode(obj if isinstance(obj, dict) else {})
     except envelope.MalformedEnvelopeError:
