@@ -111,7 +111,8 @@ _UPSERT_ANCHOR = (
 ANCHOR_INTERVAL_S = 0.25
 """The longest a writer leaves its newest records unanchored while it keeps appending."""
 _SELECT_ANCHOR = f"SELECT count, head, updated_at, broken FROM {ANCHOR_TABLE} WHERE log_path = ?"
-_SELECT_ANCHOR_SIZE = f"SELECT size FROM {ANCHOR_TABLE} WHERE log_path = ?"
+# One statement, so the count, head and offset are of the same anchoring (another writer may anchor between two).
+_SELECT_ANCHOR_WITH_SIZE = f"SELECT count, head, broken, size FROM {ANCHOR_TABLE} WHERE log_path = ?"
 
 
 def default_path(config: Config) -> Path:
@@ -283,11 +284,11 @@ class AuditLog:
         self._seq, self._prev = seq, head
         self._size = size
 
-    def _anchored_line_intact(self, count: int, anchored: str) -> bool:
+    def _anchored_line_intact(self, count: int, anchored: str, end: Any) -> bool:
         """Whether the anchored record is still where the anchor says it ends (O(1): one short read)."""
-        assert self._db is not None and self._fd is not None
-        row = self._db.execute(_SELECT_ANCHOR_SIZE, (self._key,)).fetchone()
-        end = row[0] if row else None
+        assert self._fd is not None
+        if end is None:
+            return True  # anchored before offsets were recorded: nothing to compare
         if not isinstance(end, int) or end <= 0:
             return False
         try:
@@ -300,13 +301,13 @@ class AuditLog:
         """Record in the anchor row when the file no longer continues the anchored chain."""
         assert self._db is not None
         try:
-            row = self._db.execute(_SELECT_ANCHOR, (self._key,)).fetchone()
+            row = self._db.execute(_SELECT_ANCHOR_WITH_SIZE, (self._key,)).fetchone()
             if row is None:
                 return
-            count, anchored, _, broken = row
+            count, anchored, broken, end = row
             if (seq, head) == (count, anchored):
                 return
-            if seq > count and self._anchored_line_intact(count, anchored):
+            if seq > count and self._anchored_line_intact(count, anchored, end):
                 return  # the anchor lags the file (writers anchor at most every ANCHOR_INTERVAL_S)
             if broken is None:
                 when = time.strftime("%Y-%m-%d %H:%M:%S %z")
