@@ -316,28 +316,8 @@ def _decode_answer(answer: str, truncated: bool) -> Any:
         return jsonvalue.loads(answer, what=_ANSWER)
     except jsonvalue.JSONValueError as exc:
         cut = " (it was cut off at max_tokens: make the plan shorter)" if truncated else ""
-        detail = _where_not_finite(answer) or str(exc).removeprefix(_ANSWER).lstrip(": ")
+        detail = str(exc).removeprefix(_ANSWER).lstrip(": ")
         raise _InvalidAnswer([f"the answer is not valid JSON{cut}: {detail}"]) from None
-
-
-def _where_not_finite(answer: str) -> str | None:
-    """Where a literal NaN or Infinity is in ``answer``, when that is what ``jsonvalue`` refused.
-
-    ``jsonvalue.loads`` refuses the literal while decoding, before it knows the
-    field; the model is told which field instead. Only for text ``loads``
-    accepted the size of; deep nesting (a RecursionError here) is reported as is.
-    """
-    if len(answer) > jsonvalue.MAX_BYTES:
-        return None
-    try:
-        value = json.loads(answer, parse_constant=float)
-    except (ValueError, RecursionError):
-        return None
-    bad = jsonvalue.problem(value)
-    if bad is None or "is not a JSON number" not in bad:
-        return None
-    path, _, why = bad.partition(": ")
-    return f"{path or '(top level)'}: {why} (JSON has no NaN or Infinity: use a number)"
 
 
 async def _complete(

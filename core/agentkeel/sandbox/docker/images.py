@@ -105,22 +105,28 @@ def image_for(spec: ToolSpec, default_image: str | None = None) -> str:
     return default_image or SANDBOX_IMAGE
 
 
-def missing_image_advice(image: str) -> str:
+def _build_command(image: str) -> str | None:
+    """The ``agentkeel sandbox build`` command that makes ``image``, when agentkeel builds it."""
     if image.startswith(PLUGIN_REPO_PREFIX):
         plugin = image[len(PLUGIN_REPO_PREFIX) :].split(":", 1)[0]
-        return f"build it with `agentkeel sandbox build {plugin}`"
+        return f"agentkeel sandbox build {plugin}"
     if image.startswith(SANDBOX_REPO):
-        return "build it with `agentkeel sandbox build`"
+        return "agentkeel sandbox build"
+    return None
+
+
+def missing_image_advice(image: str) -> str:
+    command = _build_command(image)
+    if command is not None:
+        return f"build it with `{command}`"
     return "pull or build it, or remove image= from the tool to use its plugin's image"
 
 
 def stale_image_advice(image: str) -> str:
     """How to replace ``image`` when it was built for another runner protocol."""
-    if image.startswith(PLUGIN_REPO_PREFIX):
-        plugin = image[len(PLUGIN_REPO_PREFIX) :].split(":", 1)[0]
-        return f"rebuild it with `agentkeel sandbox build {plugin}`"
-    if image.startswith(SANDBOX_REPO):
-        return "rebuild it with `agentkeel sandbox build`"
+    command = _build_command(image)
+    if command is not None:
+        return f"rebuild it with `{command}`"
     return "rebuild it from the current agentkeel/sandbox-python image (`agentkeel sandbox build` first)"
 
 
