@@ -162,6 +162,9 @@ async def test_every_hook_is_called_by_the_host_during_real_requests(monkeypatch
             "models": {"base_url": server.base_url, "tiers": [{"name": "fast", "model": "m-fast"}]},
             "prices": {"m-fast": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
             "retry": {"base_delay_s": 0.0},
+            # One LLM call in all: the planner's. Answers come from the deterministic responder.
+            "responder": {"mode": "template"},
+            "recovery": {"max_replans": 0},
         }
         system = make_system(shop, ByMessage(), tracer, principals={"agent": ["shop"]}, config=config)
         async with system:

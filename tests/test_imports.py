@@ -12,9 +12,10 @@ import agentkeel
 import pytest
 
 PACKAGE = Path(agentkeel.__file__).parent
-LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns"}
+LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns", "facts"}
 PUBLIC = {"__init__", "__main__", "plan"}  # the public facade and compatibility names: above everything
-COMPONENTS = {"permissions", "cost", "memory", "planner", "tools", "sandbox", "evaluator", "recovery", "journal"}
+COMPONENTS = {"permissions", "cost", "memory", "planner", "tools", "sandbox", "evaluator", "recovery", "journal",
+              "responder", "models"}
 LAYERS = {"leaf": 0, "component": 1, "plugin": 2, "runtime": 3, "testing": 4, "cli": 4, "public": 5}
 
 

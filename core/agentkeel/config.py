@@ -27,6 +27,12 @@ CONFIG_FILENAME = "agentkeel.toml"
 
 DEFAULT_MAX_STEPS = 50
 """``[planner] max_steps``: the most steps a plan may have, whichever planner produced it."""
+DEFAULT_MAX_ROUNDS = 5
+"""``[planner] max_rounds``: the most plan revisions of rounds (the first plan included) in one run."""
+DEFAULT_MAX_REPLANS = 1
+"""``[recovery] max_replans``: how many times one run may replan after a failed step."""
+DEFAULT_APPROVAL_TTL_S = 86400.0
+"""``[approvals] ttl_s``: how long an approval stays pending before it expires as a denial."""
 
 _NUMBER = {"type": "number"}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
@@ -49,6 +55,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "constraints": {
                         "type": "object",
                         "additionalProperties": {"type": "object"},
+                    },
+                    "approval": {
+                        "type": "object",
+                        "additionalProperties": {"oneOf": [{"const": True}, {"type": "object"}]},
                     },
                 },
             },
@@ -79,7 +89,30 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "planner": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"max_steps": {"type": "integer", "minimum": 1}},
+            "properties": {
+                "max_steps": {"type": "integer", "minimum": 1},
+                "max_rounds": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        },
+        "recovery": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"max_replans": {"type": "integer", "minimum": 0, "maximum": 20}},
+        },
+        "approvals": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"ttl_s": _POSITIVE, "allow_self": {"type": "boolean"}},
+        },
+        "responder": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "mode": {"enum": ["auto", "llm", "template"]},
+                "tier": {"type": "string", "minLength": 1},
+                "max_tokens": {"type": "integer", "minimum": 1},
+                "max_data_bytes": {"type": "integer", "minimum": 256},
+            },
         },
         "budget": {
             "type": "object",
@@ -176,6 +209,10 @@ class Config:
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
     max_steps: int = DEFAULT_MAX_STEPS
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    max_replans: int = DEFAULT_MAX_REPLANS
+    approval_ttl_s: float = DEFAULT_APPROVAL_TTL_S
+    allow_self_approval: bool = False
 
     def tier_timeout_s(self, tier: ModelTier) -> float:
         """The deadline of one call to ``tier``: its own ``timeout_s``, else ``[models] timeout_s``."""
@@ -205,16 +242,20 @@ class Config:
                 permissions=frozenset(p["permissions"]),
                 tools=frozenset(p["tools"]) if "tools" in p else None,
                 constraints=dict(p.get("constraints", {})),
+                approvals={tool: (None if rule is True else {"type": "object", "properties": rule})
+                           for tool, rule in p.get("approval", {}).items()},
             )
             for name, p in data.get("principals", {}).items()
         }
         for name, p in data.get("principals", {}).items():
-            for tool_name, props in p.get("constraints", {}).items():
+            rules = [("constraints", t, props) for t, props in p.get("constraints", {}).items()]
+            rules += [("approval", t, props) for t, props in p.get("approval", {}).items() if props is not True]
+            for what, tool_name, props in rules:
                 try:
                     check_schema({"type": "object", "properties": props})  # patterns are ECMA-262
                 except jsonschema.SchemaError as exc:
                     raise ConfigError(
-                        f"invalid configuration in {source}: principals.{name}.constraints.{tool_name}: {exc.message}"
+                        f"invalid configuration in {source}: principals.{name}.{what}.{tool_name}: {exc.message}"
                     ) from exc
         models = data.get("models", {})
         tier_names = [t["name"] for t in models.get("tiers", [])]
@@ -239,6 +280,10 @@ class Config:
             base_delay_s=float(retry.get("base_delay_s", 0.2)),
             max_delay_s=float(retry.get("max_delay_s", 5.0)),
             max_steps=int(data.get("planner", {}).get("max_steps", DEFAULT_MAX_STEPS)),
+            max_rounds=int(data.get("planner", {}).get("max_rounds", DEFAULT_MAX_ROUNDS)),
+            max_replans=int(data.get("recovery", {}).get("max_replans", DEFAULT_MAX_REPLANS)),
+            approval_ttl_s=float(data.get("approvals", {}).get("ttl_s", DEFAULT_APPROVAL_TTL_S)),
+            allow_self_approval=bool(data.get("approvals", {}).get("allow_self", False)),
         )
 
     @classmethod

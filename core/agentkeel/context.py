@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.types import AgentRequest, CostRecord, Principal, ToolSpec, Usage
+from agentkeel.types import AgentRequest, CostRecord, Event, Principal, ToolSpec, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
@@ -37,10 +37,26 @@ class RunContext:
     tools: Mapping[str, ToolSpec] = attrs.field(factory=dict)
     costs: list[CostRecord] = attrs.field(factory=list)
     on_refused: Callable[[str, str], None] | None = attrs.field(default=None, repr=False)
+    observers: Callable[..., None] | None = attrs.field(default=None, repr=False)
+    """``plugins.event`` when some plugin observes events, else None."""
+    sink: Callable[[Event], None] | None = attrs.field(default=None, repr=False)
+    """The caller's listener for this run's events (``AgentSystem.stream``), if any."""
 
     @property
     def run_id(self) -> str:
         return self.request.run_id
+
+    @property
+    def listened(self) -> bool:
+        """True when an event would reach anyone (so callers can skip building its data)."""
+        return self.sink is not None or self.observers is not None
+
+    def emit(self, kind: str, **data: Any) -> None:
+        """Send an event of this run to the observer plugins and the caller's listener."""
+        if self.observers is not None:
+            self.observers(kind, self.request.run_id, **data)
+        if self.sink is not None:
+            self.sink(Event(kind=kind, run_id=self.request.run_id, data=data))
 
     def refused(self, tool: str, reason: str) -> None:
         """Record that a planner refused ``tool`` on permission grounds (an audit record)."""

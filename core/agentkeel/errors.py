@@ -137,3 +137,7 @@ class RunExistsError(AgentkeelError):
 
 class JournalRecordError(AgentkeelError):
     """A record cannot be journaled: a value is not JSON, or the phase/kind is wrong for the call."""
+
+
+class ApprovalError(AgentkeelError):
+    """An approval cannot be decided: none is pending, it expired, or the approver may not decide it."""

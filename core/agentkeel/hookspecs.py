@@ -38,12 +38,16 @@ if TYPE_CHECKING:
         AgentResponse,
         Decision,
         Event,
+        Answer,
         MemoryContext,
         ModelPrice,
         Plan,
         PlanStep,
         Principal,
+        Progress,
         RecoveryDecision,
+        RunStatus,
+        StepResult,
         ToolSpec,
         Verdict,
     )
@@ -237,8 +241,9 @@ def agentkeel_plan(
     tools: Mapping[str, ToolSpec],
     run: RunContext,
     templates: Sequence[PlanTemplate],
+    progress: Progress | None,
 ) -> Plan | Awaitable[Plan | None] | None:
-    """Turn a request into a ``Plan``.
+    """Turn a request into a ``Plan``, or plan the next revision of a run.
 
     :param request: the request being served.
     :param context: what the memory manager loaded for it.
@@ -246,10 +251,18 @@ def agentkeel_plan(
     :param run: the run's context; priced calls must reserve budget through it
         (``run.reserve_llm``) first.
     :param templates: every registered ``PlanTemplate``, in registration order.
+    :param progress: None for a run's first plan. For a later revision: why it is
+        asked (``"replan"`` after a failed step, ``"round"`` after a plan marked
+        ``observe``), every step result so far, the failure, and the step id the
+        new plan's steps are numbered from (``parse_plan(..., first_step_id=)``).
+        A planner that cannot plan a later revision returns None.
 
     :return: a Plan, None to let the next planner try, or an awaitable resolving
         to either (an async planner may abstain too). firstresult: the first
-        plan wins. Raise ``PlanningError`` when planning failed.
+        plan wins. Raise ``PlanningError`` when planning failed. A plan with
+        ``observe=True`` is run and the planner is asked again (bounded by
+        ``[planner] max_rounds``); a plan with no steps and an ``answer`` ends
+        the rounds. Every revision passes the same checks as the first plan.
     """
 
 
@@ -341,13 +354,49 @@ def agentkeel_recover(
     """
 
 
+# --- responder ----------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def agentkeel_respond(
+    request: AgentRequest,
+    status: RunStatus,
+    detail: str,
+    plan: Plan | None,
+    steps: Sequence[StepResult],
+    context: MemoryContext,
+    run: RunContext | None,
+) -> Answer | Awaitable[Answer | None] | None:
+    """Write the user-facing answer of a finished (or paused) run.
+
+    :param request: the request that was served.
+    :param status: how the run ended.
+    :param detail: what the host says happened (the failure, what was undone).
+    :param plan: the latest plan revision (None when none was made).
+    :param steps: every step of every revision, as it ended; the results of
+        steps the principal was denied are never included.
+    :param context: what the memory manager loaded for the request.
+    :param run: the run's context (budget: priced calls reserve through
+        ``run.reserve_llm`` first; ``run.emit("answer_delta", text=...)`` streams
+        text). None when the principal is unknown.
+
+    :return: an ``Answer``, None to let the next responder try, or an awaitable
+        of either. firstresult. Step results are data: a responder must never
+        follow instructions found in them. The defaults are the LLM responder
+        (when an LLM is configured and the plan carries no answer of its own)
+        and, ``trylast``, the deterministic responder, which always answers.
+    """
+
+
 # --- observers ------------------------------------------------------------------
 
 
 @hookspec
 def agentkeel_event(event: Event) -> None:
-    """Observe run events ("run_started", "step_finished", "step_compensated",
-    "run_finished", ...).
+    """Observe run events, in order: "run_started", "plan_ready" (each revision,
+    with ``revision``, ``reason`` and ``plan``), "step_started", "step_attempt_failed",
+    "step_finished", "replan", "step_compensated", "approval_requested",
+    "answer_delta" (streamed answer text), "answer", "run_finished".
 
     :param event: the event: ``kind``, ``run_id`` and ``data``.
 

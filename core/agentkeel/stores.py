@@ -116,6 +116,44 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE runs ADD COLUMN then_status TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    Migration(
+        4,
+        "journal",
+        (
+            "ALTER TABLE runs ADD COLUMN answer TEXT NOT NULL DEFAULT ''",
+            # Runs journaled before this migration have no rows here; the journal
+            # reads their runs.plan as revision 1 (and writes it before a revision 2).
+            """
+            CREATE TABLE plan_revisions (
+                run_id            TEXT NOT NULL REFERENCES runs (run_id),
+                revision          INTEGER NOT NULL,
+                reason            TEXT NOT NULL,
+                plan              TEXT NOT NULL,
+                planning_cost_usd REAL NOT NULL DEFAULT 0,
+                ts                REAL NOT NULL,
+                PRIMARY KEY (run_id, revision)
+            )
+            """,
+            """
+            CREATE TABLE approvals (
+                run_id       TEXT NOT NULL REFERENCES runs (run_id),
+                step_id      INTEGER NOT NULL,
+                tool_name    TEXT NOT NULL,
+                args         TEXT NOT NULL,
+                requested_by TEXT NOT NULL,
+                requested_at REAL NOT NULL,
+                expires_at   REAL NOT NULL,
+                status       TEXT NOT NULL DEFAULT 'pending'
+                             CHECK (status IN ('pending', 'approved', 'denied', 'expired')),
+                decided_by   TEXT NOT NULL DEFAULT '',
+                decided_at   REAL NOT NULL DEFAULT 0,
+                reason       TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (run_id, step_id)
+            )
+            """,
+            "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
+        ),
+    ),
 )
 
 

@@ -35,6 +35,8 @@ class RunStatus(str, enum.Enum):
     REJECTED = "rejected"
     IN_DOUBT = "in_doubt"
     WAITING = "waiting"
+    DEGRADED = "degraded"
+    """Answered without an optional step whose tool was unavailable (the answer says what is missing)."""
     RUNNING = "running"
     ROLLING_BACK = "rolling_back"
     ROLLED_BACK = "rolled_back"
@@ -97,13 +99,16 @@ class Principal:
     """An authenticated caller: who they are and what they hold.
 
     `tools`, when not None, is an explicit allow-list on top of permissions;
-    `constraints` maps a tool name to a JSON Schema its arguments must also meet.
+    `constraints` maps a tool name to a JSON Schema its arguments must also meet;
+    `approvals` maps a tool name to the JSON Schema of the arguments whose calls
+    need a human's approval first (None: every call of it).
     """
 
     name: str
     permissions: frozenset[str] = frozenset()
     tools: frozenset[str] | None = None
     constraints: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    approvals: Mapping[str, Mapping[str, Any] | None] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -128,6 +133,8 @@ class ToolSpec:
     plugin: str = ""
     image: str | None = None
     allow_uncancellable: bool = False
+    requires_approval: bool = False
+    """Every call waits for a human's approval (``agentkeel approve``) before it runs."""
 
     @property
     def retry_safe(self) -> bool:
@@ -154,6 +161,7 @@ class ToolSpec:
             "rate_limit": self.rate_limit,
             "cost_usd": self.cost_usd,
             "allow_uncancellable": self.allow_uncancellable,
+            "requires_approval": self.requires_approval,
             "args_schema": dict(self.args_schema),
             "output_schema": dict(self.output_schema) if self.output_schema else None,
         }
@@ -167,6 +175,10 @@ class PlanStep:
     `expect` a JSON Schema the result must satisfy, `depends_on` the earlier
     steps whose results this step reads (through `when` or `{"$ref": ...}` args),
     `arg_refs` those its arguments read (arguments without them are final as planned).
+    An `optional` step whose tool is unavailable (it failed without taking effect)
+    does not abort the run: the run goes on without it and ends ``degraded``.
+    Step ids are unique within a run: the steps of a later plan revision (a
+    replan or a next round) are numbered after every step planned before them.
     """
 
     step_id: int
@@ -177,16 +189,38 @@ class PlanStep:
     expect: Mapping[str, Any] | None = None
     depends_on: frozenset[int] = frozenset()
     arg_refs: frozenset[int] = frozenset()
+    optional: bool = False
+
+
+AnswerTemplate = str | tuple[Mapping[str, Any], ...]
+"""A rule template's answer: text with ``{N.field}`` placeholders, or a sequence of
+``{"when": condition, "text": ...}`` choices (the first whose condition holds)."""
 
 
 @attrs.frozen
 class Plan:
+    """A plan (one revision of a run's plan).
+
+    ``observe=True`` marks a round: once its steps have run, the planner is called
+    again with their results (adaptive rounds, bounded by ``[planner] max_rounds``).
+    ``answer`` is a planner's final answer (a plan with no steps that ends the
+    rounds); ``answer_template`` is a rule template's answer, rendered from the
+    step results by the deterministic responder.
+    """
+
     steps: tuple[PlanStep, ...]
     reasoning: str = ""
     planner: str = ""
+    observe: bool = False
+    answer: str | None = None
+    answer_template: AnswerTemplate | None = None
+
+    @property
+    def first_step_id(self) -> int:
+        return self.steps[0].step_id if self.steps else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "reasoning": self.reasoning,
             "planner": self.planner,
             "steps": [
@@ -197,10 +231,38 @@ class Plan:
                     "tool_args": dict(s.tool_args),
                     **({"when": s.when} if s.when is not None else {}),
                     **({"expect": s.expect} if s.expect is not None else {}),
+                    **({"optional": True} if s.optional else {}),
                 }
                 for s in self.steps
             ],
         }
+        if self.observe:
+            out["observe"] = True
+        if self.answer is not None:
+            out["final"] = True
+            out["answer"] = self.answer
+        if self.answer_template is not None:
+            out["answer_template"] = (self.answer_template if isinstance(self.answer_template, str)
+                                      else [dict(c) for c in self.answer_template])
+        return out
+
+
+@attrs.frozen
+class PlanRevision:
+    """One revision of a run's plan: 1 is the first plan, then one per replan or round.
+
+    ``reason`` is ``"initial"``, ``"replan"`` (after a failed step) or ``"round"``
+    (the next round of an adaptive plan).
+    """
+
+    number: int
+    reason: str
+    plan: Plan
+    planning_cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"revision": self.number, "reason": self.reason, "planning_cost_usd": self.planning_cost_usd,
+                "plan": self.plan.to_dict()}
 
 
 @attrs.frozen
@@ -237,9 +299,11 @@ class Verdict:
 @attrs.frozen
 class RecoveryDecision:
     """What to do after a failed attempt: "retry" (after `delay_s`), "fallback" to
-    `fallback_tool`, or "fail" the step."""
+    `fallback_tool`, "fail" the step, or "replan": fail the step and ask the planner
+    for a different approach (bounded by ``[recovery] max_replans``; the new plan is
+    checked like the first before anything of it runs; otherwise the step fails)."""
 
-    action: str = attrs.field(validator=attrs.validators.in_(("retry", "fallback", "fail")))
+    action: str = attrs.field(validator=attrs.validators.in_(("retry", "fallback", "fail", "replan")))
     reason: str = ""
     delay_s: float = 0.0
     fallback_tool: str | None = None
@@ -328,6 +392,36 @@ class MemoryContext:
 
 
 @attrs.frozen
+class Progress:
+    """What a planner asked for a later revision is told (``progress`` of ``agentkeel_plan``).
+
+    ``reason`` is ``"replan"`` (``failure`` says what failed) or ``"round"``;
+    ``steps`` are the results of every step so far, of every revision; the new
+    plan's steps must be numbered from ``next_step_id`` and may refer to the
+    results of earlier steps that succeeded by their ids.
+    """
+
+    reason: str
+    revision: int
+    plans: tuple[Plan, ...]
+    steps: tuple[StepResult, ...]
+    next_step_id: int
+    failure: str | None = None
+
+    @property
+    def results(self) -> dict[int, Any]:
+        return {s.step_id: s.result for s in self.steps if s.status is StepStatus.SUCCEEDED}
+
+
+@attrs.frozen
+class Answer:
+    """What a responder returns: the text, and who wrote it (``"llm:fast"``, ``"template"``...)."""
+
+    text: str
+    source: str = ""
+
+
+@attrs.frozen
 class AgentResponse:
     run_id: str
     status: RunStatus
@@ -339,6 +433,11 @@ class AgentResponse:
     duration_s: float = 0.0
     config_error: bool = False
     """True when the run failed because of the configuration (exit code 2 in the CLI)."""
+    answer: str = ""
+    """The user-facing answer the responder wrote (``message`` is the status detail)."""
+    answer_source: str = ""
+    revisions: tuple[PlanRevision, ...] = ()
+    """Every revision of the run's plan, oldest first (``plan`` is the latest)."""
 
     @property
     def ok(self) -> bool:
@@ -360,8 +459,11 @@ class AgentResponse:
         return {
             "run_id": self.run_id,
             "status": self.status.value,
+            "answer": self.answer,
+            "answer_source": self.answer_source,
             "message": self.message,
             "plan": self.plan.to_dict() if self.plan else None,
+            "revisions": [r.to_dict() for r in self.revisions],
             "steps": [s.to_dict() for s in self.steps],
             "total_cost_usd": self.total_cost_usd,
             "cost_breakdown": self.cost_breakdown(),

@@ -17,21 +17,25 @@ fake clock, record builders and process helpers in ``helpers``.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 
+import attrs
 import pytest
 from agentkeel.errors import (
+    ApprovalError,
     FencedError,
     JournalRecordError,
     LeaseHeldError,
     RunExistsError,
     RunNotFoundError,
 )
-from agentkeel.journal.base import Lease, StepRecord, make_owner
+from agentkeel.journal.base import ApprovalRecord, Journal, Lease, PlanRecord, StepRecord, make_owner
 from agentkeel.types import RunStatus, StepStatus
 
 from tests.journal.conformance_processes import ProcessConformance
@@ -42,6 +46,8 @@ from tests.journal.helpers import (
     FakeClock,
     MakeJournal,
     a_plan,
+    another_plan,
+    ask,
     fields_of,
     intent,
     new_run,
@@ -188,6 +194,384 @@ class JournalConformance(ProcessConformance):
         assert (run.status, run.detail, run.then_status) == ("rolling_back", "aborting", "denied")
         journal.set_status(fresh, "rolling_back", "resumed", then_status="denied")
         assert journal.load("run-1").run.then_status == "denied"
+
+    # --- plan revisions -----------------------------------------------------------------
+
+    def test_create_run_records_the_plan_as_revision_1(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        new_run(journal, planning_cost_usd=0.125)
+        clock.advance(7)
+        new_run(journal, "run-2", plan={"steps": [], "ids": (1, 2)})
+        with pytest.raises(RunExistsError):
+            new_run(journal, plan=another_plan())  # a refused create writes no revision either
+        assert journal.load("run-1").revisions == (PlanRecord(1, "initial", a_plan(), 0.125, clock.now - 7),)
+        assert journal.load("run-2").revisions == (
+            PlanRecord(1, "initial", {"steps": [], "ids": [1, 2]}, 0.0, clock.now),
+        )
+
+    def test_revise_plan_appends_a_revision_and_makes_it_the_plan(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, planning_cost_usd=0.5)
+        created = clock.now
+        journal.intent(lease, intent(1))
+        journal.set_status(lease, "running", "replanning after step 1", then_status="replan")
+        clock.advance(4)
+        revision = journal.revise_plan(lease, another_plan(), "replan", planning_cost_usd=0.25)
+        assert revision == 2 and type(revision) is int
+        state = journal.load("run-1")
+        assert state.run.plan == another_plan()
+        assert state.run.planning_cost_usd == 0.75  # added to what planning had cost
+        assert state.run.then_status == ""  # the replan is journaled: nothing left to plan on resume
+        assert (state.run.status, state.run.detail) == ("running", "replanning after step 1")
+        assert state.run.updated_at == clock.now
+        assert state.revisions == (
+            PlanRecord(1, "initial", a_plan(), 0.5, created),
+            PlanRecord(2, "replan", another_plan(), 0.25, clock.now),
+        )
+        assert len(state.steps) == 1  # steps are left alone
+
+        clock.advance(1)
+        assert journal.revise_plan(lease, {"steps": [], "round": (2,)}, "round") == 3
+        state = journal.load("run-1")
+        assert state.run.plan == {"steps": [], "round": [2]}
+        assert state.run.planning_cost_usd == 0.75  # the default cost is 0
+        assert [(r.revision, r.reason, r.planning_cost_usd, r.ts) for r in state.revisions] == [
+            (1, "initial", 0.5, created),
+            (2, "replan", 0.25, clock.now - 1),
+            (3, "round", 0.0, clock.now),
+        ]
+        assert state.revisions[-1].plan == state.run.plan
+        (listed,) = journal.list_runs()
+        assert (listed.plan, listed.planning_cost_usd) == ({"steps": [], "round": [2]}, 0.75)
+        acquired = journal.acquire("run-1", ALICE)  # numbering continues under a new lease
+        assert journal.revise_plan(acquired, a_plan(), "replan", 1) == 4
+        assert journal.load("run-1").run.planning_cost_usd == 1.75
+
+    def test_a_fenced_revise_plan_writes_nothing(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        stale = new_run(journal, ttl_s=10)
+        journal.set_status(stale, "running", "", then_status="replan")
+        clock.advance(11)
+        fresh = journal.acquire("run-1", BOB)
+        before = journal.load("run-1")
+        clock.advance(1)
+        with pytest.raises(FencedError, match=BOB) as info:
+            journal.revise_plan(stale, another_plan(), "replan", planning_cost_usd=0.3)
+        assert (info.value.epoch, info.value.current_epoch, info.value.holder) == (1, 2, BOB)
+        assert journal.load("run-1") == before
+        with pytest.raises(RunNotFoundError):
+            journal.revise_plan(Lease("nope", ALICE, 1, clock.now + 60), another_plan(), "replan")
+        journal.release(fresh)
+        with pytest.raises(FencedError, match="released"):
+            journal.revise_plan(fresh, another_plan(), "replan")
+        assert journal.load("run-1").revisions == before.revisions
+        taken = journal.acquire("run-1", BOB)
+        assert journal.revise_plan(taken, another_plan(), "replan") == 2
+
+    def test_revise_plan_refuses_bad_arguments_and_writes_nothing(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, planning_cost_usd=0.5)
+        journal.set_status(lease, "running", "", then_status="replan")
+        before = journal.load("run-1")
+        clock.advance(3)
+        for reason in ("initial", "replanned", "", "ROUND"):
+            with pytest.raises(JournalRecordError, match="reason") as info:
+                journal.revise_plan(lease, another_plan(), reason)
+            assert "replan" in str(info.value) and "round" in str(info.value)  # names the allowed ones
+        with pytest.raises(JournalRecordError, match="plan"):
+            journal.revise_plan(lease, {"when": {1, 2}}, "replan")
+        for cost in (-0.01, math.nan, math.inf, -math.inf):
+            with pytest.raises(JournalRecordError, match="planning_cost_usd"):
+                journal.revise_plan(lease, another_plan(), "replan", planning_cost_usd=cost)
+        assert journal.load("run-1") == before
+        assert journal.revise_plan(lease, another_plan(), "replan") == 2  # numbering did not skip
+
+    # --- the answer --------------------------------------------------------------------
+
+    def test_answer_is_set_with_the_status_and_kept_when_none(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal, ttl_s=10)
+        assert journal.load("run-1").run.answer == ""
+        journal.set_status(lease, "succeeded", "done", answer="Refund R-1 issued ✓ 退款")
+        run = journal.load("run-1").run
+        assert (run.status, run.detail, run.answer) == ("succeeded", "done", "Refund R-1 issued ✓ 退款")
+        assert [r.answer for r in journal.list_runs()] == ["Refund R-1 issued ✓ 退款"]
+        clock.advance(2)
+        journal.set_status(lease, "rolling_back", "asked to", then_status="rolled_back")  # answer=None
+        run = journal.load("run-1").run
+        assert (run.status, run.answer, run.updated_at) == ("rolling_back", "Refund R-1 issued ✓ 退款", clock.now)
+        journal.set_status(lease, "rolled_back", answer="The refund was cancelled.")
+        assert journal.load("run-1").run.answer == "The refund was cancelled."
+        journal.set_status(lease, "rolled_back", answer="")  # an empty answer replaces too
+        assert journal.load("run-1").run.answer == ""
+        journal.set_status(lease, "failed", answer="kept")
+        clock.advance(11)
+        fresh = journal.acquire("run-1", BOB)
+        with pytest.raises(FencedError):
+            journal.set_status(lease, "succeeded", answer="stale")
+        assert journal.load("run-1").run.answer == "kept"
+        journal.set_status(fresh, "failed", "resumed")
+        assert journal.load("run-1").run.answer == "kept"
+
+    # --- approvals ----------------------------------------------------------------------
+
+    def test_request_approval_records_a_pending_request(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        args = {"order_id": "A-17", "lines": (1, 2), "note": "Rückerstattung ✓"}
+        record = ask(journal, lease, 2, ttl_s=90, args=args)
+        assert record == ApprovalRecord(
+            run_id="run-1",
+            step_id=2,
+            tool_name="shop:refund",
+            args={"order_id": "A-17", "lines": [1, 2], "note": "Rückerstattung ✓"},
+            requested_by="policy:refunds-over-100",
+            requested_at=clock.now,
+            expires_at=clock.now + 90,
+        )
+        assert (record.status, record.decided_by, record.decided_at, record.reason) == ("pending", "", 0.0, "")
+        args["order_id"] = "changed"  # the journal keeps what was asked
+        assert journal.approval("run-1", 2) == record
+        assert journal.approval("run-1", 3) is None
+        assert journal.approval("nope", 2) is None
+        assert journal.list_approvals() == [record]
+
+    def test_request_approval_is_idempotent_per_step(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        first = ask(journal, lease, 2, ttl_s=60)
+        clock.advance(5)
+        again = ask(journal, lease, 2, ttl_s=999, tool_name="shop:other", args={"x": 1}, requested_by="someone")
+        assert again == first  # returned unchanged: same expiry, same args
+        other = ask(journal, lease, 3)  # another step is another approval
+        assert (other.step_id, other.requested_at) == (3, clock.now)
+        journal.decide_approval("run-1", 2, approved=False, by="carol")
+        denied = journal.approval("run-1", 2)
+        assert denied is not None and denied.status == "denied"
+        assert ask(journal, lease, 2) == denied  # a decided one is returned as decided, not re-opened
+        acquired = journal.acquire("run-1", ALICE)  # a resume asks again: same record
+        assert ask(journal, acquired, 3) == other
+        assert len(journal.list_approvals(None)) == 2
+
+    def test_approve_and_deny(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        ask(journal, lease, 2)
+        ask(journal, lease, 3)
+        journal.release(lease)  # deciding is not fenced: the run usually waits unleased
+        clock.advance(10)
+        approved = journal.decide_approval("run-1", 2, approved=True, by="carol", reason="customer verified ✓")
+        assert (approved.status, approved.decided_by, approved.decided_at, approved.reason) == (
+            "approved",
+            "carol",
+            clock.now,
+            "customer verified ✓",
+        )
+        assert (approved.requested_at, approved.expires_at) == (clock.now - 10, clock.now + 50)
+        assert journal.approval("run-1", 2) == approved
+        clock.advance(1)
+        denied = journal.decide_approval("run-1", 3, approved=False, by="dave")
+        assert (denied.status, denied.decided_by, denied.decided_at, denied.reason) == (
+            "denied",
+            "dave",
+            clock.now,
+            "",
+        )
+        assert journal.approval("run-1", 3) == denied
+        assert journal.list_approvals() == []
+        assert journal.list_approvals("approved") == [approved]
+        assert journal.list_approvals("denied") == [denied]
+
+    def test_a_decision_is_final(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        ask(journal, lease, 2)
+        ask(journal, lease, 3)
+        approved = journal.decide_approval("run-1", 2, approved=True, by="carol")
+        denied = journal.decide_approval("run-1", 3, approved=False, by="dave", reason="too much")
+        clock.advance(1)
+        for approve in (True, False):
+            with pytest.raises(ApprovalError, match="already approved by carol"):
+                journal.decide_approval("run-1", 2, approved=approve, by="erin")
+            with pytest.raises(ApprovalError, match="already denied by dave"):
+                journal.decide_approval("run-1", 3, approved=approve, by="erin")
+        assert journal.approval("run-1", 2) == approved
+        assert journal.approval("run-1", 3) == denied
+
+    def test_deciding_what_was_not_requested_or_without_a_decider(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        with pytest.raises(ApprovalError, match=r"no approval .*step 2 of run 'run-1'"):
+            journal.decide_approval("run-1", 2, approved=True, by="carol")
+        with pytest.raises(ApprovalError, match="'nope'"):
+            journal.decide_approval("nope", 2, approved=True, by="carol")
+        pending = ask(journal, lease, 2)
+        for by in ("", "   "):
+            with pytest.raises(ApprovalError, match="by"):
+                journal.decide_approval("run-1", 2, approved=True, by=by)
+        assert journal.approval("run-1", 2) == pending
+        assert journal.approval("run-1", 3) is None
+
+    def test_an_approval_expires(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        lease = new_run(journal)
+        asked = ask(journal, lease, 2, ttl_s=10)
+        ask(journal, lease, 3, ttl_s=10)
+        clock.advance(9.5)
+        assert [a.step_id for a in journal.list_approvals()] == [3, 2]
+        assert journal.list_approvals("expired") == []
+        clock.advance(0.5)  # at expires_at: expired
+        assert asked.status_at(clock.now) == "expired"
+        assert journal.list_approvals() == []
+        assert journal.list_approvals("expired") == [journal.approval("run-1", 3), asked]  # stored pending still
+        with pytest.raises(ApprovalError, match="expired") as info:
+            journal.decide_approval("run-1", 2, approved=True, by="carol")
+        assert "carol" not in str(info.value)
+        stored = journal.approval("run-1", 2)
+        assert stored == attrs.evolve(asked, status="expired")  # no decider, no decision time
+        with pytest.raises(ApprovalError, match="expired"):
+            journal.decide_approval("run-1", 2, approved=False, by="dave")
+        clock.advance(-60)  # stored as expired: even a clock that goes back does not re-open it
+        assert journal.approval("run-1", 2) == stored
+        assert [a.step_id for a in journal.list_approvals("expired")] == [2]
+        assert [a.step_id for a in journal.list_approvals()] == [3]  # never decided: pending again
+        assert ask(journal, lease, 2) == stored  # asking again does not re-open it either
+
+    def test_request_approval_refuses_a_bad_ttl_or_args(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        for ttl in (0, -1.0, math.nan, math.inf):
+            with pytest.raises(JournalRecordError, match="ttl_s"):
+                ask(journal, lease, 2, ttl_s=ttl)
+        with pytest.raises(JournalRecordError, match="args"):
+            ask(journal, lease, 2, args={"when": b"bytes"})
+        assert journal.approval("run-1", 2) is None
+        assert journal.list_approvals(None) == []
+
+    def test_list_approvals_newest_first_by_status(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        one = new_run(journal)
+        two = new_run(journal, "run-2")
+        ask(journal, one, 1)
+        clock.advance(1)
+        ask(journal, two, 1)
+        ask(journal, one, 2)  # same requested_at: the later request comes first
+        clock.advance(1)
+        ask(journal, two, 2, ttl_s=5)
+        clock.advance(-10)
+        ask(journal, two, 3)  # the clock went back: oldest
+        clock.advance(10)
+        journal.decide_approval("run-2", 1, approved=True, by="carol")
+        journal.decide_approval("run-1", 1, approved=False, by="dave")
+
+        def listed(status: str | None, limit: int = 50) -> list[tuple[str, int]]:
+            return [(a.run_id, a.step_id) for a in journal.list_approvals(status, limit=limit)]
+
+        every = [("run-2", 2), ("run-1", 2), ("run-2", 1), ("run-1", 1), ("run-2", 3)]
+        assert listed(None) == every
+        assert listed("pending") == [("run-2", 2), ("run-1", 2), ("run-2", 3)]
+        assert listed("approved") == [("run-2", 1)]
+        assert listed("denied") == [("run-1", 1)]
+        assert listed("expired") == []
+        clock.advance(5)  # run-2 step 2 expires
+        assert listed("pending") == [("run-1", 2), ("run-2", 3)]
+        assert listed("expired") == [("run-2", 2)]
+        assert listed(None) == every
+        assert listed(None, limit=2) == every[:2]
+        assert listed("pending", limit=1) == [("run-1", 2)]
+        assert listed(None, limit=0) == []
+        assert journal.list_approvals() == journal.list_approvals("pending")  # pending is the default
+
+    def test_list_approvals_refuses_an_unknown_status(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        ask(journal, new_run(journal), 2)
+        for status in ("rejected", "PENDING", ""):
+            with pytest.raises(ValueError, match=repr(status)) as info:
+                journal.list_approvals(status)
+            assert all(name in str(info.value) for name in ("pending", "approved", "denied", "expired"))
+
+    def test_concurrent_deciders_exactly_one_wins(
+        self, make_journal: MakeJournal, child_factory: Callable[[], Journal] | None
+    ) -> None:
+        journal = make_journal()
+        lease = new_run(journal, ttl_s=600)
+        deciders, steps = 8, 15
+        for step_id in range(1, steps + 1):
+            ask(journal, lease, step_id, ttl_s=600)
+        # A backend shared between handles gets one handle (one connection) per thread.
+        handles = [make_journal() if child_factory is not None else journal for _ in range(deciders)]
+        barrier = threading.Barrier(deciders)
+        results: list[tuple[int, int, object]] = []
+        lock = threading.Lock()
+
+        def decide(n: int) -> None:
+            for step_id in range(1, steps + 1):
+                barrier.wait(timeout=30)
+                try:
+                    outcome: object = handles[n].decide_approval(
+                        "run-1", step_id, approved=n % 2 == 0, by=f"approver-{n}"
+                    )
+                except ApprovalError as exc:
+                    outcome = exc
+                except Exception as exc:  # noqa: BLE001 - reported, so the test fails with the cause
+                    outcome = RuntimeError(repr(exc))
+                with lock:
+                    results.append((step_id, n, outcome))
+
+        threads = [threading.Thread(target=decide, args=(n,)) for n in range(deciders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(results) == deciders * steps
+        for step_id in range(1, steps + 1):
+            mine = [(n, out) for s, n, out in results if s == step_id]
+            won = [(n, out) for n, out in mine if isinstance(out, ApprovalRecord)]
+            assert len(won) == 1, (step_id, mine)
+            (winner, record) = won[0]
+            assert isinstance(record, ApprovalRecord)
+            assert (record.status, record.decided_by) == (
+                "approved" if winner % 2 == 0 else "denied",
+                f"approver-{winner}",
+            )
+            for n, out in mine:
+                if n != winner:
+                    assert isinstance(out, ApprovalError), out
+                    assert f"already {record.status} by approver-{winner}" in str(out)
+            assert journal.approval("run-1", step_id) == record
+
+    def test_a_fenced_request_approval_writes_nothing(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        stale = new_run(journal, ttl_s=10)
+        clock.advance(11)
+        fresh = journal.acquire("run-1", BOB)
+        with pytest.raises(FencedError, match=BOB) as info:
+            ask(journal, stale, 2)
+        assert (info.value.epoch, info.value.current_epoch, info.value.holder) == (1, 2, BOB)
+        assert journal.approval("run-1", 2) is None
+        assert journal.list_approvals(None) == []
+        asked = ask(journal, fresh, 2)
+        with pytest.raises(FencedError):  # fenced even when the step already has one
+            ask(journal, stale, 2)
+        journal.release(fresh)
+        with pytest.raises(FencedError, match="released"):
+            ask(journal, fresh, 3)
+        with pytest.raises(RunNotFoundError):
+            ask(journal, Lease("nope", ALICE, 1, clock.now + 60), 2)
+        assert journal.list_approvals(None) == [asked]
+        assert journal.approval("nope", 2) is None
 
     # --- steps ------------------------------------------------------------------------
 

@@ -1,15 +1,15 @@
-"""Shared by the journal conformance suite: a fake clock, record builders, real processes."""
+"""Shared by the journal conformance suite: a fake clock, record and plan builders, real processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-from agentkeel.journal.base import Journal, Lease, StepRecord
+from agentkeel.journal.base import ApprovalRecord, Journal, Lease, StepRecord
 from agentkeel.types import Plan, PlanStep
 
 MakeJournal = Callable[..., Journal]
@@ -42,6 +42,29 @@ def a_plan() -> dict[str, Any]:
         reasoning="look it up, then refund",
         planner="rules",
     ).to_dict()
+
+
+def another_plan(note: str = "replanned") -> dict[str, Any]:
+    return Plan(
+        steps=(PlanStep(1, "shop:cancel_order", {"order_id": "A-17", "note": note}, "cancel instead"),),
+        reasoning="the refund was refused: cancel the order",
+        planner="llm",
+    ).to_dict()
+
+
+def ask(
+    journal: Journal,
+    lease: Lease,
+    step_id: int = 2,
+    ttl_s: float = 60.0,
+    tool_name: str = "shop:refund",
+    args: Mapping[str, Any] | None = None,
+    requested_by: str = "policy:refunds-over-100",
+) -> ApprovalRecord:
+    """Request approval of ``step_id`` (a refund of A-17 unless told otherwise)."""
+    return journal.request_approval(
+        lease, step_id, tool_name, {"order_id": "A-17"} if args is None else args, requested_by, ttl_s
+    )
 
 
 def new_run(

@@ -139,7 +139,7 @@ async def test_negative_usage_never_adds_money_to_the_budget(
 ) -> None:
     openai_server.queue(GOOD_PLAN, usage=(-50_000_000, 10))
     run = make_run(openai_server.base_url)
-    with caplog.at_level(logging.WARNING, logger="agentkeel.planner.llm"):
+    with caplog.at_level(logging.WARNING, logger="agentkeel.models.completion"):
         await plan_with(run)
     [record] = run.costs
     bound = bound_of(openai_server.requests[0])
@@ -168,7 +168,7 @@ async def test_absurd_usage_is_clamped_to_the_reservation_and_marked_estimated(
     usage = (5_000_000, 10) if absurd == "prompt" else (100, 5_000_000)
     openai_server.queue(GOOD_PLAN, usage=usage)
     run = make_run(openai_server.base_url)
-    with caplog.at_level(logging.WARNING, logger="agentkeel.planner.llm"):
+    with caplog.at_level(logging.WARNING, logger="agentkeel.models.completion"):
         await plan_with(run)
     [record] = run.costs
     bound = bound_of(openai_server.requests[0])

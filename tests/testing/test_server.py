@@ -192,3 +192,110 @@ def test_reset_forgets_replies_and_requests(openai_server: ScriptedOpenAIServer)
     openai_server.queue("b")
     openai_server.reset()
     assert openai_server.pending == 0 and openai_server.requests == []
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+def test_a_streamed_answer_is_chunks_then_usage_then_done(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue("the order shipped on Monday", usage=(20, 6))
+    stream = client(openai_server).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices]
+    assert len(content) > 1  # split into a few chunks
+    assert all(c.object == "chat.completion.chunk" and c.model == "gpt-4o-mini" for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert "".join(c.choices[0].delta.content or "" for c in content) == "the order shipped on Monday"
+    assert content[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in content] == [None] * (len(content) - 1) + ["stop"]
+    assert all(c.usage is None for c in content)
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage is not None
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens, usage.usage.total_tokens) == (20, 6, 26)
+    [body] = openai_server.requests
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_the_raw_stream_is_server_sent_events_ending_with_done(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue(chunks=["a", "b"], finish_reason="length")
+    request = urllib.request.Request(
+        openai_server.base_url + "/chat/completions", method="POST",
+        data=json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode(),
+    )
+    with urllib.request.urlopen(request) as answer:
+        assert answer.headers["Content-Type"] == "text/event-stream"
+        raw = answer.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    # without stream_options.include_usage: no usage chunk, and no usage field in the chunks
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["a", "b"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "length"]
+    assert all("usage" not in c for c in chunks)
+
+
+def test_a_streamed_answer_without_usage_has_no_usage_chunk(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue("x", report_usage=False)
+    openai_server.queue("y", usage_body={"completion_tokens": 5})
+    c = client(openai_server)
+    first = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert [ch.usage for ch in first] == [None] and first[0].choices[0].delta.content == "x"
+    second = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert second[-1].choices == [] and second[-1].usage is not None
+    assert second[-1].usage.model_dump(exclude_none=True) == {"completion_tokens": 5}
+
+
+def test_errors_to_a_streamed_request_keep_their_status(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue_error(429, retry_after=0.05)
+    openai_server.queue("after the wait", usage=(3, 3))
+    chunks = list(client(openai_server, max_retries=1).chat.completions.create(
+        model="m", messages=MESSAGES, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "after the wait"
+    assert len(openai_server.requests) == 2
+    openai_server.queue_error(500, message="boom")
+    with pytest.raises(openai.InternalServerError, match="boom"):
+        client(openai_server, max_retries=0).chat.completions.create(model="m", messages=MESSAGES, stream=True)
+
+
+def test_a_cut_stream_is_a_connection_error_after_the_chunks_sent(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue_cut(chunks=["one ", "two ", "three"], after_chunks=2)
+    got: list[str] = []
+    stream = client(openai_server, max_retries=0).chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert got == ["one ", "two "]
+
+
+def test_a_cut_answer_that_is_not_streamed_is_a_connection_error(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue_cut("never whole")
+    with pytest.raises(openai.APIConnectionError):
+        client(openai_server, max_retries=0).chat.completions.create(model="m", messages=MESSAGES)
+
+
+def test_a_malformed_streamed_answer_cannot_be_decoded(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue_malformed()
+    with pytest.raises(json.JSONDecodeError):
+        list(client(openai_server).chat.completions.create(model="m", messages=MESSAGES, stream=True))
+
+
+def test_chunk_delays_trip_a_read_timeout_mid_stream(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue(chunks=["fast", "slow"], chunk_delay_s=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        list(client(openai_server, max_retries=0, timeout=0.3).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True))
+
+
+async def test_the_async_client_streams_too(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue(chunks=["as", "ync"], usage=(1, 2))
+    async with openai.AsyncOpenAI(base_url=openai_server.base_url, api_key="sk-test") as c:
+        stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    assert [ch.choices[0].delta.content for ch in chunks if ch.choices] == ["as", "ync"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2

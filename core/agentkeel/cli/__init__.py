@@ -1,8 +1,10 @@
 """The ``agentkeel`` command line: the click group, its commands, and ``main``.
 
-Each command group lives in its own module (``run``, ``inspect``, ``runs``,
-``audit``, ``sandbox``); what they share is in ``agentkeel.cli.common``, which
-never imports this package, so every module imports on its own.
+Each command group lives in its own module (``run``, ``chat``, ``inspect``,
+``runs``, ``approvals``, ``audit``, ``sandbox``); what they share is in
+``agentkeel.cli.common`` (and the live progress of a run in
+``agentkeel.cli.progress``), which never import this package, so every module
+imports on its own.
 
 Errors print one clean line (``error: ...`` on stderr) and exit 2 for usage and
 configuration errors; set ``AGENTKEEL_RAISE_ERRORS=1`` for the traceback.
@@ -15,7 +17,9 @@ import sys
 
 import click
 
+from agentkeel.cli.approvals import approvals, approve, deny
 from agentkeel.cli.audit import audit
+from agentkeel.cli.chat import chat
 from agentkeel.cli.common import EXIT_CODES, EXIT_USAGE, one_line, with_disable_hint
 from agentkeel.cli.inspect import plugins, tools
 from agentkeel.cli.run import run
@@ -32,7 +36,7 @@ def cli() -> None:
     """Run AI agents in production: plugins, tools, sandboxes, budgets and audit."""
 
 
-for _command in (run, tools, plugins, runs, show, resume, rollback, audit, sandbox):
+for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, audit, sandbox):
     cli.add_command(_command)
 
 

@@ -1,5 +1,6 @@
 """What every ``agentkeel`` command shares: exit codes, the ``--config`` option,
-building the system, printing responses, and checking what the user typed.
+building the system, printing responses (the answer first, then the run line,
+the steps and the cost), and checking what the user typed.
 
 Input checks run before anything is loaded, and fail as click usage errors that
 name the argument, so bad input gets one line and exit code 2, never a traceback.
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from agentkeel.config import CONFIG_FILENAME, Config
-from agentkeel.types import AgentResponse, RunStatus
+from agentkeel.types import AgentResponse, PlanRevision, RunStatus, StepResult
 
 if TYPE_CHECKING:
     from agentkeel.runtime.system import AgentSystem
@@ -32,6 +36,7 @@ EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.RUNNING: 8,
     RunStatus.ROLLING_BACK: 8,
     RunStatus.ROLLED_BACK: 9,
+    RunStatus.DEGRADED: 10,
 }
 EXIT_USAGE = 2
 """Usage or configuration error: bad arguments, a bad agentkeel.toml, a broken plugin."""
@@ -112,6 +117,11 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def when(ts: float) -> str:
+    """A journal timestamp as the CLI prints it (UTC)."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def exit_code(response: AgentResponse) -> int:
     """The documented exit code of a response: its status, except that a run that
     failed because of the configuration (no planner can run, say) is a usage error."""
@@ -120,14 +130,51 @@ def exit_code(response: AgentResponse) -> int:
     return EXIT_CODES[response.status]
 
 
-def print_response(response: AgentResponse, *, always_message: bool = False) -> None:
+def step_line(s: StepResult) -> str:
+    line = f"  {s.step_id:>2} {s.tool_name:<20} {s.status.value:<12} {s.duration_s:8.4f}s  ${s.cost_usd:.6f}"
+    if s.error:
+        line += f"  {one_line(s.error)}"
+    return line
+
+
+def revision_line(revision: PlanRevision) -> str:
+    """``  plan revision N (reason, planner P)``: the header of a revision's steps."""
+    planner = f", planner {revision.plan.planner}" if revision.plan.planner else ""
+    cost = f", planning ${revision.planning_cost_usd:.6f}" if revision.planning_cost_usd else ""
+    return f"  plan revision {revision.number} ({revision.reason}{planner}{cost})"
+
+
+def by_revision(
+    revisions: Sequence[PlanRevision], steps: Sequence[StepResult]
+) -> Iterator[tuple[PlanRevision | None, list[StepResult]]]:
+    """Each revision with the steps it planned, in order; steps no revision names come last (None)."""
+    owner = {s.step_id: r.number for r in revisions for s in r.plan.steps}
+    for revision in revisions:
+        yield revision, [s for s in steps if owner.get(s.step_id) == revision.number]
+    rest = [s for s in steps if s.step_id not in owner]
+    if rest:
+        yield None, rest
+
+
+def print_response(
+    response: AgentResponse, *, always_message: bool = False, answer: bool = True, revisions: bool = False
+) -> None:
+    """The answer (unless ``answer=False``: it was streamed already), the run line, the
+    steps (grouped by plan revision when ``revisions`` or when the run was replanned),
+    the cost line, and the status detail when the run did not simply succeed."""
+    if answer and response.answer.strip():
+        click.echo(response.answer.rstrip("\n"))
     planner = f" (planner {response.plan.planner})" if response.plan and response.plan.planner else ""
     click.echo(f"run {response.run_id}: {response.status.value}{planner}")
-    for s in response.steps:
-        line = f"  {s.step_id:>2} {s.tool_name:<20} {s.status.value:<12} {s.duration_s:8.4f}s  ${s.cost_usd:.6f}"
-        if s.error:
-            line += f"  {s.error}"
-        click.echo(line)
+    if revisions or len(response.revisions) > 1:
+        for revision, steps in by_revision(response.revisions, response.steps):
+            if revision is not None:
+                click.echo(revision_line(revision) + ("" if steps else ": no steps"))
+            for s in steps:
+                click.echo(step_line(s))
+    else:
+        for s in response.steps:
+            click.echo(step_line(s))
     breakdown = response.cost_breakdown()
     tiers = ", ".join(f"{k} ${v:.6f}" for k, v in breakdown["by_tier"].items()) or "no LLM calls"
     click.echo(f"total ${response.total_cost_usd:.6f} ({tiers}) in {response.duration_s:.3f}s")
@@ -136,17 +183,26 @@ def print_response(response: AgentResponse, *, always_message: bool = False) -> 
             click.echo(response.message)
 
 
-def emit_response(response: AgentResponse, as_json: bool, *, always_message: bool = False) -> None:
+def emit_response(
+    response: AgentResponse, as_json: bool, *, always_message: bool = False, answer: bool = True
+) -> None:
     if as_json:
         echo_json(response.to_dict())
     else:
-        print_response(response, always_message=always_message)
+        print_response(response, always_message=always_message, answer=answer)
 
 
-def finish(response: AgentResponse, as_json: bool) -> None:
-    """Print ``response`` and exit with its documented code."""
-    emit_response(response, as_json)
+def finish(response: AgentResponse, as_json: bool, *, answer: bool = True) -> NoReturn:
+    """Print ``response`` and exit with its documented code (``answer=False``: the
+    answer was streamed to the terminal already)."""
+    emit_response(response, as_json, answer=answer)
     sys.exit(exit_code(response))
+
+
+def command_line(*args: str, config_path: str | None = None) -> str:
+    """``agentkeel ARGS [--config F]``, quoted for a shell: the next command to run."""
+    words = ["agentkeel", *args, *(("--config", config_path) if config_path else ())]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 # --- input checks ----------------------------------------------------------------
@@ -175,6 +231,15 @@ def _text(ctx: click.Context, param: click.Parameter, value: str) -> str:
 def check_text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Click callback: refuse empty or non-UTF-8 text, naming the argument."""
     return None if value is None else _text(ctx, param, value)
+
+
+def check_utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: refuse non-UTF-8 text (empty text is fine), naming the argument."""
+    if value and value.strip():
+        problem = text_problem(value)
+        if problem:
+            raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
 
 
 STDIN_MESSAGE = "-"

@@ -1,10 +1,15 @@
-"""``agentkeel runs``, ``show``, ``resume`` and ``rollback``: durable runs from the journal."""
+"""``agentkeel runs``, ``show``, ``resume`` and ``rollback``: durable runs from the journal.
+
+``show``, ``resume`` and ``rollback`` print the answer first, like ``run``;
+``show`` lists every revision of the run's plan with its steps, so a replan
+(or a round of an adaptive plan) is visible.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -15,10 +20,12 @@ from agentkeel.cli.common import (
     echo_json,
     emit_response,
     exit_code,
-    finish,
     json_option,
     load_config,
+    print_response,
+    when,
 )
+from agentkeel.cli.progress import follow_and_finish
 from agentkeel.types import AgentResponse, RunStatus
 
 run_id_argument = click.argument("run_id", callback=check_text)
@@ -34,14 +41,13 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
     records = system.runs(limit)
     if as_json:
         echo_json([
-            {"run_id": r.run_id, "status": r.status, "user_id": r.user_id, "message": r.message,
-             "detail": r.detail, "created_at": r.created_at, "updated_at": r.updated_at}
+            {"run_id": r.run_id, "status": r.status, "user_id": r.user_id, "session_id": r.session_id,
+             "message": r.message, "detail": r.detail, "created_at": r.created_at, "updated_at": r.updated_at}
             for r in records
         ])
         return
     for r in records:
-        when = datetime.fromtimestamp(r.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{r.run_id}  {when}  {r.status:<16} {r.user_id:<12} {r.message[:60]}")
+        click.echo(f"{r.run_id}  {when(r.created_at)}  {r.status:<16} {r.user_id:<12} {r.message[:60]}")
 
 
 @click.command()
@@ -49,9 +55,23 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
 @config_option
 @json_option
 def show(run_id: str, config_path: str | None, as_json: bool) -> None:
-    """Show a run as the journal recorded it (its duration as the journal gives it)."""
+    """Show a run as the journal recorded it: its answer, who asked what in which
+    session, every plan revision (number, reason, planner) with its steps, and
+    the cost (its duration as the journal gives it). --json adds "request"
+    (user_id, session_id, message) to the response."""
     system = build_system(load_config(config_path))
-    emit_response(system.show(run_id), as_json)
+    response = system.show(run_id)
+    record = system.journal.load(run_id).run
+    request: dict[str, Any] = {"user_id": record.user_id, "session_id": record.session_id,
+                               "message": record.message}
+    if as_json:
+        echo_json({**response.to_dict(), "request": request})
+        return
+    if response.answer.strip():
+        click.echo(response.answer.rstrip("\n"))
+    click.echo(f"request by {record.user_id} in session {record.session_id} at {when(record.created_at)}: "
+               f"{record.message}")
+    print_response(response, answer=False, revisions=True)
 
 
 def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
@@ -71,15 +91,15 @@ def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
 @config_option
 @json_option
 def resume(run_id: str, resolve: tuple[str, ...], config_path: str | None, as_json: bool) -> None:
-    """Continue an unfinished run from its journal (never re-plans)."""
+    """Continue an unfinished run from its journal: a crashed run, one waiting for
+    an approval (decided with `agentkeel approve` / `deny`), one in doubt.
+
+    Completed steps are not run again. Prints the answer, then the run, like
+    `run`, with progress on stderr; exits with the run's code (see `run --help`).
+    """
     resolutions = _resolutions(resolve)
-    system = build_system(load_config(config_path))
-
-    async def main() -> AgentResponse:
-        async with system:
-            return await system.resume(run_id, resolutions)
-
-    finish(asyncio.run(main()), as_json)
+    with build_system(load_config(config_path)) as system:
+        follow_and_finish(lambda on_event: system.resume_sync(run_id, resolutions, on_event=on_event), as_json)
 
 
 @click.command()

@@ -52,8 +52,11 @@ __all__ = [
     "DEFAULT_TTL_S",
     "KINDS",
     "PHASES",
+    "APPROVAL_STATUSES",
+    "ApprovalRecord",
     "Journal",
     "Lease",
+    "PlanRecord",
     "RunRecord",
     "RunState",
     "StepRecord",
@@ -66,6 +69,8 @@ __all__ = [
 DEFAULT_TTL_S = 30.0
 KINDS = ("forward", "compensation")
 PHASES = ("intent", "outcome")
+APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")
+PLAN_REASONS = ("initial", "replan", "round")
 
 
 def _plain_str(value: Any) -> Any:
@@ -129,15 +134,58 @@ class RunRecord:
     planning_cost_usd: float = 0.0
     """What planning the run cost (LLM calls before its first step)."""
     then_status: str = ""
-    """While ``rolling_back``: the status the run takes once its compensation is done."""
+    """While ``rolling_back``: the status the run takes once its compensation is done.
+    While ``running``: ``"replan"`` when a replan was decided and its plan is not
+    journaled yet (a resume plans it)."""
+    answer: str = ""
+    """The user-facing answer the responder wrote when the run last stopped."""
+
+
+@attrs.frozen
+class PlanRecord:
+    """One journaled revision of a run's plan (``plan`` as ``Plan.to_dict()``)."""
+
+    revision: int
+    reason: str  # one of PLAN_REASONS
+    plan: dict[str, Any]
+    planning_cost_usd: float = 0.0
+    ts: float = 0.0
+
+
+@attrs.frozen
+class ApprovalRecord:
+    """A step's request for a human's approval, and the decision once made.
+
+    ``status`` is as stored; ``status_at(now)`` is what it means now (a pending
+    approval past ``expires_at`` is expired, and expiry counts as a denial).
+    """
+
+    run_id: str
+    step_id: int
+    tool_name: str
+    args: Mapping[str, Any]
+    requested_by: str
+    requested_at: float
+    expires_at: float
+    status: str = "pending"
+    decided_by: str = ""
+    decided_at: float = 0.0
+    reason: str = ""
+
+    def status_at(self, now: float) -> str:
+        if self.status == "pending" and self.expires_at <= now:
+            return "expired"
+        return self.status
 
 
 @attrs.frozen
 class RunState:
-    """A run and its step records, in the order they were written."""
+    """A run, its step records in the order they were written, and its plan revisions
+    (oldest first; the latest is ``run.plan``)."""
 
     run: RunRecord
     steps: tuple[StepRecord, ...]
+    revisions: tuple[PlanRecord, ...] = ()
 
     def forward(self, step_id: int) -> tuple[StepRecord | None, StepRecord | None]:
         """(intent, outcome) of the latest forward attempt of ``step_id``; ``(None, None)`` if none.
@@ -191,11 +239,19 @@ class Journal(Protocol):
         ttl_s: float = DEFAULT_TTL_S,
         planning_cost_usd: float = 0.0,
     ) -> Lease:
-        """Record a new run in status ``"running"`` held by ``owner`` at epoch 1.
+        """Record a new run in status ``"running"`` held by ``owner`` at epoch 1,
+        with ``plan`` as its revision 1 (reason ``"initial"``, ``planning_cost_usd``).
 
         Raises ``RunExistsError`` when ``run_id`` is taken, ``JournalRecordError``
         when ``plan`` is not JSON.
         """
+        ...
+
+    def revise_plan(self, lease: Lease, plan: dict[str, Any], reason: str, planning_cost_usd: float = 0.0) -> int:
+        """Append a plan revision (``reason`` "replan" or "round"), make it the run's
+        plan, add ``planning_cost_usd`` to the run's, clear ``then_status``; one
+        atomic, fenced write. Returns the new revision's number (previous + 1).
+        ``JournalRecordError`` for a plan that is not JSON or an unknown reason."""
         ...
 
     def acquire(self, run_id: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
@@ -222,8 +278,40 @@ class Journal(Protocol):
         """Append an outcome record (``record.phase == "outcome"``), committed before returning."""
         ...
 
-    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
-        """Set the run's status, detail and ``then_status`` (and ``updated_at``)."""
+    def set_status(
+        self, lease: Lease, status: str, detail: str = "", then_status: str = "", answer: str | None = None
+    ) -> None:
+        """Set the run's status, detail and ``then_status`` (and ``updated_at``); and its
+        ``answer`` unless it is None (then the answer is left as it was)."""
+        ...
+
+    # --- approvals ---------------------------------------------------------------------
+
+    def request_approval(
+        self, lease: Lease, step_id: int, tool_name: str, args: Mapping[str, Any], requested_by: str, ttl_s: float
+    ) -> ApprovalRecord:
+        """Record that step ``step_id`` waits for approval, expiring ``ttl_s`` from now
+        (fenced). When the step already has an approval record, whatever its status,
+        it is returned unchanged and nothing is written."""
+        ...
+
+    def approval(self, run_id: str, step_id: int) -> ApprovalRecord | None:
+        """The approval record of a step, or None."""
+        ...
+
+    def decide_approval(
+        self, run_id: str, step_id: int, *, approved: bool, by: str, reason: str = ""
+    ) -> ApprovalRecord:
+        """Approve or deny a pending approval, atomically (two deciders: one wins).
+        Not fenced: the run is usually not leased while it waits. Raises
+        ``ApprovalError`` when there is no such approval, it was already decided
+        (naming who decided and how), or it has expired (it is then stored as
+        ``"expired"``)."""
+        ...
+
+    def list_approvals(self, status: str | None = "pending", limit: int = 50) -> list[ApprovalRecord]:
+        """Up to ``limit`` approvals, newest request first, whose ``status_at(now)``
+        is ``status`` (every approval when None)."""
         ...
 
     def load(self, run_id: str) -> RunState:

@@ -1,26 +1,35 @@
 """The in-process journal: the ``Journal`` protocol in a dict, for non-durable runs.
 
 Same semantics as ``SQLiteJournal`` (leases, epochs, fencing, JSON round trip,
-ordering), checked by the same conformance suite, but nothing survives the
-process. Thread-safe: one lock guards every call. Values are stored as JSON
-text, so a caller mutating what it passed in or got back cannot change the
-journal.
+ordering, plan revisions, approvals), checked by the same conformance suite, but
+nothing survives the process. Thread-safe: one lock guards every call. Values
+are stored as JSON text, so a caller mutating what it passed in or got back
+cannot change the journal.
+
+The argument checks and the approval errors below (``check_revision`` ...
+``approval_refusal``) are shared with ``SQLiteJournal`` so both backends refuse
+the same things with the same words.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-from agentkeel.errors import RunExistsError
+from agentkeel.errors import ApprovalError, JournalRecordError, RunExistsError
 from agentkeel.journal.base import (
+    APPROVAL_STATUSES,
     DEFAULT_TTL_S,
+    PLAN_REASONS,
+    ApprovalRecord,
     Lease,
+    PlanRecord,
     RunRecord,
     RunState,
     StepRecord,
@@ -37,6 +46,99 @@ from agentkeel.journal.base import (
 
 __all__ = ["MemoryJournal"]
 
+REVISION_REASONS = tuple(r for r in PLAN_REASONS if r != "initial")
+"""The reasons ``revise_plan`` takes (``"initial"`` is revision 1's, written by ``create_run``)."""
+
+# --- checks and errors shared with SQLiteJournal ------------------------------------------
+
+
+def check_revision(run_id: str, plan: dict[str, Any], reason: str, planning_cost_usd: float) -> tuple[str, str, float]:
+    """``(plan as JSON, reason, cost)`` for ``revise_plan``; ``JournalRecordError`` naming what is wrong."""
+    reason = getattr(reason, "value", reason)
+    if not isinstance(reason, str) or reason not in REVISION_REASONS:
+        raise JournalRecordError(
+            f"run {run_id!r}: a plan revision's reason must be one of {', '.join(REVISION_REASONS)}, "
+            f"got {reason!r} (revision 1, 'initial', is written by create_run)"
+        )
+    cost = _finite(planning_cost_usd)
+    if cost is None or cost < 0:
+        raise JournalRecordError(
+            f"run {run_id!r}: a plan revision's planning_cost_usd must be a finite number >= 0, "
+            f"got {planning_cost_usd!r}"
+        )
+    return encode(plan, f"the revised plan of run {run_id!r}"), reason, cost
+
+
+def check_approval_request(lease: Lease, step_id: int, args: Mapping[str, Any], ttl_s: float) -> tuple[str, float]:
+    """``(args as JSON, ttl)`` for ``request_approval``; ``JournalRecordError`` naming what is wrong."""
+    ttl = _finite(ttl_s)
+    if ttl is None or ttl <= 0:
+        raise JournalRecordError(
+            f"run {lease.run_id!r}, step {step_id}: an approval's ttl_s must be a finite number of "
+            f"seconds > 0, got {ttl_s!r}"
+        )
+    return encode(args, f"the args of the approval of step {step_id}"), ttl
+
+
+def check_decider(run_id: str, step_id: int, by: str) -> str:
+    if not isinstance(by, str) or not by.strip():
+        raise ApprovalError(
+            f"run {run_id!r}, step {step_id}: say who decides the approval (by= must be non-empty "
+            f"text, got {by!r})"
+        )
+    return by
+
+
+def check_listed_status(status: str | None) -> str | None:
+    status = getattr(status, "value", status)
+    if status is not None and status not in APPROVAL_STATUSES:
+        raise ValueError(
+            f"approval status must be one of {', '.join(APPROVAL_STATUSES)} (or None for all), got {status!r}"
+        )
+    return status
+
+
+def no_approval(run_id: str, step_id: int) -> ApprovalError:
+    return ApprovalError(
+        f"no approval is recorded for step {step_id} of run {run_id!r}; nothing to decide "
+        "(list_approvals() lists the pending ones)"
+    )
+
+
+def approval_refusal(record: ApprovalRecord, now: float) -> ApprovalError:
+    """Why ``record`` (not pending, or past its expiry at ``now``) cannot be decided."""
+    where = f"the approval of step {record.step_id} of run {record.run_id!r}"
+    if record.status_at(now) == "expired":
+        return ApprovalError(
+            f"{where} expired at {_when(record.expires_at)} without a decision (it counts as a denial); "
+            "it can no longer be approved"
+        )
+    because = f" ({record.reason})" if record.reason else ""
+    return ApprovalError(
+        f"{where} was already {record.status} by {record.decided_by} at {_when(record.decided_at)}"
+        f"{because}; a decision cannot be changed"
+    )
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# --- the journal -------------------------------------------------------------------------
+
+RevisionRow = tuple[int, str, str, float, float]
+"""A plan revision as stored: revision, reason, plan as JSON text, planning cost, ts."""
+
 
 @attrs.define
 class _Run:
@@ -45,10 +147,21 @@ class _Run:
     seq: int
     steps: list[StepRow] = attrs.field(factory=list)
     last_step_ts: float = 0.0  # kept apart so a step write does not rebuild the record
+    revisions: list[RevisionRow] = attrs.field(factory=list)
 
     def snapshot(self) -> RunRecord:
         updated_at = max(self.record.updated_at, self.last_step_ts)
         return attrs.evolve(self.record, plan=decode(self.plan_json), updated_at=updated_at)
+
+
+@attrs.define
+class _Approval:
+    record: ApprovalRecord  # args held as {} here; the JSON text is in args_json
+    args_json: str
+    seq: int
+
+    def snapshot(self) -> ApprovalRecord:
+        return attrs.evolve(self.record, args=decode(self.args_json))
 
 
 class MemoryJournal:
@@ -58,6 +171,7 @@ class MemoryJournal:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
+        self._approvals: dict[tuple[str, int], _Approval] = {}
         self._seq = itertools.count()
 
     def create_run(
@@ -101,8 +215,26 @@ class MemoryJournal:
                 lease_expires_at=lease.expires_at,
                 planning_cost_usd=float(planning_cost_usd),
             )
-            self._runs[run_id] = _Run(record, plan_json, next(self._seq))
+            run = _Run(record, plan_json, next(self._seq))
+            run.revisions.append((1, "initial", plan_json, record.planning_cost_usd, now))
+            self._runs[run_id] = run
             return lease
+
+    def revise_plan(self, lease: Lease, plan: dict[str, Any], reason: str, planning_cost_usd: float = 0.0) -> int:
+        plan_json, reason, cost = check_revision(lease.run_id, plan, reason, planning_cost_usd)
+        with self._lock:
+            run = self._fenced_run(lease)
+            now = self._clock()
+            revision = run.revisions[-1][0] + 1
+            run.revisions.append((revision, reason, plan_json, cost, now))
+            run.plan_json = plan_json
+            run.record = attrs.evolve(
+                run.record,
+                planning_cost_usd=run.record.planning_cost_usd + cost,
+                then_status="",
+                updated_at=now,
+            )
+            return revision
 
     def acquire(self, run_id: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
         with self._lock:
@@ -136,12 +268,19 @@ class MemoryJournal:
             run = self._fenced_run(lease)
             run.record = attrs.evolve(rec, owner="", lease_expires_at=0.0, updated_at=self._clock())
 
-    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
+    def set_status(
+        self, lease: Lease, status: str, detail: str = "", then_status: str = "", answer: str | None = None
+    ) -> None:
         then_status = getattr(then_status, "value", then_status)
         with self._lock:
             run = self._fenced_run(lease)
             run.record = attrs.evolve(
-                run.record, status=status, detail=detail, then_status=then_status, updated_at=self._clock()
+                run.record,
+                status=status,
+                detail=detail,
+                then_status=then_status,
+                answer=run.record.answer if answer is None else str(answer),
+                updated_at=self._clock(),
             )
 
     def intent(self, lease: Lease, record: StepRecord) -> None:
@@ -159,11 +298,83 @@ class MemoryJournal:
             run.steps.append(row)
             run.last_step_ts = max(run.last_step_ts, row[-1])
 
+    # --- approvals ---------------------------------------------------------------------
+
+    def request_approval(
+        self, lease: Lease, step_id: int, tool_name: str, args: Mapping[str, Any], requested_by: str, ttl_s: float
+    ) -> ApprovalRecord:
+        step_id = int(step_id)
+        args_json, ttl = check_approval_request(lease, step_id, args, ttl_s)
+        with self._lock:
+            self._fenced_run(lease)
+            key = (lease.run_id, step_id)
+            existing = self._approvals.get(key)
+            if existing is not None:
+                return existing.snapshot()
+            now = self._clock()
+            record = ApprovalRecord(
+                run_id=lease.run_id,
+                step_id=step_id,
+                tool_name=tool_name,
+                args={},
+                requested_by=requested_by,
+                requested_at=now,
+                expires_at=now + ttl,
+            )
+            approval = _Approval(record, args_json, next(self._seq))
+            self._approvals[key] = approval
+            return approval.snapshot()
+
+    def approval(self, run_id: str, step_id: int) -> ApprovalRecord | None:
+        with self._lock:
+            approval = self._approvals.get((run_id, int(step_id)))
+            return None if approval is None else approval.snapshot()
+
+    def decide_approval(
+        self, run_id: str, step_id: int, *, approved: bool, by: str, reason: str = ""
+    ) -> ApprovalRecord:
+        step_id = int(step_id)
+        check_decider(run_id, step_id, by)
+        with self._lock:
+            approval = self._approvals.get((run_id, step_id))
+            if approval is None:
+                raise no_approval(run_id, step_id)
+            now = self._clock()
+            rec = approval.record
+            if rec.status == "pending" and rec.expires_at > now:
+                approval.record = attrs.evolve(
+                    rec,
+                    status="approved" if approved else "denied",
+                    decided_by=by,
+                    decided_at=now,
+                    reason=str(reason),
+                )
+                return approval.snapshot()
+            if rec.status == "pending":  # past its expiry: it reads as expired from now on
+                approval.record = attrs.evolve(rec, status="expired")
+            raise approval_refusal(approval.record, now)
+
+    def list_approvals(self, status: str | None = "pending", limit: int = 50) -> list[ApprovalRecord]:
+        status = check_listed_status(status)
+        with self._lock:
+            now = self._clock()
+            listed = [
+                a for a in self._approvals.values() if status is None or a.record.status_at(now) == status
+            ]
+            listed.sort(key=lambda a: (a.record.requested_at, a.seq), reverse=True)
+            return [a.snapshot() for a in listed[: max(0, int(limit))]]
+
+    # --- reads ---------------------------------------------------------------------------
+
     def load(self, run_id: str) -> RunState:
         with self._lock:
             run = self._get(run_id)
-            record, rows = run.snapshot(), tuple(run.steps)
-        return RunState(record, tuple(decode_step(r) for r in rows))
+            record, rows, revisions = run.snapshot(), tuple(run.steps), tuple(run.revisions)
+        return RunState(
+            record,
+            tuple(decode_step(r) for r in rows),
+            tuple(PlanRecord(n, why, decode(plan), cost, ts) for n, why, plan, cost, ts in revisions),
+        )
 
     def list_runs(self, limit: int = 50) -> list[RunRecord]:
         with self._lock:

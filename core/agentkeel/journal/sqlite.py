@@ -1,4 +1,5 @@
-"""The durable journal: tables ``runs`` and ``steps`` in ``<home>/agentkeel.db``.
+"""The durable journal: tables ``runs``, ``steps``, ``plan_revisions`` and ``approvals``
+in ``<home>/agentkeel.db``.
 
 Promises, on top of the ``agentkeel.journal.Journal`` protocol:
 
@@ -6,7 +7,14 @@ Promises, on top of the ``agentkeel.journal.Journal`` protocol:
   statement (``INSERT ... SELECT ... WHERE epoch = ? AND owner = ?`` or
   ``UPDATE ... WHERE epoch = ? AND owner = ?``); SQLite takes the write lock
   before such a statement reads, so the check and the write are atomic.
-  ``acquire`` reads, decides and writes inside ``BEGIN IMMEDIATE``.
+  ``acquire`` reads, decides and writes inside ``BEGIN IMMEDIATE``, and so do
+  the writes of more than one statement (``create_run`` with its plan revision 1,
+  ``revise_plan``, ``request_approval``, ``decide_approval``).
+- ``decide_approval`` is one conditional ``UPDATE ... WHERE status = 'pending'
+  AND expires_at > now``: of two deciders, in any processes, exactly one wins.
+- Runs journaled before plan revisions existed (schema version 3) have none
+  stored; ``load`` reads their ``runs.plan`` as revision 1, and ``revise_plan``
+  writes that revision 1 before their revision 2.
 - Each call has committed when it returns; ``intent`` and ``outcome`` are one
   ``INSERT`` each (the run row is not touched; its ``updated_at`` is read as the
   later of its own and its last step's timestamp). With ``synchronous="NORMAL"`` (the
@@ -26,7 +34,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +42,9 @@ from agentkeel.errors import ConfigError, RunExistsError, StoreError
 from agentkeel.journal.base import (
     DEFAULT_TTL_S,
     STEP_COLUMNS,
+    ApprovalRecord,
     Lease,
+    PlanRecord,
     RunRecord,
     RunState,
     StepRecord,
@@ -46,6 +56,14 @@ from agentkeel.journal.base import (
     encode_step,
     fenced,
     not_found,
+)
+from agentkeel.journal.memory import (
+    approval_refusal,
+    check_approval_request,
+    check_decider,
+    check_listed_status,
+    check_revision,
+    no_approval,
 )
 from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
 
@@ -65,7 +83,7 @@ _SELECT_RUNS = (
     "SELECT run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
     "created_at, MAX(updated_at, COALESCE((SELECT ts FROM steps WHERE steps.run_id = runs.run_id "
     "ORDER BY seq DESC LIMIT 1), updated_at)), owner, epoch, lease_expires_at, planning_cost_usd, "
-    "then_status FROM runs"
+    "then_status, answer FROM runs"
 )
 _INSERT_STEP = (
     f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) "
@@ -73,6 +91,24 @@ _INSERT_STEP = (
     "WHERE run_id = ? AND epoch = ? AND owner = ?"
 )
 _SELECT_STEPS = f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id = ? ORDER BY seq"
+_INSERT_REVISION = (
+    "INSERT INTO plan_revisions (run_id, revision, reason, plan, planning_cost_usd, ts) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SELECT_REVISIONS = (
+    "SELECT revision, reason, plan, planning_cost_usd, ts FROM plan_revisions WHERE run_id = ? ORDER BY revision"
+)
+_APPROVAL_COLUMNS = (
+    "run_id, step_id, tool_name, args, requested_by, requested_at, expires_at, status, decided_by, decided_at, reason"
+)
+_SELECT_APPROVAL = f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE run_id = ? AND step_id = ?"
+# list_approvals: which stored rows have each status_at(now) (a pending one past its expiry reads expired)
+_APPROVALS_WHERE = {
+    None: "1",
+    "pending": "status = 'pending' AND expires_at > :now",
+    "expired": "status = 'expired' OR (status = 'pending' AND expires_at <= :now)",
+    "approved": "status = 'approved'",
+    "denied": "status = 'denied'",
+}
 
 
 class SQLiteJournal:
@@ -156,6 +192,7 @@ class SQLiteJournal:
     ) -> Lease:
         plan_json = encode(plan, f"the plan of run {run_id!r}")
         budget = None if budget_usd is None else float(budget_usd)
+        cost = float(planning_cost_usd)
 
         def write(conn: sqlite3.Connection) -> Lease:
             now = self._clock()
@@ -176,7 +213,7 @@ class SQLiteJournal:
                         now,
                         owner,
                         lease.expires_at,
-                        float(planning_cost_usd),
+                        cost,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -185,9 +222,38 @@ class SQLiteJournal:
                     "or acquire the existing run to resume it",
                     run_id=run_id,
                 ) from exc
+            conn.execute(_INSERT_REVISION, (run_id, 1, "initial", plan_json, cost, now))
             return lease
 
-        return self._run("create_run", write)
+        return self._run("create_run", lambda conn: _atomic(conn, write))
+
+    def revise_plan(self, lease: Lease, plan: dict[str, Any], reason: str, planning_cost_usd: float = 0.0) -> int:
+        plan_json, reason, cost = check_revision(lease.run_id, plan, reason, planning_cost_usd)
+
+        def write(conn: sqlite3.Connection) -> int:
+            if self._holder(conn, lease.run_id) != (lease.epoch, lease.owner):
+                raise self._refusal(conn, lease)
+            now = self._clock()
+            # A run journaled before revisions were stored: first store its revision 1 as load reads it.
+            conn.execute(
+                "INSERT INTO plan_revisions (run_id, revision, reason, plan, planning_cost_usd, ts) "
+                "SELECT run_id, 1, 'initial', plan, planning_cost_usd, created_at FROM runs WHERE run_id = ? "
+                "AND NOT EXISTS (SELECT 1 FROM plan_revisions WHERE run_id = ?)",
+                (lease.run_id, lease.run_id),
+            )
+            (latest,) = conn.execute(
+                "SELECT MAX(revision) FROM plan_revisions WHERE run_id = ?", (lease.run_id,)
+            ).fetchone()
+            revision = int(latest) + 1
+            conn.execute(_INSERT_REVISION, (lease.run_id, revision, reason, plan_json, cost, now))
+            conn.execute(
+                "UPDATE runs SET plan = ?, planning_cost_usd = planning_cost_usd + ?, then_status = '', "
+                "updated_at = ? WHERE run_id = ?",
+                (plan_json, cost, now, lease.run_id),
+            )
+            return revision
+
+        return self._run("revise_plan", lambda conn: _atomic(conn, write))
 
     def acquire(self, run_id: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
         def take(conn: sqlite3.Connection) -> Lease:
@@ -245,15 +311,27 @@ class SQLiteJournal:
 
         self._run("release", write)
 
-    def set_status(self, lease: Lease, status: str, detail: str = "", then_status: str = "") -> None:
+    def set_status(
+        self, lease: Lease, status: str, detail: str = "", then_status: str = "", answer: str | None = None
+    ) -> None:
         status = getattr(status, "value", status)
         then_status = getattr(then_status, "value", then_status)
+        new_answer = None if answer is None else str(answer)
 
         def write(conn: sqlite3.Connection) -> None:
             cur = conn.execute(
-                "UPDATE runs SET status = ?, detail = ?, then_status = ?, updated_at = ? "
-                "WHERE run_id = ? AND epoch = ? AND owner = ?",
-                (status, detail, then_status, self._clock(), lease.run_id, lease.epoch, lease.owner),
+                "UPDATE runs SET status = ?, detail = ?, then_status = ?, answer = COALESCE(?, answer), "
+                "updated_at = ? WHERE run_id = ? AND epoch = ? AND owner = ?",
+                (
+                    status,
+                    detail,
+                    then_status,
+                    new_answer,
+                    self._clock(),
+                    lease.run_id,
+                    lease.epoch,
+                    lease.owner,
+                ),
             )
             if cur.rowcount != 1:
                 raise self._refusal(conn, lease)
@@ -280,19 +358,103 @@ class SQLiteJournal:
 
         self._run(f"writing step {record.step_id}", write)
 
+    # --- approvals ---------------------------------------------------------------------
+
+    def request_approval(
+        self, lease: Lease, step_id: int, tool_name: str, args: Mapping[str, Any], requested_by: str, ttl_s: float
+    ) -> ApprovalRecord:
+        step_id = int(step_id)
+        args_json, ttl = check_approval_request(lease, step_id, args, ttl_s)
+
+        def write(conn: sqlite3.Connection) -> ApprovalRecord:
+            if self._holder(conn, lease.run_id) != (lease.epoch, lease.owner):
+                raise self._refusal(conn, lease)
+            row = conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone()
+            if row is not None:
+                return _approval_record(row)  # requested before: unchanged, nothing written
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO approvals (run_id, step_id, tool_name, args, requested_by, requested_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (lease.run_id, step_id, tool_name, args_json, requested_by, now, now + ttl),
+            )
+            return _approval_record(conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone())
+
+        return self._run("request_approval", lambda conn: _atomic(conn, write))
+
+    def approval(self, run_id: str, step_id: int) -> ApprovalRecord | None:
+        def read(conn: sqlite3.Connection) -> ApprovalRecord | None:
+            row = conn.execute(_SELECT_APPROVAL, (run_id, int(step_id))).fetchone()
+            return None if row is None else _approval_record(row)
+
+        return self._run("approval", read)
+
+    def decide_approval(
+        self, run_id: str, step_id: int, *, approved: bool, by: str, reason: str = ""
+    ) -> ApprovalRecord:
+        step_id = int(step_id)
+        check_decider(run_id, step_id, by)
+        decision = "approved" if approved else "denied"
+
+        def write(conn: sqlite3.Connection) -> ApprovalRecord:
+            now = self._clock()
+            # One conditional statement decides: of two deciders, the second finds it no longer pending.
+            cur = conn.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ? "
+                "WHERE run_id = ? AND step_id = ? AND status = 'pending' AND expires_at > ?",
+                (decision, by, now, str(reason), run_id, step_id, now),
+            )
+            decided = cur.rowcount == 1
+            if not decided:
+                conn.execute(
+                    "UPDATE approvals SET status = 'expired' "
+                    "WHERE run_id = ? AND step_id = ? AND status = 'pending' AND expires_at <= ?",
+                    (run_id, step_id, now),
+                )
+            row = conn.execute(_SELECT_APPROVAL, (run_id, step_id)).fetchone()
+            conn.execute("COMMIT")  # the expiry is kept though the call raises
+            if row is None:
+                raise no_approval(run_id, step_id)
+            record = _approval_record(row)
+            if not decided:
+                raise approval_refusal(record, now)
+            return record
+
+        return self._run("decide_approval", lambda conn: _atomic(conn, write))
+
+    def list_approvals(self, status: str | None = "pending", limit: int = 50) -> list[ApprovalRecord]:
+        status = check_listed_status(status)
+        where = _APPROVALS_WHERE[status]
+        count = max(0, int(limit))
+
+        def read(conn: sqlite3.Connection) -> list[ApprovalRecord]:
+            rows = conn.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE {where} "
+                "ORDER BY requested_at DESC, rowid DESC LIMIT :limit",
+                {"now": self._clock(), "limit": count},
+            ).fetchall()
+            return [_approval_record(row) for row in rows]
+
+        return self._run("list_approvals", read)
+
     # --- reads --------------------------------------------------------------------------
 
     def load(self, run_id: str) -> RunState:
         def read(conn: sqlite3.Connection) -> RunState:
-            conn.execute("BEGIN")  # one snapshot for the run and its steps
+            conn.execute("BEGIN")  # one snapshot for the run, its steps and its revisions
             try:
                 row = conn.execute(f"{_SELECT_RUNS} WHERE run_id = ?", (run_id,)).fetchone()
                 if row is None:
                     raise not_found(run_id)
                 steps = conn.execute(_SELECT_STEPS, (run_id,)).fetchall()
+                revisions = conn.execute(_SELECT_REVISIONS, (run_id,)).fetchall()
             finally:
                 conn.execute("COMMIT")
-            return RunState(_run_record(row), tuple(decode_step(s) for s in steps))
+            run = _run_record(row)
+            plans = tuple(PlanRecord(n, why, decode(plan), cost, ts) for n, why, plan, cost, ts in revisions)
+            if not plans:  # journaled before revisions were stored: its plan is its revision 1
+                plans = (PlanRecord(1, "initial", run.plan, run.planning_cost_usd, run.created_at),)
+            return RunState(run, tuple(decode_step(s) for s in steps), plans)
 
         return self._run("load", read)
 
@@ -333,6 +495,38 @@ class SQLiteJournal:
         return f"SQLiteJournal({str(self.home)!r}, synchronous={self.synchronous!r})"
 
 
+def _atomic(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn(conn)`` inside ``BEGIN IMMEDIATE``: committed when it returns (unless it committed
+    itself), rolled back when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        return result
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _approval_record(row: tuple[Any, ...]) -> ApprovalRecord:
+    run_id, step_id, tool_name, args, requested_by, requested_at, expires_at, status, by, at, reason = row
+    return ApprovalRecord(
+        run_id=run_id,
+        step_id=step_id,
+        tool_name=tool_name,
+        args=decode(args),
+        requested_by=requested_by,
+        requested_at=requested_at,
+        expires_at=expires_at,
+        status=status,
+        decided_by=by,
+        decided_at=at,
+        reason=reason,
+    )
+
+
 def _run_record(row: tuple[Any, ...]) -> RunRecord:
     (
         run_id,
@@ -351,6 +545,7 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         lease_expires_at,
         planning_cost_usd,
         then_status,
+        answer,
     ) = row
     return RunRecord(
         run_id=run_id,
@@ -369,4 +564,5 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         lease_expires_at=lease_expires_at,
         planning_cost_usd=planning_cost_usd,
         then_status=then_status,
+        answer=answer,
     )

@@ -6,8 +6,11 @@ Promises:
   10; ``[plugins.memory] recent_turns`` in the config, 0 turns memory off) of the
   request's (user_id, session_id), oldest first. A turn is one message, as in
   ``MemoryContext.turns``: ``{"role": "user" | "assistant", "content", "run_id"}``.
-- ``agentkeel_save_turn`` stores the user's message and the assistant's answer
-  of a finished run, with its run_id, status and timestamp, in one statement.
+- ``agentkeel_save_turn`` stores the user's message and the assistant's turn of
+  a finished run, with its run_id, status and timestamp, in one statement. The
+  assistant's turn is the responder's answer followed by a compact, size-capped
+  record of the facts the steps returned (``agentkeel.facts``), so a follow-up
+  in the same session can use them (the status line when there is no answer).
 - A user never sees another user's turns, nor a session another session's.
 - Memory never fails a request: when the database cannot be opened, read or
   written, a warning goes to the ``agentkeel.memory`` logger and the request
@@ -30,6 +33,7 @@ from typing import TypeVar
 
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError, StoreError
+from agentkeel.facts import facts
 from agentkeel.markers import hookimpl
 from agentkeel.stores import ConnectionCache, db_path
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext
@@ -50,6 +54,16 @@ _INSERT_EXCHANGE = """
     INSERT INTO memory_turns (user_id, session_id, run_id, role, content, status, ts)
     VALUES (?, ?, ?, 'user', ?, ?, ?), (?, ?, ?, 'assistant', ?, ?, ?)
 """
+
+
+MAX_FACT_CHARS = 2000
+
+
+def assistant_turn(response: AgentResponse) -> str:
+    """What memory keeps of a response: the answer, then the facts the steps returned."""
+    text = response.answer or response.message
+    found = facts(response.steps, max_chars=MAX_FACT_CHARS)
+    return f"{text}\n(facts: {'; '.join(found)})" if found else text
 
 
 def recent_turns(config: Config) -> int:
@@ -102,12 +116,13 @@ class SQLiteMemory:
     def agentkeel_save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
         now = time.time()
         status = response.status.value
+        content = assistant_turn(response)
         row_key = (request.user_id, request.session_id, request.run_id)
 
         def save(conn: sqlite3.Connection) -> bool:
             conn.execute(
                 _INSERT_EXCHANGE,
-                (*row_key, request.message, status, now, *row_key, response.message, status, now),
+                (*row_key, request.message, status, now, *row_key, content, status, now),
             )
             return True
 

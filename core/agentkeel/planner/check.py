@@ -15,7 +15,7 @@ These hold whichever planner produced the plan: rules, the LLM, a plugin.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import agentkeel.jsonvalue as jsonvalue
 from agentkeel.config import DEFAULT_MAX_STEPS
@@ -23,11 +23,20 @@ from agentkeel.tools.validation import args_errors
 from agentkeel.types import Plan, ToolSpec
 
 
-def plan_problems(plan: Plan, tools: Mapping[str, ToolSpec], *, max_steps: int = DEFAULT_MAX_STEPS) -> list[str]:
+def plan_problems(
+    plan: Plan,
+    tools: Mapping[str, ToolSpec],
+    *,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    first_step_id: int = 1,
+    earlier_results: Collection[int] = (),
+) -> list[str]:
     """Every way ``plan`` breaks the host's invariants (empty: it may run).
 
     ``max_steps`` is ``config.max_steps``. A plan longer than that is refused
-    with that one reason, before its steps are looked at.
+    with that one reason, before its steps are looked at. A later revision of a
+    run's plan is numbered from ``first_step_id`` and may refer only to its own
+    earlier steps and to ``earlier_results``: the earlier steps that succeeded.
     """
     if len(plan.steps) > max_steps:
         return [
@@ -38,13 +47,17 @@ def plan_problems(plan: Plan, tools: Mapping[str, ToolSpec], *, max_steps: int =
     reasoning = jsonvalue.text_problem(str(plan.reasoning), "the plan's reasoning")
     if reasoning:
         problems.append(reasoning)
-    for index, step in enumerate(plan.steps, start=1):
+    for index, step in enumerate(plan.steps, start=first_step_id):
         where = f"step {step.step_id} ({step.tool_name})"
         if step.step_id != index:
-            problems.append(f"{where}: steps must be numbered 1, 2, 3... in order")
+            problems.append(f"{where}: steps must be numbered {first_step_id}, {first_step_id + 1}... in order")
         later = sorted(d for d in step.depends_on if d >= step.step_id)
         if later:
             problems.append(f"{where}: refers to step(s) {later}; a step may only refer to earlier steps")
+        gone = sorted(d for d in step.depends_on if d < first_step_id and d not in earlier_results)
+        if gone:
+            problems.append(f"{where}: refers to step(s) {gone} of an earlier plan, which have no result "
+                            "(they failed, were skipped or do not exist)")
         not_json = _json_problems(step.tool_args, step.when, step.expect, step.description)
         problems.extend(f"{where}: {p}" for p in not_json)
         spec = tools.get(step.tool_name)

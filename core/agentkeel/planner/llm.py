@@ -4,17 +4,28 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
 
 - Endpoint: ``[models] base_url`` from the config, else ``$OPENAI_BASE_URL``,
   else OpenAI; key from ``$OPENAI_API_KEY`` (a placeholder when only a base URL
-  is set, for local servers that ignore it). Neither set: ``PlanningError``.
+  is set, for local servers that ignore it). Neither set: ``ConfigError``.
 - The model sees only ``tools`` (what the principal may call), the wire format
   and the memory context. Output is requested with ``response_format`` of type
   ``json_schema``; a server that answers 400 or 500 to it is asked again with
   ``json_object``, and that base URL is remembered by this planner (one per system).
+- Later revisions (``progress`` given: a replan after a failed step, or the next
+  round of a plan marked ``observe``): the model is also shown every step so far
+  with its result, and the failure, as quoted untrusted data
+  (``agentkeel.models.data``, at most ``[plugins.planner_llm] max_data_bytes``,
+  default 16 KiB), told to number its steps from ``progress.next_step_id``, and
+  for a replan to plan a different approach (completed steps are not run
+  again; those that succeeded can be referenced by their ids). It may answer
+  ``"final": true`` with an ``"answer"`` and no steps. With no tiers or no
+  endpoint, a later revision is not planned (None) rather than a ``ConfigError``.
 - Validation: ``agentkeel.jsonvalue.loads`` (bounded: no NaN or Infinity, at
   most 64 levels of nesting, no lone surrogates) + at most ``[planner]
-  max_steps`` steps + ``parse_plan`` + tool names in ``tools``, required
-  arguments present, references to earlier steps only. An invalid answer gets
-  ONE repair round (the answer and its errors are sent back); still invalid,
-  the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
+  max_steps`` steps + ``parse_plan`` (numbered from the first step id; "final"
+  with steps, "observe" without steps and the like are refused) + tool names in
+  ``tools``, required arguments present, references to earlier steps only (of
+  this plan, or earlier steps of the run that succeeded). An invalid answer
+  gets ONE repair round (the answer and its errors are sent back); still
+  invalid, the next tier of ``[[models.tiers]]`` (cheapest first) starts afresh.
 - Retries of failed HTTP calls happen in one layer only: the openai client's
   (``max_retries``, honouring ``Retry-After``; ``[plugins.planner_llm]
   max_retries`` in the config, default 2). This module never re-sends a failed
@@ -41,52 +52,82 @@ Registered ``trylast`` so rule planners and third-party planners answer first.
   server's usage can never add money to the budget, nor bill more than was
   reserved.
 - No tiers, or no endpoint, while no template matched: ``ConfigError``.
+
+The client, the deadline and the billing are ``agentkeel.models.completion``'s,
+shared with the LLM responder.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import json
-import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import agentkeel.jsonvalue as jsonvalue
 from agentkeel.config import DEFAULT_MAX_STEPS
-from agentkeel.cost.budget import bounded_usage, prompt_token_upper_bound
 from agentkeel.errors import ConfigError, PlanningError, PlanRejectedError
 from agentkeel.markers import hookimpl
+from agentkeel.models.completion import (
+    DEFAULT_MAX_RETRIES,
+    PLACEHOLDER_API_KEY,
+    LLMAuthError,
+    LLMCallError,
+    LLMStatusError,
+    complete,
+    endpoint_configured,
+    make_client,
+)
+from agentkeel.models.data import DEFAULT_MAX_DATA_BYTES, MIN_DATA_BYTES, quote_steps
 from agentkeel.planner.plan import parse_plan, plan_wire_schema
-from agentkeel.types import AgentRequest, MemoryContext, Plan, ToolSpec, Usage
+from agentkeel.types import AgentRequest, MemoryContext, Plan, Progress, StepResult, StepStatus, ToolSpec
 
 if TYPE_CHECKING:
     import openai
 
     from agentkeel.config import Config, ModelTier
     from agentkeel.context import RunContext
-    from agentkeel.cost.budget import Reservation
 
-DEFAULT_MAX_RETRIES = 2
-PLACEHOLDER_API_KEY = "not-needed"
+__all__ = [
+    "DEFAULT_MAX_RETRIES",
+    "PLACEHOLDER_API_KEY",
+    "LLMPlanner",
+    "build_messages",
+    "plan_with_tiers",
+    "validate_answer",
+]
 
-log = logging.getLogger(__name__)
+_UNCONFIGURED = (
+    "no plan template matched and no LLM is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
+    "OpenAI-compatible server), or set [models] base_url in agentkeel.toml"
+)
 
-_WIRE_FORMAT = """\
+
+def _wire_format(first_step_id: int = 1) -> str:
+    n = first_step_id
+    return f"""\
 Answer with ONE JSON object and nothing else:
-{"reasoning": "<why these steps>",
- "steps": [{"description": "<what the step does>", "tool_name": "<a tool above>",
-            "tool_args": {<arguments matching the tool's schema>}}]}
-Steps are numbered 1, 2, 3... in order. Optional fields of a step:
-- An argument may be {"$ref": "/N/field"}: a JSON Pointer into the result of an
-  EARLIER step N, e.g. {"order_id": {"$ref": "/1/id"}}.
+{{"reasoning": "<why these steps>",
+ "steps": [{{"description": "<what the step does>", "tool_name": "<a tool above>",
+            "tool_args": {{<arguments matching the tool's schema>}}}}]}}
+Steps are numbered {n}, {n + 1}, {n + 2}... in order. Optional fields of a step:
+- An argument may be {{"$ref": "/N/field"}}: a JSON Pointer into the result of an
+  EARLIER step N, e.g. {{"order_id": {{"$ref": "/1/id"}}}}.
 - "when": a condition on earlier results; the step is skipped when it is false:
-  {"ref": "/N/field", "op": OP, "value": V} with OP one of eq, ne, in, not_in,
-  gt, ge, lt, le (with "value"), exists, truthy (without); or {"all": [...]},
-  {"any": [...]}, {"not": {...}}.
+  {{"ref": "/N/field", "op": OP, "value": V}} with OP one of eq, ne, in, not_in,
+  gt, ge, lt, le (with "value"), exists, truthy (without); or {{"all": [...]}},
+  {{"any": [...]}}, {{"not": {{...}}}}.
 - "expect": a JSON Schema the step's result must satisfy.
-Use only the tools listed above. If the request needs no tool, return "steps": []."""
+- "optional": true: the request can be answered without this step; if its tool
+  is unavailable the run goes on without it (and the answer says what is missing).
+Optional fields of the plan:
+- "observe": true: you need to see the results of these steps before you can
+  decide what to do next. Once they have run you are asked again, shown their
+  results, and plan the next steps (or answer).
+- "final": true with "answer": "<the answer to the user>" and "steps": []:
+  nothing (more) needs to run; this ends the request with your answer. Never
+  set "final" on a plan that has steps.
+Use only the tools listed above. If the request needs no tool, return "steps": []
+(with "final": true and your "answer")."""
 
 
 class _InvalidAnswer(Exception):
@@ -103,10 +144,19 @@ class LLMPlanner:
 
     @hookimpl(trylast=True)
     async def agentkeel_plan(
-        self, request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec], run: RunContext
-    ) -> Plan:
-        """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError."""
-        return await plan_with_tiers(request, context, tools, run, self.no_json_schema)
+        self,
+        request: AgentRequest,
+        context: MemoryContext,
+        tools: Mapping[str, ToolSpec],
+        run: RunContext,
+        progress: Progress | None = None,
+    ) -> Plan | None:
+        """Plan with the configured tiers, cheapest first. Raises PlanningError or PlanRejectedError.
+
+        With ``progress`` (a later revision) and no LLM configured: None (cannot plan it)."""
+        if progress is not None and not (run.config.tiers and endpoint_configured(run.config)):
+            return None
+        return await plan_with_tiers(request, context, tools, run, self.no_json_schema, progress=progress)
 
 
 async def plan_with_tiers(
@@ -115,28 +165,31 @@ async def plan_with_tiers(
     tools: Mapping[str, ToolSpec],
     run: RunContext,
     no_json_schema: set[str],
+    *,
+    progress: Progress | None = None,
 ) -> Plan:
-    import openai  # imported on first use: it takes longer to import than the rest of agentkeel
-
     config = run.config
     if not config.tiers:
         raise ConfigError(
             "no plan template matched and no LLM tiers are configured; add [[models.tiers]] to agentkeel.toml"
         )
-    messages = build_messages(request, context, tools)
+    messages = build_messages(request, context, tools, progress=progress, max_data_bytes=max_data_bytes(config))
+    first_step_id = progress.next_step_id if progress is not None else 1
+    earlier = frozenset(progress.results) if progress is not None else frozenset()
     reasons: list[str] = []
     only_rejections = True
-    async with _client(config) as client:
+    async with make_client(config, unconfigured=_UNCONFIGURED) as client:
         for tier in config.tiers:
             try:
-                return await _plan_with_tier(client, tier, messages, tools, run, no_json_schema)
+                return await _plan_with_tier(
+                    client, tier, messages, tools, run, no_json_schema, first_step_id, earlier)
             except _InvalidAnswer as exc:
                 reasons.append(f"tier {tier.name!r} ({tier.model}): " + "; ".join(exc.errors))
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            except LLMAuthError as exc:
                 raise PlanningError(
                     f"the LLM server refused the credentials: {exc}; check OPENAI_API_KEY"
                 ) from exc
-            except PlanningError as exc:
+            except LLMCallError as exc:
                 only_rejections = False
                 reasons.append(f"tier {tier.name!r} ({tier.model}): {exc}")
     if only_rejections:
@@ -144,68 +197,27 @@ async def plan_with_tiers(
     raise PlanningError("every LLM tier failed: " + " | ".join(reasons))
 
 
-def _client(config: Config) -> openai.AsyncOpenAI:
-    import openai
-
-    base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = os.environ.get("OPENAI_API_KEY")
-    if not api_key and not base_url:
+def max_data_bytes(config: Config) -> int:
+    """``[plugins.planner_llm] max_data_bytes``: the cap on the quoted step data of a prompt."""
+    value = config.section("plugins", "planner_llm").get("max_data_bytes", DEFAULT_MAX_DATA_BYTES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_DATA_BYTES:
         raise ConfigError(
-            "no plan template matched and no LLM is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for an "
-            "OpenAI-compatible server), or set [models] base_url in agentkeel.toml"
+            f"invalid configuration in {config.source}: plugins.planner_llm.max_data_bytes: "
+            f"must be an integer >= {MIN_DATA_BYTES}, got {value!r}"
         )
-    retries = config.section("plugins", "planner_llm").get("max_retries", DEFAULT_MAX_RETRIES)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigError(
-            f"invalid configuration in {config.source}: plugins.planner_llm.max_retries: "
-            f"must be an integer >= 0, got {retries!r}"
-        )
-    return openai.AsyncOpenAI(
-        api_key=api_key or PLACEHOLDER_API_KEY,
-        base_url=base_url,
-        timeout=config.llm_timeout_s,
-        max_retries=retries,
-        http_client=openai.DefaultAsyncHttpxClient(
-            timeout=config.llm_timeout_s,
-            event_hooks={"request": [_on_request], "response": [_on_response]},
-        ),
-    )
-
-
-class _Attempts:
-    """What became of the HTTP requests one call sent (the client may retry)."""
-
-    __slots__ = ("error_answers", "sent")
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.error_answers = 0
-
-    @property
-    def all_refused(self) -> bool:
-        """Every request sent was answered with an HTTP error status: nothing to pay."""
-        return self.error_answers == self.sent
-
-
-_ATTEMPTS: contextvars.ContextVar[_Attempts | None] = contextvars.ContextVar("agentkeel_llm_attempts", default=None)
-
-
-async def _on_request(request: Any) -> None:
-    attempts = _ATTEMPTS.get()
-    if attempts is not None:
-        attempts.sent += 1
-
-
-async def _on_response(response: Any) -> None:
-    attempts = _ATTEMPTS.get()
-    if attempts is not None and getattr(response, "status_code", 200) >= 400:
-        attempts.error_answers += 1
+    return value
 
 
 def build_messages(
-    request: AgentRequest, context: MemoryContext, tools: Mapping[str, ToolSpec]
+    request: AgentRequest,
+    context: MemoryContext,
+    tools: Mapping[str, ToolSpec],
+    *,
+    progress: Progress | None = None,
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
 ) -> list[dict[str, str]]:
-    """The system prompt (tools, wire format, memory) and the user's message."""
+    """The system prompt (tools, wire format, memory; for a later revision what happened so
+    far, as quoted data) and the user's message."""
     lines = ["You plan tool calls for an agent. Tools you may use:"]
     for name in sorted(tools):
         spec = tools[name]
@@ -214,14 +226,51 @@ def build_messages(
         )
     if not tools:
         lines.append("(none: the plan must have no steps)")
-    lines += ["", _WIRE_FORMAT]
+    lines += ["", _wire_format(progress.next_step_id if progress is not None else 1)]
     memory = context.render()
     if memory:
         lines += ["", "What you know about this user and conversation:", memory]
+    if progress is not None:
+        lines += ["", _progress_text(progress, max_data_bytes)]
     return [
         {"role": "system", "content": "\n".join(lines)},
         {"role": "user", "content": request.message},
     ]
+
+
+def _progress_text(progress: Progress, max_data_bytes: int) -> str:
+    """What a planner asked for a later revision is told: what happened, and how to go on."""
+    n = progress.next_step_id
+    succeeded = sorted(progress.results)
+    if progress.reason == "replan":
+        why = ("A step of the plan failed (the failure is in the data below). Plan a different approach: "
+               "completed steps are not run again; steps that succeeded can be referenced by their ids "
+               "(an argument {\"$ref\": \"/N/field\"} or a \"when\" on step N). Do not plan the approach "
+               "that failed again; if the request cannot be done another way, answer with \"final\": true "
+               "and say what could not be done.")
+    else:
+        why = ("The steps planned so far have run, and you asked to observe their results (in the data "
+               "below). Plan the next round: the steps still needed (with \"observe\": true again if you "
+               "must see their results before deciding), or, when nothing more needs to run, "
+               "\"final\": true with your \"answer\" and no steps. Steps that ran are not run again; "
+               "those that succeeded can be referenced by their ids.")
+    refs = ", ".join(map(str, succeeded)) if succeeded else "none"
+    numbering = (f"Number the steps of your plan from {n}: its first step is step {n}, the next step "
+                 f"{n + 1}, and so on. Earlier steps that succeeded, which you may reference: {refs}.")
+    data = quote_steps(_steps_so_far(progress),
+                       extra={"failure": progress.failure} if progress.failure else None,
+                       max_bytes=max_data_bytes)
+    return "\n".join(["What happened so far:", why, numbering, data.text])
+
+
+def _steps_so_far(progress: Progress) -> list[StepResult]:
+    """Every step so far, in step order: its result, or, planned but never run, as pending."""
+    by_id = {s.step_id: s for s in progress.steps}
+    for plan in progress.plans:
+        for step in plan.steps:
+            by_id.setdefault(step.step_id, StepResult(step.step_id, step.tool_name, StepStatus.PENDING,
+                                                      tool_args=step.tool_args))
+    return [by_id[i] for i in sorted(by_id)]
 
 
 async def _plan_with_tier(
@@ -231,13 +280,16 @@ async def _plan_with_tier(
     tools: Mapping[str, ToolSpec],
     run: RunContext,
     no_json_schema: set[str],
+    first_step_id: int = 1,
+    earlier_results: Collection[int] = (),
 ) -> Plan:
-    """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or PlanningError."""
+    """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or LLMCallError."""
     planner = f"llm:{tier.name}"
-    max_steps = run.config.max_steps
+    checks: dict[str, Any] = {"planner": planner, "max_steps": run.config.max_steps, "run": run,
+                              "first_step_id": first_step_id, "earlier_results": earlier_results}
     answer, truncated = await _complete(client, tier, messages, tools, run, no_json_schema)
     try:
-        return validate_answer(answer, tools, planner=planner, truncated=truncated, max_steps=max_steps, run=run)
+        return validate_answer(answer, tools, truncated=truncated, **checks)
     except _InvalidAnswer as exc:
         repair = [
             *messages,
@@ -245,7 +297,7 @@ async def _plan_with_tier(
             {"role": "user", "content": _repair_prompt(exc.errors)},
         ]
     answer, truncated = await _complete(client, tier, repair, tools, run, no_json_schema)
-    return validate_answer(answer, tools, planner=planner, truncated=truncated, max_steps=max_steps, run=run)
+    return validate_answer(answer, tools, truncated=truncated, **checks)
 
 
 def _repair_prompt(errors: Sequence[str]) -> str:
@@ -261,8 +313,15 @@ def validate_answer(
     truncated: bool = False,
     max_steps: int = DEFAULT_MAX_STEPS,
     run: RunContext | None = None,
+    first_step_id: int = 1,
+    earlier_results: Collection[int] = (),
 ) -> Plan:
     """Parse and check one answer; raises _InvalidAnswer listing every problem.
+
+    The plan's steps are numbered from ``first_step_id``; a step may refer to an
+    earlier step of the plan and, below ``first_step_id``, only to the ids in
+    ``earlier_results`` (the earlier steps of the run that succeeded). A final
+    answer (``"final": true``) is a plan with no steps and ``answer`` set.
 
     A step naming a registered tool the principal may not call (``run.tools`` holds
     every registered tool, ``tools`` the permitted ones) is a refusal on permission
@@ -276,12 +335,12 @@ def validate_answer(
             [f"the plan has {len(steps)} steps, more than the {max_steps} allowed; plan fewer steps"]
         )
     try:
-        plan = parse_plan(data, planner=planner)
+        plan = parse_plan(data, planner=planner, first_step_id=first_step_id)
     except PlanRejectedError as exc:
         raise _InvalidAnswer(exc.reasons) from exc
     errors: list[str] = []
     for step in plan.steps:
-        where = f"steps[{step.step_id - 1}] (step {step.step_id})"
+        where = f"steps[{step.step_id - first_step_id}] (step {step.step_id})"
         spec = tools.get(step.tool_name)
         if spec is None:
             if run is not None and step.tool_name in run.tools:
@@ -301,6 +360,13 @@ def validate_answer(
         if later:
             errors.append(
                 f"{where}: refers to step(s) {later}; a step may only refer to earlier steps"
+            )
+        gone = sorted(d for d in step.depends_on if d < first_step_id and d not in earlier_results)
+        if gone:
+            allowed = ", ".join(map(str, sorted(earlier_results))) or "none"
+            errors.append(
+                f"{where}: refers to step(s) {gone} of an earlier plan, which have no result; "
+                f"refer only to earlier steps that succeeded ({allowed}) or to earlier steps of this plan"
             )
     if errors:
         raise _InvalidAnswer(errors)
@@ -328,15 +394,12 @@ async def _complete(
     run: RunContext,
     no_json_schema: set[str],
 ) -> tuple[str | None, bool]:
-    """One priced chat completion (with the json_schema -> json_object fallback).
+    """One priced chat completion with the json_schema -> json_object fallback.
 
     Returns the answer's text and whether it was cut off at ``max_tokens``.
-    """
-    import openai
-
+    Raises ``LLMCallError`` (``BudgetExceededError`` from the reservation)."""
     key = str(client.base_url)
     use_schema = key not in no_json_schema
-    deadline_s = run.config.tier_timeout_s(tier)
     while True:
         if use_schema:
             response_format: dict[str, Any] = {
@@ -345,117 +408,16 @@ async def _complete(
             }
         else:
             response_format = {"type": "json_object"}
-        # The bound covers everything sent: the messages and the response format's schema.
-        sent = [*messages, {"role": "system", "content": json.dumps(response_format)}]
-        prompt_bound = prompt_token_upper_bound(sent)
-        reservation = run.reserve_llm(tier.model, sent, tier.max_tokens)
-        attempts = _Attempts()
-        token = _ATTEMPTS.set(attempts)
         try:
-            async with asyncio.timeout(deadline_s):
-                response = await client.chat.completions.create(  # type: ignore[call-overload]
-                    model=tier.model,
-                    messages=messages,
-                    max_tokens=tier.max_tokens,
-                    temperature=tier.temperature,
-                    response_format=response_format,
-                    timeout=deadline_s,
-                )
-        except TimeoutError as exc:
-            if attempts.sent and attempts.all_refused:
-                reservation.release()  # waiting out a Retry-After: every answer so far was an error
-            else:
-                _settle_worst_case(run, reservation, tier, prompt_bound)
-            raise PlanningError(
-                f"{tier.model} did not answer within its {deadline_s:g} s deadline "
-                f"({attempts.sent} request(s) sent, retries and Retry-After waits included)"
-            ) from exc
-        except openai.BadRequestError as exc:
-            _settle_failed(run, reservation, tier, prompt_bound, attempts)
-            if use_schema:
+            done = await complete(client, tier, messages, run, response_format=response_format)
+        except LLMStatusError as exc:
+            # A 400 or a 500 to json_schema is taken for a server that cannot do it
+            # (llama_cpp.server answers json_schema with a 500): ask in JSON mode.
+            code = exc.status_code or 0
+            if use_schema and not isinstance(exc, LLMAuthError) and (code == 400 or code >= 500):
                 use_schema = False
                 continue
-            raise PlanningError(f"{tier.model} rejected the request (400): {exc.message}") from exc
-        except openai.InternalServerError as exc:
-            _settle_failed(run, reservation, tier, prompt_bound, attempts)
-            if use_schema:  # llama_cpp.server answers json_schema with a 500: ask in JSON mode
-                use_schema = False
-                continue
-            raise PlanningError(f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}") from exc
-        except openai.APIStatusError as exc:
-            _settle_failed(run, reservation, tier, prompt_bound, attempts)
-            if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-                raise
-            raise PlanningError(
-                f"{tier.model} failed with HTTP {exc.status_code}: {exc.message}"
-            ) from exc
-        except openai.APIConnectionError as exc:
-            if _never_sent(exc):
-                reservation.release()  # nothing reached a server: nothing to pay
-            else:
-                _settle_worst_case(run, reservation, tier, prompt_bound)
-            raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
-        except (openai.APIError, json.JSONDecodeError) as exc:
-            _settle_worst_case(run, reservation, tier, prompt_bound)
-            raise PlanningError(f"{tier.model} call failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            _ATTEMPTS.reset(token)
-        if response_format["type"] == "json_object":
+            raise
+        if not use_schema:
             no_json_schema.add(key)
-        _settle_usage(run, reservation, tier, prompt_bound, response.usage)
-        if not response.choices:
-            return None, False
-        choice = response.choices[0]
-        return choice.message.content, choice.finish_reason == "length"
-
-
-def _settle_usage(
-    run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int, usage: Any
-) -> None:
-    """Settle a call that succeeded to its reported usage, bounded by what was reserved."""
-    if usage is None:
-        _settle_worst_case(run, reservation, tier, prompt_bound)
-        return
-    billed, problems = bounded_usage(
-        getattr(usage, "prompt_tokens", None),
-        getattr(usage, "completion_tokens", None),
-        prompt_bound=prompt_bound,
-        max_tokens=tier.max_tokens,
-    )
-    if problems:
-        log.warning(
-            "%s (tier %r) reported unusable usage: %s; billed %d prompt and %d completion tokens "
-            "instead (the bounds reserved for the call), marked estimated",
-            tier.model, tier.name, "; ".join(problems), billed.input_tokens, billed.output_tokens,
-        )
-    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=billed, estimated=bool(problems))
-
-
-def _settle_failed(
-    run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int, attempts: _Attempts
-) -> None:
-    """A call that ended in an HTTP error status: free, unless an earlier attempt's fate is unknown."""
-    if attempts.all_refused:
-        reservation.release()
-    else:  # an earlier attempt timed out or lost its connection, then the client retried
-        _settle_worst_case(run, reservation, tier, prompt_bound)
-
-
-def _settle_worst_case(run: RunContext, reservation: Reservation, tier: ModelTier, prompt_bound: int) -> None:
-    worst = Usage(prompt_bound, tier.max_tokens)
-    run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=worst, estimated=True)
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True when the request provably never reached a server: behind the error is the
-    HTTP library's ``ConnectError`` (refused, unresolvable) or ``ConnectTimeout``.
-    Matched by class name, so this works whichever HTTP library the client uses."""
-    cause: BaseException | None = exc
-    seen = 0
-    while cause is not None and seen < 20:
-        names = {klass.__name__ for klass in type(cause).__mro__}
-        if names & {"ConnectError", "ConnectTimeout"}:
-            return True
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return False
+        return done.text, done.truncated

@@ -10,8 +10,14 @@ Wire format (what an LLM or a template emits)::
                 "when": {"ref": "/1/status", "op": "eq", "value": "shipped"},
                 "expect": {"required": ["refund_id"]}}]}
 
-Steps are numbered from 1 in order. ``{"$ref": "/N/a/b"}`` is a JSON Pointer
-into the result of step N (which must come earlier). ``when`` is a condition:
+Steps are numbered from 1 in order (a later revision of a run's plan, after a
+replan or a round, from the step id it is given: ids are unique within a run).
+``{"$ref": "/N/a/b"}`` is a JSON Pointer into the result of step N (which must
+come earlier; in a later revision, any earlier step of the run that succeeded).
+A step may be ``"optional": true``: when its tool is unavailable the run goes on
+without it and ends ``degraded``. At the top level, ``"observe": true`` marks a
+round (the planner sees the results and plans again) and ``"final": true`` with
+``"answer"`` ends the rounds with the planner's answer and no steps. ``when`` is a condition:
 ``{"ref", "op", "value"}`` with op in eq, ne, in, not_in, gt, ge, lt, le,
 exists, truthy; or ``{"all": [...]}``, ``{"any": [...]}``, ``{"not": {...}}``.
 Conditions are data evaluated here, never code. ``expect`` is a JSON Schema
@@ -30,7 +36,7 @@ import jsonschema
 import re2
 
 from agentkeel.errors import PlanRejectedError
-from agentkeel.types import Plan, PlanStep
+from agentkeel.types import AnswerTemplate, Plan, PlanStep
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "eq": operator.eq,
@@ -97,6 +103,9 @@ def plan_wire_schema(tool_names: Iterable[str] | None = None) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             "reasoning": {"type": "string"},
+            "observe": {"type": "boolean"},
+            "final": {"type": "boolean"},
+            "answer": {"type": "string"},
             "steps": {
                 "type": "array",
                 "items": {
@@ -109,6 +118,7 @@ def plan_wire_schema(tool_names: Iterable[str] | None = None) -> dict[str, Any]:
                         "tool_args": {"type": "object"},
                         "when": CONDITION_SCHEMA["$defs"]["cond"],
                         "expect": {"type": "object"},
+                        "optional": {"type": "boolean"},
                     },
                 },
             },
@@ -118,6 +128,7 @@ def plan_wire_schema(tool_names: Iterable[str] | None = None) -> dict[str, Any]:
 
 
 _WIRE_VALIDATOR = jsonschema.Draft202012Validator(plan_wire_schema())
+_CONDITION_VALIDATOR = jsonschema.Draft202012Validator(CONDITION_SCHEMA)
 
 
 class RefError(LookupError):
@@ -137,13 +148,39 @@ def wire_errors(data: Any) -> list[str]:
     return [f"{_where(e.absolute_path)}: {e.message}" for e in _WIRE_VALIDATOR.iter_errors(data)]
 
 
-def parse_plan(data: Any, planner: str = "") -> Plan:
-    """Validate wire-format ``data`` and build a ``Plan``. Raises ``PlanRejectedError``."""
+def shape_errors(data: Mapping[str, Any]) -> list[str]:
+    """What is wrong with how a (schema-valid) plan combines ``final``, ``answer`` and ``observe``."""
+    final, observe, has_steps = bool(data.get("final")), bool(data.get("observe")), bool(data["steps"])
+    errors = []
+    if final and has_steps:
+        errors.append('a plan with "final": true ends the run with its "answer" and must have no steps; '
+                      'to run steps first, leave "final" out (and set "observe": true to see their results)')
+    if final and observe:
+        errors.append('"final" and "observe" exclude each other: a final plan ends the rounds')
+    if final and not str(data.get("answer", "")).strip():
+        errors.append('a plan with "final": true needs a non-empty "answer"')
+    if "answer" in data and not final:
+        errors.append('"answer" is only for a final plan: add "final": true (and no steps), or drop it')
+    if observe and not has_steps:
+        errors.append('a plan with "observe": true needs steps to observe; with nothing to run, answer '
+                      'with "final": true instead')
+    return errors
+
+
+def parse_plan(
+    data: Any, planner: str = "", *, first_step_id: int = 1, answer_template: AnswerTemplate | None = None
+) -> Plan:
+    """Validate wire-format ``data`` and build a ``Plan`` whose steps are numbered from
+    ``first_step_id``. Raises ``PlanRejectedError`` listing every problem."""
     errors = wire_errors(data)
+    if not errors:
+        errors = shape_errors(data)
     if errors:
         raise PlanRejectedError(errors)
+    if isinstance(first_step_id, bool) or not isinstance(first_step_id, int) or first_step_id < 1:
+        raise ValueError(f"first_step_id must be an integer >= 1, got {first_step_id!r}")
     steps = []
-    for index, raw in enumerate(data["steps"], start=1):
+    for index, raw in enumerate(data["steps"], start=first_step_id):
         args = raw["tool_args"]
         when = raw.get("when")
         arg_refs = frozenset(refs_in_args(args))
@@ -160,18 +197,46 @@ def parse_plan(data: Any, planner: str = "") -> Plan:
                 expect=raw.get("expect"),
                 depends_on=frozenset(depends),
                 arg_refs=arg_refs,
+                optional=bool(raw.get("optional", False)),
             )
         )
-    return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner)
+    return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner,
+                observe=bool(data.get("observe", False)),
+                answer=data["answer"] if data.get("final") else None,
+                answer_template=_answer_template(answer_template))
 
 
 def plan_from_dict(data: Mapping[str, Any]) -> Plan:
     """Rebuild a ``Plan`` from ``Plan.to_dict()`` output (as journaled)."""
-    wire = {
+    raw_steps = data.get("steps", [])
+    wire: dict[str, Any] = {
         "reasoning": data.get("reasoning", ""),
-        "steps": [{k: v for k, v in step.items() if k != "step_id"} for step in data.get("steps", [])],
+        "steps": [{k: v for k, v in step.items() if k != "step_id"} for step in raw_steps],
     }
-    return parse_plan(wire, planner=data.get("planner", ""))
+    for key in ("observe", "final", "answer"):
+        if key in data:
+            wire[key] = data[key]
+    first = int(raw_steps[0].get("step_id", 1)) if raw_steps else 1
+    return parse_plan(wire, planner=data.get("planner", ""), first_step_id=first,
+                      answer_template=data.get("answer_template"))
+
+
+def _answer_template(value: Any) -> AnswerTemplate | None:
+    """An answer template as a ``Plan`` holds it (text, or a tuple of choices), checked."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(c, Mapping) and isinstance(c.get("text"), str) and set(c) <= {"when", "text"} for c in value
+    ):
+        for choice in value:
+            if "when" in choice:
+                errors = [e.message for e in _CONDITION_VALIDATOR.iter_errors(choice["when"])]
+                if errors:
+                    raise PlanRejectedError([f"answer template condition {choice['when']!r}: {errors[0]}"])
+        return tuple(dict(c) for c in value)
+    raise PlanRejectedError([
+        "an answer template is text, or a list of {\"when\": condition, \"text\": text} choices; "
+        f"got {value!r}"])
 
 
 def _pointer_step(pointer: str) -> int:
@@ -285,27 +350,74 @@ class PlanTemplate:
     String values in ``tool_args`` may contain ``{group}`` placeholders, filled
     from the match. A value that is exactly one placeholder is converted to the
     type the tool's schema asks for (integer or number) by the rule planner.
+
+    ``answer`` is what the deterministic responder answers when the plan ran:
+    text whose ``{N.field}`` placeholders render step N's result (``{N.field:.2f}``
+    takes a format spec; ``{group}`` placeholders are filled from the match), or
+    a list of ``{"when": condition, "text": ...}`` choices, the first whose
+    condition (the plan's condition language) holds on the results.
+
+    ``replan`` is a different approach, planned (once) when a step of this
+    template's plan fails and recovery decides to replan: steps numbered after
+    the template's own (a ``{"$ref"}`` to step 1 still means the template's first
+    step), answered by ``replan_answer``.
     """
 
     pattern: str
     steps: tuple[Mapping[str, Any], ...] = attrs.field(converter=_as_steps)
     reasoning: str = ""
     name: str = ""
+    answer: Any = None
+    replan: tuple[Mapping[str, Any], ...] = attrs.field(default=(), converter=_as_steps)
+    replan_answer: Any = None
+    replan_reasoning: str = ""
     _regex: Any = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_regex", _template_regex(self.pattern, self.name))
+        for what, value in (("answer", self.answer), ("replan_answer", self.replan_answer)):
+            try:
+                _answer_template(value)
+            except PlanRejectedError as exc:
+                raise ValueError(f"plan template {self.name or self.pattern!r}: {what}: {exc}") from None
 
-    def match(self, message: str) -> dict[str, Any] | None:
-        """The wire-format plan for ``message``, or None when the pattern does not match."""
+    def _groups(self, message: str) -> dict[str, str] | None:
         m = self._regex.fullmatch(message.strip())
         if m is None:
             return None
-        groups = {k: v for k, v in m.groupdict().items() if v is not None}
-        return {
+        return {k: v for k, v in m.groupdict().items() if v is not None}
+
+    def match(self, message: str) -> dict[str, Any] | None:
+        """The wire-format plan for ``message``, or None when the pattern does not match.
+
+        The filled answer template, if any, is under ``"answer_template"`` (not wire format)."""
+        groups = self._groups(message)
+        if groups is None:
+            return None
+        wire: dict[str, Any] = {
             "reasoning": self.reasoning or f"matched template {self.name or self.pattern!r}",
             "steps": [_fill(step, groups) for step in self.steps],
         }
+        if self.answer is not None:
+            wire["answer_template"] = _fill(_listed(self.answer), groups)
+        return wire
+
+    def match_replan(self, message: str) -> dict[str, Any] | None:
+        """The wire-format replan for ``message`` (None without ``replan`` steps or a match)."""
+        groups = self._groups(message) if self.replan else None
+        if groups is None:
+            return None
+        wire: dict[str, Any] = {
+            "reasoning": self.replan_reasoning or f"the other approach of template {self.name or self.pattern!r}",
+            "steps": [_fill(step, groups) for step in self.replan],
+        }
+        if self.replan_answer is not None:
+            wire["answer_template"] = _fill(_listed(self.replan_answer), groups)
+        return wire
+
+
+def _listed(value: Any) -> Any:
+    return [dict(c) for c in value] if isinstance(value, (list, tuple)) else value
 
 
 def _template_regex(pattern: Any, name: str) -> Any:

@@ -12,22 +12,26 @@ at most a few tens of milliseconds, whatever the message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agentkeel.context import RunContext
 from agentkeel.markers import hookimpl
 from agentkeel.planner.plan import PlanTemplate, parse_plan
-from agentkeel.types import AgentRequest, Plan, ToolSpec
+from agentkeel.types import AgentRequest, Plan, Progress, ToolSpec
 
 TEMPLATE_MAX_CHARS = 256 * 1024
 """The longest message (in characters) the templates are matched against."""
 
 
 @hookimpl(tryfirst=True)
-def agentkeel_plan(request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate]) -> Plan | None:
+def agentkeel_plan(
+    request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate], progress: Progress | None = None
+) -> Plan | None:
     if len(request.message) > TEMPLATE_MAX_CHARS:
         return None
+    if progress is not None:
+        return _replan(request, run, templates, progress)
     registry = run.tools
     for template in templates:
         wire = template.match(request.message)
@@ -38,10 +42,33 @@ def agentkeel_plan(request: AgentRequest, run: RunContext, templates: Sequence[P
         # Templates are fixed text, not model output: a step naming a tool the
         # principal may not call is kept, so the request is denied (and audited)
         # rather than sent to another planner.
-        for step in wire["steps"]:
-            _coerce_args(step, registry[step["tool_name"]])
-        return parse_plan(wire, planner=f"rules:{template.name or template.pattern}")
+        return _plan(wire, registry, f"rules:{template.name or template.pattern}", 1)
     return None
+
+
+def _replan(request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate], progress: Progress) -> Plan | None:
+    """A template's ``replan`` steps, once, when the plan that failed was that template's
+    first plan (rule templates are single-round: they never plan a round)."""
+    if progress.reason != "replan" or len(progress.plans) != 1:
+        return None
+    planner = progress.plans[0].planner
+    for template in templates:
+        if f"rules:{template.name or template.pattern}" != planner:
+            continue
+        wire = template.match_replan(request.message)
+        if wire is None or any(step.get("tool_name") not in run.tools for step in wire["steps"]):
+            return None
+        if progress.next_step_id != len(template.steps) + 1:
+            return None  # not the template's own first plan: its numbering would not hold
+        return _plan(wire, run.tools, f"{planner}:replan", progress.next_step_id)
+    return None
+
+
+def _plan(wire: dict[str, Any], registry: Mapping[str, ToolSpec], planner: str, first: int) -> Plan:
+    answer = wire.pop("answer_template", None)
+    for step in wire["steps"]:
+        _coerce_args(step, registry[step["tool_name"]])
+    return parse_plan(wire, planner=planner, first_step_id=first, answer_template=answer)
 
 
 def _coerce_args(step: dict[str, Any], spec: ToolSpec) -> None:

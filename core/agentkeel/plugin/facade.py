@@ -18,6 +18,7 @@ from agentkeel.permissions.gate import combine_decisions
 from agentkeel.plugin.manager import DEFAULT_NAMES, LoadedPlugins, own_version, plugin_label
 from agentkeel.types import (
     AgentRequest,
+    Answer,
     AgentResponse,
     Decision,
     Event,
@@ -26,7 +27,10 @@ from agentkeel.types import (
     Plan,
     PlanStep,
     Principal,
+    Progress,
     RecoveryDecision,
+    RunStatus,
+    StepResult,
     ToolSpec,
     Verdict,
 )
@@ -50,7 +54,7 @@ class Plugins:
         self.has_observers = bool(self.hook.agentkeel_event.get_hookimpls())
         impls = self.hook.agentkeel_call_tool.get_hookimpls()
         self.wraps_tool_calls = any(i.wrapper or i.hookwrapper for i in impls) or _replaced_default(impls)
-        self._planners: list[tuple[str, pluggy.HookCaller]] | None = None
+        self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
 
     # --- registration -----------------------------------------------------------
 
@@ -119,35 +123,61 @@ class Plugins:
         tools: Mapping[str, ToolSpec],
         run: RunContext,
         templates: Sequence[PlanTemplate],
+        progress: Progress | None = None,
     ) -> Plan | None:
-        """Ask each planner in turn until one returns a plan.
+        """Ask each planner in turn until one returns a plan (``progress``: a later revision)."""
+        planned = await self._first_result(
+            "agentkeel_plan", Plan, request=request, context=context, tools=tools, run=run, templates=templates,
+            progress=progress)
+        return planned if isinstance(planned, Plan) else None
 
-        pluggy's firstresult stops at the first non-None value, and an async
-        planner's coroutine is never None, even when it resolves to None; so each
-        planner is called through its own subset hook caller (wrappers included)
-        and awaited before the next one is asked.
+    async def respond(
+        self,
+        request: AgentRequest,
+        status: RunStatus,
+        detail: str,
+        plan: Plan | None,
+        steps: Sequence[StepResult],
+        context: MemoryContext,
+        run: RunContext | None,
+    ) -> Answer | None:
+        """Ask each responder in turn until one answers."""
+        answer = await self._first_result(
+            "agentkeel_respond", Answer, request=request, status=status, detail=detail, plan=plan, steps=steps,
+            context=context, run=run)
+        return answer if isinstance(answer, Answer) else None
+
+    async def _first_result(self, hook_name: str, kind: type, **kwargs: Any) -> Any:
+        """The first non-None result of a firstresult hook whose implementations may be async.
+
+        pluggy's firstresult stops at the first non-None value, and a coroutine is
+        never None, even when it resolves to None; so each implementation is called
+        through its own subset hook caller (wrappers included) and awaited before
+        the next one is asked.
         """
-        for name, caller in self._planner_callers():
-            planned = caller(request=request, context=context, tools=tools, run=run, templates=templates)
-            if inspect.isawaitable(planned):
-                planned = await planned
-            if planned is None:
+        for name, caller in self._callers_of(hook_name):
+            result = caller(**kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is None:
                 continue
-            if not isinstance(planned, Plan):
-                raise PluginError(name, f"agentkeel_plan returned {type(planned).__name__}, not a Plan or None")
-            return planned
+            if not isinstance(result, kind):
+                raise PluginError(name, f"{hook_name} returned {type(result).__name__}, not a {kind.__name__} or None")
+            return result
         return None
 
-    def _planner_callers(self) -> list[tuple[str, pluggy.HookCaller]]:
-        if self._planners is None:
-            impls = [i for i in self.hook.agentkeel_plan.get_hookimpls() if not (i.wrapper or i.hookwrapper)]
-            planners = [impl.plugin for impl in reversed(impls)]  # pluggy's call order
-            self._planners = [
+    def _callers_of(self, hook_name: str) -> list[tuple[str, pluggy.HookCaller]]:
+        callers = self._callers.get(hook_name)
+        if callers is None:
+            impls = [i for i in getattr(self.hook, hook_name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+            plugins = [impl.plugin for impl in reversed(impls)]  # pluggy's call order
+            callers = [
                 (plugin_label(self.pm, p), self.pm.subset_hook_caller(
-                    "agentkeel_plan", remove_plugins=[q for q in planners if q is not p]))
-                for p in planners
+                    hook_name, remove_plugins=[q for q in plugins if q is not p]))
+                for p in plugins
             ]
-        return self._planners
+            self._callers[hook_name] = callers
+        return callers
 
     def check_plan(self, plan: Plan, tools: Mapping[str, ToolSpec], principal: Principal) -> list[str]:
         problems: list[str] = []

@@ -47,6 +47,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.tools.router",
     "agentkeel.evaluator.default",
     "agentkeel.recovery.default",
+    "agentkeel.responder.llm:LLMResponder",
+    "agentkeel.responder.default",
 )
 
 # Names the default plugins had before they were registered by dotted name.

@@ -2,7 +2,11 @@
 
 Retry only tools that are idempotent or take the idempotency key, with
 exponential backoff and full jitter; then the declared fallback tool; otherwise
-fail the step. A non-idempotent tool is never retried.
+replan ("try a different approach": the planner is asked again with the results
+so far and the failure) while ``[recovery] max_replans`` (default 1) is above 0,
+else fail the step. A non-idempotent tool is never retried. Compensations are
+never replanned (the host ignores "replan" for them). The host counts the
+replans of a run and fails the step once they are used up.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def agentkeel_recover(
         )
     if tool.fallback:
         return RecoveryDecision("fallback", f"{tool.name} failed; trying its fallback", fallback_tool=tool.fallback)
+    action = "replan" if config.max_replans > 0 and not step.optional else "fail"
     if not tool.retry_safe:
-        return RecoveryDecision("fail", f"{tool.name} is not idempotent and takes no idempotency key: not retried")
-    return RecoveryDecision("fail", f"{tool.name} failed after {attempt} attempt(s)")
+        return RecoveryDecision(action, f"{tool.name} is not idempotent and takes no idempotency key: not retried")
+    return RecoveryDecision(action, f"{tool.name} failed after {attempt} attempt(s)")

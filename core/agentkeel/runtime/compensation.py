@@ -132,8 +132,8 @@ class Compensation:
             return (f"{where}: its compensation {comp.name} was given up at its timeout and may or may not "
                     f"have run; {comp.name} is not retry-safe, so a human must check it")
         self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "compensation", result))
-        self.runner.plugins.event("step_compensated", self.run.run_id, step_id=step.step_id, tool=comp.name,
-                                  error=result.error)
+        self.run.emit("step_compensated", step_id=step.step_id, tool=comp.name, status=result.status.value,
+                      error=result.error)
         if result.status is StepStatus.SUCCEEDED:
             return None
         return f"{where} left uncompensated: {comp.name} {result.status.value}: {result.error}"

@@ -4,6 +4,7 @@ rebuilding a run's steps and duration for ``show`` and rollback."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -12,7 +13,7 @@ from agentkeel.errors import AgentkeelError
 from agentkeel.journal.base import Journal, RunState, StepRecord
 from agentkeel.runtime.executor import step_result_from_record
 from agentkeel.runtime.lease import HeldLease
-from agentkeel.types import Plan, RunStatus, StepResult, StepStatus
+from agentkeel.types import Plan, PlanRevision, RunStatus, StepResult, StepStatus
 
 if TYPE_CHECKING:
     from agentkeel.tools.registry import ToolRegistry
@@ -62,22 +63,43 @@ def resolve(held: HeldLease, state: RunState, resolutions: dict[int, bool]) -> l
     return written
 
 
-def steps_from_journal(plan: Plan, state: RunState) -> list[StepResult]:
-    """Each step of ``plan`` as the journal last recorded it (pending when never run)."""
+def revisions_of(state: RunState) -> list[PlanRevision]:
+    """The run's plan revisions, oldest first (at least one for a run with a plan)."""
+    from agentkeel.planner.plan import plan_from_dict
+
+    records = state.revisions
+    if not records:
+        return [PlanRevision(1, "initial", plan_from_dict(state.run.plan), state.run.planning_cost_usd)]
+    return [PlanRevision(r.revision, r.reason, plan_from_dict(r.plan), r.planning_cost_usd) for r in records]
+
+
+def steps_from_journal(plans: Plan | Sequence[Plan], state: RunState) -> list[StepResult]:
+    """Each step of every plan revision as the journal last recorded it: pending when
+    never run, skipped when a later revision replaced it before it ran."""
+    plans = [plans] if isinstance(plans, Plan) else list(plans)
     out = []
-    for step in plan.steps:
-        intent, outcome = state.forward(step.step_id)
-        if outcome is not None:
-            result = step_result_from_record(outcome)
-            _, undo = state.compensation(step.step_id)
-            if undo is not None and undo.status == StepStatus.SUCCEEDED.value:
-                result = attrs.evolve(result, status=StepStatus.COMPENSATED)
-        elif intent is not None:
-            result = StepResult(step.step_id, intent.tool_name, StepStatus.RUNNING, intent.args,
-                                error="started; no outcome recorded")
-        else:
-            result = StepResult(step.step_id, step.tool_name, StepStatus.PENDING, step.tool_args)
-        out.append(result)
+    seen: set[int] = set()
+    for number, plan in enumerate(plans, start=1):
+        superseded = number < len(plans)
+        for step in plan.steps:
+            if step.step_id in seen:
+                continue
+            seen.add(step.step_id)
+            intent, outcome = state.forward(step.step_id)
+            if outcome is not None:
+                result = step_result_from_record(outcome)
+                _, undo = state.compensation(step.step_id)
+                if undo is not None and undo.status == StepStatus.SUCCEEDED.value:
+                    result = attrs.evolve(result, status=StepStatus.COMPENSATED)
+            elif intent is not None:
+                result = StepResult(step.step_id, intent.tool_name, StepStatus.RUNNING, intent.args,
+                                    error="started; no outcome recorded")
+            elif superseded:
+                result = StepResult(step.step_id, step.tool_name, StepStatus.SKIPPED, step.tool_args,
+                                    error=f"not run: replaced by plan revision {number + 1}")
+            else:
+                result = StepResult(step.step_id, step.tool_name, StepStatus.PENDING, step.tool_args)
+            out.append(result)
     return out
 
 

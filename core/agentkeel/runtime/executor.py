@@ -2,11 +2,14 @@
 
 For each step: dependencies and condition, references resolved, arguments
 validated, then ``StepRunner.run_call``: permission decided and audited, the
-tool router (budget, rate limit, breaker, journal intent, sandbox), the
+approval (when the call needs one: else the run stops ``waiting``), the tool router (budget, rate limit, breaker, journal intent, sandbox), the
 evaluator, recovery (retry only when retry-safe, then the fallback tool, else
-fail); and the outcome journaled before the next step starts. A step that fails
-or is denied aborts the run: later steps do not run and steps that took effect
-are compensated (``compensation.py``, through the same ``StepRunner``).
+fail, or replan); and the outcome journaled before the next step starts. A step
+that fails or is denied aborts the plan: later steps do not run; the pipeline
+then replans (when recovery asked for it) or aborts the run, compensating the
+steps that took effect (``compensation.py``, through the same ``StepRunner``).
+An ``optional`` step that failed without taking effect does not abort: the run
+goes on and ends ``degraded``.
 
 A tool that ran has had its effect. When the evaluator rejects the result of a
 tool that is not retry-safe, the step fails at once (no retry, no fallback: a
@@ -48,11 +51,17 @@ from agentkeel.types import (
 
 if TYPE_CHECKING:
     from agentkeel.context import RunContext
+    from agentkeel.permissions.approvals import ApprovalGate
     from agentkeel.plugin.facade import Plugins
     from agentkeel.runtime.lease import HeldLease
     from agentkeel.types import Plan
 
 ABORTING = (StepStatus.FAILED, StepStatus.DENIED)
+
+BUDGET = "budget"
+"""``run_call``'s signal: the budget ran out."""
+REPLAN = "replan"
+"""``run_call``'s signal: recovery asked for a different plan."""
 
 AuditDecision = Callable[["RunContext", str, Decision, "Mapping[str, Any] | None"], None]
 
@@ -74,6 +83,7 @@ class StepRunner:
     tools: Mapping[str, ToolSpec]
     router: ToolRouter
     audit: AuditDecision
+    approvals: ApprovalGate | None = None
 
     async def run_call(
         self,
@@ -86,8 +96,9 @@ class StepRunner:
         lease: HeldLease,
         validate: bool,
         started: float,
-    ) -> tuple[StepResult, bool]:
-        """The step's result (its tool: the last one tried) and whether the budget ran out."""
+    ) -> tuple[StepResult, str | None]:
+        """The step's result (its tool: the last one tried) and a signal: ``BUDGET`` when
+        the budget ran out, ``REPLAN`` when recovery asked for a different plan, else None."""
         plugins = self.plugins
 
         def finish(status: StepStatus, result: Any = None, error: str | None = None, verdict: Verdict | None = None,
@@ -100,13 +111,18 @@ class StepRunner:
             if validate:
                 problems = args_errors(spec, args)
                 if problems:
-                    return finish(StepStatus.FAILED, error="; ".join(problems)), False
+                    return finish(StepStatus.FAILED, error="; ".join(problems)), None
                 validate = False
             decision = plugins.authorize(run.principal, spec, args)
             self.audit(run, spec.name, decision, args)
             if not decision.allowed:
                 status = StepStatus.WAITING if decision.wait else StepStatus.DENIED
-                return finish(status, error=decision.reason), False
+                return finish(status, error=decision.reason), None
+            if (attempt == 0 and kind == "forward" and self.approvals is not None
+                    and self.approvals.needs_approval(run.principal, spec, args)):
+                stop = self.approvals.check(run, step.step_id, spec, args, lease)
+                if stop is not None:
+                    return finish(stop[0], error=stop[1]), None
             attempt += 1
             rejected: tuple[Any, Verdict] | None = None  # a result the evaluator turned down
             try:
@@ -114,12 +130,12 @@ class StepRunner:
                     run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=lease.intent
                 )
             except BudgetExceededError as exc:
-                return finish(StepStatus.FAILED, error=str(exc)), True
+                return finish(StepStatus.FAILED, error=str(exc)), BUDGET
             except CallFailure as failure:
                 if failure.timed_out and not spec.retry_safe:
                     # Given up at the deadline: it may have taken effect, or still may. Running it
                     # again could repeat the effect; compensating it could undo one that never happened.
-                    return finish(StepStatus.IN_DOUBT, error=str(failure)), False
+                    return finish(StepStatus.IN_DOUBT, error=str(failure)), None
                 error, retryable = str(failure), failure.retryable
             else:
                 try:
@@ -131,7 +147,7 @@ class StepRunner:
                 else:
                     verdict = plugins.evaluate(step, spec, result)
                 if verdict.passed:
-                    return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), False
+                    return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), None
                 error = f"evaluator rejected the result: {verdict.reason}"
                 if not spec.retry_safe:
                     # The tool ran: its effect stands. Trying again, or another tool, would repeat it.
@@ -139,12 +155,13 @@ class StepRunner:
                         StepStatus.FAILED, result, verdict=verdict, cost=spec.cost_usd,
                         error=f"{error} ({spec.name} is not retry-safe: its effect stands and is "
                         "compensated if the run aborts)",
-                    ), False
+                    ), None
                 retryable = True
                 rejected = (result, verdict)
             recovery = plugins.recover(step, spec, error, attempt, retryable, run)
-            plugins.event("step_attempt_failed", run.run_id, step_id=step.step_id, error=error,
-                          action=recovery.action, call_kind=kind)
+            if run.listened:
+                run.emit("step_attempt_failed", step_id=step.step_id, error=error, action=recovery.action,
+                         call_kind=kind)
             if recovery.action == "retry" and spec.retry_safe:
                 if recovery.delay_s > 0:
                     await asyncio.sleep(recovery.delay_s)
@@ -155,14 +172,16 @@ class StepRunner:
                 attempt = 0
                 validate = True
                 continue
+            signal = REPLAN if recovery.action == "replan" and kind == "forward" else None
             if rejected is None:
-                return finish(StepStatus.FAILED, error=f"{error} ({recovery.reason})"), False
+                return finish(StepStatus.FAILED, error=f"{error} ({recovery.reason})"), signal
             return finish(StepStatus.FAILED, rejected[0], error=f"{error} ({recovery.reason})", verdict=rejected[1],
-                          cost=spec.cost_usd), False
+                          cost=spec.cost_usd), signal
 
 
 class PlanExecutor:
-    """Runs the steps of one plan for one run, journaling as it goes."""
+    """Runs the steps of a run's plan revisions, one ``execute`` per revision, journaling
+    as it goes; results and outcomes carry over from one revision to the next."""
 
     def __init__(self, runner: StepRunner, run: RunContext, lease: HeldLease, state: RunState | None = None) -> None:
         self.runner = runner
@@ -173,14 +192,27 @@ class PlanExecutor:
         self.outcomes: dict[int, StepResult] = {}
         self.budget_exhausted = False
         self.condition_skipped: set[int] = set()
+        self.degraded: list[StepResult] = []
+        """Optional steps that failed without taking effect: the run went on without them."""
+        self.replan_step: StepResult | None = None
+        """The failed step whose recovery asked for a replan (set by ``execute``)."""
         self.status = RunStatus.SUCCEEDED
         self.detail = ""
+        if state is not None:  # earlier revisions' results, for references and dependencies
+            for record in state.steps:
+                if record.kind == "forward" and record.phase == "outcome" and record.status != "pending":
+                    self.outcomes[record.step_id] = step_result_from_record(record)
+                    if record.status == StepStatus.SUCCEEDED.value:
+                        self.results[record.step_id] = record.result
+                    if record.status == StepStatus.SKIPPED.value and record.error == "condition not met":
+                        self.condition_skipped.add(record.step_id)
 
     async def execute(self, plan: Plan) -> list[StepResult]:
-        """Run (or resume) every step; sets ``status`` and ``detail``."""
+        """Run (or resume) every step of ``plan``; sets ``status``, ``detail`` and ``replan_step``."""
+        self.status, self.detail, self.replan_step = RunStatus.SUCCEEDED, "", None
         out: list[StepResult] = []
         stopped_at: PlanStep | None = None
-        plugins = self.runner.plugins
+        run = self.run
         for step in plan.steps:
             result = self._recorded(step)
             if result is None:
@@ -189,13 +221,16 @@ class PlanExecutor:
                     stopped_at = step
                     break
                 self.lease.keep()
-                result = await self.execute_step(step)
+                if run.listened:
+                    run.emit("step_started", step_id=step.step_id, tool=step.tool_name,
+                             description=step.description)
+                result, signal = await self.execute_step(step)
                 if result.status is StepStatus.IN_DOUBT:
                     # No outcome is journaled: the journal says what is known (started, never
                     # finished), so a resume asks a human exactly as after a crash.
                     self.status = RunStatus.IN_DOUBT
                     self.detail = in_doubt_detail(
-                        self.run.run_id, step.step_id, result.tool_name, result.tool_args,
+                        run.run_id, step.step_id, result.tool_name, result.tool_args,
                         f"was given up at its timeout ({result.error}) and may have taken effect or still may",
                     )
                     result = attrs.evolve(result, error=self.detail)
@@ -207,14 +242,24 @@ class PlanExecutor:
                     self.status = RunStatus.WAITING
                     self.detail = f"step {step.step_id} ({step.tool_name}) is waiting: {result.error}"
                     out.append(result)
+                    if run.listened:
+                        run.emit("step_finished", step=result)
                     stopped_at = step
                     break
-                self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "forward", result))
-                plugins.event("step_finished", self.run.run_id, step=result)
+                self.lease.outcome(outcome_record(run.run_id, step.step_id, "forward", result))
+                if run.listened:
+                    run.emit("step_finished", step=result)
+                if signal == REPLAN and result.status is StepStatus.FAILED:
+                    self.replan_step = result
             self.outcomes[step.step_id] = result
             if result.status is StepStatus.SUCCEEDED:
                 self.results[step.step_id] = result.result
             out.append(result)
+            if (step.optional and result.status is StepStatus.FAILED and not took_effect(result)
+                    and not self.budget_exhausted):
+                self.degraded.append(result)  # unavailable: the run goes on without it
+                self.replan_step = None
+                continue
             if result.status in ABORTING or self.budget_exhausted:
                 self.status = (
                     RunStatus.BUDGET_EXHAUSTED if self.budget_exhausted
@@ -232,6 +277,11 @@ class PlanExecutor:
                 if step.step_id > stopped_at.step_id and step.step_id not in self.outcomes:
                     out.append(StepResult(step.step_id, step.tool_name, status, step.tool_args,
                                           error=f"not run: {reason} at step {stopped_at.step_id}"))
+        elif self.degraded and self.status is RunStatus.SUCCEEDED:
+            self.status = RunStatus.DEGRADED
+            self.detail = "; ".join(
+                f"optional step {s.step_id} ({s.tool_name}) was unavailable and skipped: {s.error}"
+                for s in self.degraded)
         return out
 
     # --- resume -----------------------------------------------------------------
@@ -266,32 +316,32 @@ class PlanExecutor:
 
     # --- one step ---------------------------------------------------------------
 
-    async def execute_step(self, step: PlanStep) -> StepResult:
+    async def execute_step(self, step: PlanStep) -> tuple[StepResult, str | None]:
         started = perf_counter()
         for dep in step.depends_on:
             dep_result = self.outcomes.get(dep)
             if dep_result is None or dep_result.status is not StepStatus.SUCCEEDED:
                 if dep in self.condition_skipped:
                     self.condition_skipped.add(step.step_id)
-                    return _skipped(step, started, f"step {dep} was skipped")
+                    return _skipped(step, started, f"step {dep} was skipped"), None
                 status = dep_result.status.value if dep_result else "did not run"
-                return _skipped(step, started, f"depends on step {dep}, which {status}")
+                return _skipped(step, started, f"depends on step {dep}, which {status}"), None
         try:
             if step.when is not None and not evaluate_condition(step.when, self.results):
                 self.condition_skipped.add(step.step_id)
-                return _skipped(step, started, "condition not met")
+                return _skipped(step, started, "condition not met"), None
             args = resolve_args(step.tool_args, self.results) if step.arg_refs else step.tool_args
         except RefError as exc:
             return StepResult(step.step_id, step.tool_name, StepStatus.FAILED, step.tool_args, error=str(exc),
-                              duration_s=perf_counter() - started)
+                              duration_s=perf_counter() - started), None
         # The plan check validated arguments that hold no references; the rest are validated here.
-        result, budget_exhausted = await self.runner.run_call(
+        result, signal = await self.runner.run_call(
             self.run, step, self.runner.tools[step.tool_name], args, kind="forward", lease=self.lease,
             validate=bool(step.arg_refs), started=started,
         )
-        if budget_exhausted:
+        if signal == BUDGET:
             self.budget_exhausted = True
-        return result
+        return result, signal
 
 
 def in_doubt_detail(run_id: str, step_id: int, tool_name: str, args: Mapping[str, Any], what: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
+from typing import Any
 
 from agentkeel.errors import FencedError
 from agentkeel.journal.base import Journal, Lease, StepRecord
@@ -48,5 +49,14 @@ class HeldLease:
     def outcome(self, record: StepRecord) -> None:
         self.journal.outcome(self.lease, record)
 
-    def set_status(self, status: RunStatus, detail: str = "", then_status: RunStatus | None = None) -> None:
-        self.journal.set_status(self.lease, status.value, detail, then_status.value if then_status else "")
+    def set_status(
+        self, status: RunStatus, detail: str = "", then_status: RunStatus | str | None = None, answer: str | None = None
+    ) -> None:
+        then = then_status.value if isinstance(then_status, RunStatus) else (then_status or "")
+        if answer is None:
+            self.journal.set_status(self.lease, status.value, detail, then)
+        else:
+            self.journal.set_status(self.lease, status.value, detail, then, answer=answer)
+
+    def revise_plan(self, plan: dict[str, Any], reason: str, planning_cost_usd: float) -> int:
+        return self.journal.revise_plan(self.lease, plan, reason, planning_cost_usd)

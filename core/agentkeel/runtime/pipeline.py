@@ -1,7 +1,9 @@
 """One request, top to bottom, and the durable operations on a journaled run.
 
 principal -> budget -> memory -> planner -> plan check -> steps (executor) ->
-compensation when the run aborts -> response -> memory. Every run id a
+[replan after a failed step, or the next round of an adaptive plan: planner ->
+the same checks -> steps, each revision journaled] -> compensation when the run
+aborts -> responder (the answer) -> response -> memory. Every run id a
 response carries is a run in the journal: a request refused before execution
 (unknown principal, denied, rejected, planning failed, no budget) is journaled
 with its status, reason and what planning cost.
@@ -10,7 +12,8 @@ with its status, reason and what planning cost.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +33,24 @@ from agentkeel.journal.base import Journal, RunRecord, RunState
 from agentkeel.permissions.audit import AuditLog
 from agentkeel.permissions.gate import visible_tools
 from agentkeel.planner.check import plan_problems
-from agentkeel.planner.plan import PlanTemplate, plan_from_dict
+from agentkeel.planner.plan import PlanTemplate
 from agentkeel.runtime.compensation import Compensation, CompensationReport
-from agentkeel.runtime.durable import RESUMABLE, resolve, run_duration, steps_from_journal, take
+from agentkeel.responder.default import deterministic_answer
+from agentkeel.runtime.durable import RESUMABLE, resolve, revisions_of, run_duration, steps_from_journal, take
 from agentkeel.runtime.executor import PlanExecutor, StepRunner, took_effect
 from agentkeel.runtime.lease import HeldLease
 from agentkeel.types import (
     AgentRequest,
     AgentResponse,
+    Answer,
     CostRecord,
     Decision,
+    Event,
+    MemoryContext,
     Plan,
+    PlanRevision,
+    Principal,
+    Progress,
     RunStatus,
     StepResult,
     StepStatus,
@@ -53,6 +63,13 @@ if TYPE_CHECKING:
     from agentkeel.tools.registry import ToolRegistry
 
 ABORTED = (RunStatus.FAILED, RunStatus.DENIED, RunStatus.BUDGET_EXHAUSTED)
+UNFINISHED = (RunStatus.WAITING, RunStatus.IN_DOUBT, RunStatus.RUNNING, RunStatus.ROLLING_BACK)
+"""A run that stops in one of these is not over: its turn is remembered when it finishes."""
+
+Sink = Callable[[Event], None]
+"""A caller's listener for the events of one run (``AgentSystem.stream``)."""
+
+log = logging.getLogger("agentkeel")
 
 
 @attrs.define
@@ -120,9 +137,16 @@ class Pipeline:
     owner: str
     lease_ttl_s: float
 
+    def _run_context(self, request: AgentRequest, principal: Principal, sink: Sink | None) -> RunContext:
+        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
+        run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self.tools.as_mapping(),
+                         observers=self.plugins.event if self.plugins.has_observers else None, sink=sink)
+        run.on_refused = functools.partial(self._audit_planner_refusal, run)
+        return run
+
     # --- one request ----------------------------------------------------------------
 
-    async def serve(self, request: AgentRequest) -> AgentResponse:
+    async def serve(self, request: AgentRequest, sink: Sink | None = None) -> AgentResponse:
         """Serve one request. Failures of the request are reported in the response
         status, never raised; only bugs and invalid configuration raise."""
         started = perf_counter()
@@ -133,35 +157,26 @@ class Pipeline:
                 decision="deny", reason="unknown principal", arg_keys=(),
             )
             message = f"unknown principal {request.user_id!r}: add [principals.{request.user_id}] to agentkeel.toml"
-            self._refused(request, "", RunStatus.DENIED, message, None, 0.0)
-            return self._respond(request, RunStatus.DENIED, started, None, (), [], message, remember=False)
-        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
-        run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self.tools.as_mapping())
-        run.on_refused = functools.partial(self._audit_planner_refusal, run)
-        self.plugins.event("run_started", request.run_id, request=request)
+            answer = await self._answer(request, None, RunStatus.DENIED, message, None, [], MemoryContext())
+            self._refused(request, "", RunStatus.DENIED, message, None, 0.0, answer.text)
+            return self._respond(request, None, RunStatus.DENIED, started, [], [], message, answer, [],
+                                 remember=False, sink=sink)
+        run = self._run_context(request, principal, sink)
+        run.emit("run_started", request=request)
 
         plan: Plan | None = None
         status = RunStatus.REJECTED
         config_error = False
+        context = MemoryContext()
         try:
             visible = visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
             context = self.plugins.load_context(request, self.config)
             plan = await self.plugins.plan(request, context, visible, run, self.templates)
             if plan is None:
                 raise PlanningError("no planner produced a plan for this request")
-            denials = self._permission_problems(run, plan, visible)
-            if denials:
-                status, message = RunStatus.DENIED, "permission denied: " + "; ".join(denials)
-            else:
-                problems = plan_problems(plan, self.tools.as_mapping(), max_steps=self.config.max_steps)
-                problems += self.plugins.check_plan(plan, visible, principal)
-                estimate = sum(self.tools[s.tool_name].cost_usd for s in plan.steps if s.tool_name in self.tools)
-                if estimate > run.budget.remaining_usd:
-                    problems.append(
-                        f"estimated tool cost ${estimate:.4f} exceeds the ${run.budget.remaining_usd:.4f} budget left"
-                    )
-                if problems:
-                    raise PlanRejectedError(problems)
+            refusal = self._check_plan(run, plan, visible)
+            if refusal is not None:
+                status, message = refusal
         except BudgetExceededError as exc:
             status, message = RunStatus.BUDGET_EXHAUSTED, str(exc)
         except PlanRejectedError as exc:
@@ -170,7 +185,7 @@ class Pipeline:
             status, message = RunStatus.FAILED, str(exc)
             config_error = isinstance(exc, (UnknownModelPriceError, ConfigError))
         else:
-            if status is RunStatus.REJECTED:  # the plan passed every check: run it
+            if refusal is None:  # the plan passed every check: run it
                 planning = sum(c.cost_usd for c in run.costs)
                 lease = self.stores.journal.create_run(
                     run_id=request.run_id, user_id=request.user_id, session_id=request.session_id,
@@ -178,13 +193,40 @@ class Pipeline:
                     plan=plan.to_dict(), owner=self.owner, ttl_s=self.lease_ttl_s, planning_cost_usd=planning,
                 )
                 with HeldLease(self.stores.journal, lease, self.lease_ttl_s) as held:
-                    return await self._execute(run, plan, held, None, started)
-        self._refused(request, principal.name, status, message, plan, sum(c.cost_usd for c in run.costs))
-        response = self._respond(request, status, started, plan, (), run.costs, message)
+                    revisions = [PlanRevision(1, "initial", plan, planning)]
+                    if run.listened:
+                        run.emit("plan_ready", revision=1, reason="initial", plan=plan)
+                    return await self._execute(run, context, visible, revisions, held, None, started)
+        answer = await self._answer(request, run, status, message, plan, [], context)
+        self._refused(request, principal.name, status, message, plan, sum(c.cost_usd for c in run.costs),
+                      answer.text)
+        revisions = [PlanRevision(1, "initial", plan)] if plan is not None else []
+        response = self._respond(request, run, status, started, [], run.costs, message, answer, revisions)
         return attrs.evolve(response, config_error=config_error) if config_error else response
 
+    def _check_plan(
+        self, run: RunContext, plan: Plan, visible: Mapping[str, ToolSpec], earlier_results: Iterable[int] = ()
+    ) -> tuple[RunStatus, str] | None:
+        """The host's plan check, the plugins' checks, permissions and the cost estimate,
+        for a first plan and every later revision alike: None when the plan may run."""
+        denials = self._permission_problems(run, plan, visible)
+        if denials:
+            return RunStatus.DENIED, "permission denied: " + "; ".join(denials)
+        problems = plan_problems(plan, self.tools.as_mapping(), max_steps=self.config.max_steps,
+                                 first_step_id=plan.first_step_id, earlier_results=frozenset(earlier_results))
+        problems += self.plugins.check_plan(plan, visible, run.principal)
+        estimate = sum(self.tools[s.tool_name].cost_usd for s in plan.steps if s.tool_name in self.tools)
+        if estimate > run.budget.remaining_usd:
+            problems.append(
+                f"estimated tool cost ${estimate:.4f} exceeds the ${run.budget.remaining_usd:.4f} budget left"
+            )
+        if problems:
+            return RunStatus.REJECTED, str(PlanRejectedError(problems))
+        return None
+
     def _refused(
-        self, request: AgentRequest, principal: str, status: RunStatus, message: str, plan: Plan | None, cost: float
+        self, request: AgentRequest, principal: str, status: RunStatus, message: str, plan: Plan | None, cost: float,
+        answer: str,
     ) -> None:
         """Journal a request refused before any step ran, so its run id can be looked up."""
         journal = self.stores.journal
@@ -194,23 +236,160 @@ class Pipeline:
             owner=self.owner, ttl_s=self.lease_ttl_s, planning_cost_usd=cost,
         )
         with HeldLease(journal, lease, self.lease_ttl_s) as held:
-            held.set_status(status, message)
+            held.set_status(status, message, answer=answer)
 
     async def _execute(
-        self, run: RunContext, plan: Plan, held: HeldLease, state: RunState | None, started: float
+        self,
+        run: RunContext,
+        context: MemoryContext,
+        visible: Mapping[str, ToolSpec],
+        revisions: list[PlanRevision],
+        held: HeldLease,
+        state: RunState | None,
+        started: float,
     ) -> AgentResponse:
-        """Run (or resume) ``plan``; abort means compensate the steps that took effect."""
+        """Run (or resume) the latest revision, then the rounds and replans it leads to;
+        abort means compensate the steps of every revision that took effect."""
         executor = PlanExecutor(self.runner, run, held, state)
-        steps = await executor.execute(plan)
-        status, detail = executor.status, executor.detail
+        steps: dict[int, StepResult] = {}
+        pending_replan = False
+        if state is not None:
+            steps = {s.step_id: s for s in steps_from_journal([r.plan for r in revisions], state)}
+            pending_replan = state.run.status == RunStatus.RUNNING.value and state.run.then_status == "replan"
+        notes: list[str] = []
+        while True:
+            plan = revisions[-1].plan
+            if pending_replan:  # a crash came between deciding to replan and journaling the new plan
+                assert state is not None
+                pending_replan = False
+                status, detail, replan = RunStatus.FAILED, state.run.detail, True
+            else:
+                for result in await executor.execute(plan):
+                    steps[result.step_id] = result
+                status, detail = executor.status, executor.detail
+                replan = status is RunStatus.FAILED and executor.replan_step is not None
+            reason = ""
+            if replan:
+                if sum(r.reason == "replan" for r in revisions) < self.config.max_replans:
+                    reason = "replan"
+                elif self.config.max_replans:
+                    notes.append(f"no replan left ([recovery] max_replans = {self.config.max_replans})")
+            elif status in (RunStatus.SUCCEEDED, RunStatus.DEGRADED) and plan.observe:
+                rounds = sum(r.reason != "replan" for r in revisions)
+                if rounds < self.config.max_rounds:
+                    reason = "round"
+                else:
+                    status = RunStatus.FAILED
+                    detail = (f"the planner asked for round {rounds + 1} after round {rounds}, more than the "
+                              f"{self.config.max_rounds} allowed ([planner] max_rounds); the run stops here")
+            if not reason:
+                break
+            if reason == "replan":
+                held.set_status(RunStatus.RUNNING, detail, then_status="replan")
+                if run.listened:
+                    run.emit("replan", failure=detail, revision=len(revisions) + 1)
+            new, why = await self._revise(run, context, visible, revisions, list(steps.values()), reason,
+                                          detail if reason == "replan" else None, held)
+            if new is None:
+                if reason == "replan":
+                    notes.append(f"replanning found no other approach: {why}")
+                else:
+                    status = RunStatus.FAILED
+                    detail = f"round {len(revisions) + 1} could not be planned: {why}"
+                break
+        ordered = _superseded(sorted(steps.values(), key=lambda s: s.step_id), revisions)
+        detail = "; ".join(p for p in (detail, *notes) if p)
         if status in ABORTED:
             held.set_status(RunStatus.ROLLING_BACK, detail, then_status=status)
-            report = await Compensation(self.runner, run, held, state).compensate(steps)
-            steps = report.steps
+            report = await Compensation(self.runner, run, held, state).compensate(ordered)
+            ordered = report.steps
             detail = "; ".join(p for p in (detail, report.describe()) if p)
-        held.set_status(status, detail)
+        return await self._finish(run, context, held, status, detail, revisions, ordered, started)
+
+    async def _revise(
+        self,
+        run: RunContext,
+        context: MemoryContext,
+        visible: Mapping[str, ToolSpec],
+        revisions: list[PlanRevision],
+        steps: list[StepResult],
+        reason: str,
+        failure: str | None,
+        held: HeldLease,
+    ) -> tuple[Plan | None, str]:
+        """Plan the next revision (a replan or a round), check it like a first plan and
+        journal it; (None, why) when there is none to run."""
+        next_id = max((s.step_id for s in steps), default=0) + 1
+        for revision in revisions:
+            next_id = max(next_id, *(s.step_id + 1 for s in revision.plan.steps), 1)
+        progress = Progress(reason=reason, revision=len(revisions) + 1, plans=tuple(r.plan for r in revisions),
+                            steps=tuple(steps), next_step_id=next_id, failure=failure)
+        spent_before = sum(c.cost_usd for c in run.costs)
+        try:
+            plan = await self.plugins.plan(run.request, context, visible, run, self.templates, progress)
+            if plan is None:
+                return None, "no planner planned one"
+            if plan.steps and plan.first_step_id != next_id:
+                return None, (f"the planner numbered the new plan's steps from {plan.first_step_id}, not "
+                              f"{next_id} (steps of a later revision are numbered after every earlier step)")
+            refusal = self._check_plan(run, plan, visible, progress.results)
+            if refusal is not None:
+                return None, f"the new plan was refused ({refusal[0].value}): {refusal[1]}"
+        except BudgetExceededError as exc:
+            return None, f"the budget cannot cover planning it: {exc}"
+        except (PlanningError, PlanRejectedError, UnknownModelPriceError, ConfigError) as exc:
+            return None, str(exc)
+        cost = sum(c.cost_usd for c in run.costs) - spent_before
+        number = held.revise_plan(plan.to_dict(), reason, cost)
+        revisions.append(PlanRevision(number, reason, plan, cost))
+        if run.listened:
+            run.emit("plan_ready", revision=number, reason=reason, plan=plan)
+        return plan, ""
+
+    async def _finish(
+        self,
+        run: RunContext,
+        context: MemoryContext,
+        held: HeldLease,
+        status: RunStatus,
+        detail: str,
+        revisions: list[PlanRevision],
+        steps: list[StepResult],
+        started: float,
+    ) -> AgentResponse:
+        """Answer, journal the final status with the answer, respond."""
+        plan = revisions[-1].plan
+        answer = await self._answer(run.request, run, status, detail, plan, steps, context)
+        held.set_status(status, detail, answer=answer.text)
         message = detail or summary(status, steps)
-        return self._respond(run.request, status, started, plan, steps, run.costs, message, remember=state is None)
+        return self._respond(run.request, run, status, started, steps, run.costs, message, answer, revisions,
+                             remember=status not in UNFINISHED)
+
+    async def _answer(
+        self,
+        request: AgentRequest,
+        run: RunContext | None,
+        status: RunStatus,
+        detail: str,
+        plan: Plan | None,
+        steps: list[StepResult],
+        context: MemoryContext,
+    ) -> Answer:
+        """The responder's answer; the deterministic one if every responder abstained or one broke."""
+        shown = [attrs.evolve(s, result=None) if s.status is StepStatus.DENIED and s.result is not None else s
+                 for s in steps]
+        answer: Answer | None
+        try:
+            answer = await self.plugins.respond(request, status, detail, plan, shown, context, run)
+        except Exception as exc:  # noqa: BLE001 - the steps ran: a broken responder must not lose the response
+            log.warning("a responder failed (%s: %s); answering without it", type(exc).__name__, exc)
+            text = deterministic_answer(request, status, detail, plan, shown)
+            answer = Answer(f"{text}\n(The responder failed: {type(exc).__name__}: {exc}.)", "template")
+        if answer is None:
+            answer = Answer(deterministic_answer(request, status, detail, plan, shown), "template")
+        if run is not None and run.listened:
+            run.emit("answer", text=answer.text, source=answer.source)
+        return answer
 
     def _audit_planner_refusal(self, run: RunContext, tool: str, reason: str) -> None:
         self.stores.audit.record(
@@ -233,17 +412,17 @@ class Pipeline:
 
     # --- durable runs -----------------------------------------------------------------
 
-    def _context_for(self, record: RunRecord) -> tuple[RunContext | None, AgentRequest]:
+    def _context_for(self, record: RunRecord, sink: Sink | None) -> tuple[RunContext | None, AgentRequest]:
         request = AgentRequest(message=record.message, user_id=record.user_id, session_id=record.session_id,
                                budget_usd=record.budget_usd, run_id=record.run_id)
         principal = self.plugins.resolve_principal(record.user_id, self.config)
         if principal is None:
             return None, request
-        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
-        run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self.tools.as_mapping())
-        return run, request
+        return self._run_context(request, principal, sink), request
 
-    async def resume(self, run_id: str, resolutions: Mapping[int, bool] | None = None) -> AgentResponse:
+    async def resume(
+        self, run_id: str, resolutions: Mapping[int, bool] | None = None, sink: Sink | None = None
+    ) -> AgentResponse:
         started = perf_counter()
         journal = self.stores.journal
         if journal.load(run_id).run.status not in RESUMABLE:
@@ -260,69 +439,79 @@ class Pipeline:
                         reason="operator", arg_keys=tuple(record.args),
                     )
                 state = journal.load(run_id)
-            run, request = self._context_for(state.run)
-            plan = plan_from_dict(state.run.plan)
+            run, request = self._context_for(state.run, sink)
+            revisions = revisions_of(state)
             if run is None:
                 message = f"unknown principal {state.run.user_id!r}"
-                held.set_status(RunStatus.DENIED, message)
-                return self._respond(request, RunStatus.DENIED, started, plan, (), [], message, remember=False)
+                answer = await self._answer(request, None, RunStatus.DENIED, message, revisions[-1].plan, [],
+                                            MemoryContext())
+                held.set_status(RunStatus.DENIED, message, answer=answer.text)
+                return self._respond(request, None, RunStatus.DENIED, started, [], [], message, answer, revisions,
+                                     remember=False, sink=sink)
             run.budget.record_spent(state.run.planning_cost_usd + sum(
                 s.cost_usd for s in state.steps if s.phase == "outcome"))
             if state.run.status == RunStatus.ROLLING_BACK.value:
                 final = RunStatus(state.run.then_status or RunStatus.FAILED.value)
-                return await self._finish_rollback(run, plan, held, state, started, final, state.run.detail)
-            return await self._execute(run, plan, held, state, started)
+                return await self._finish_rollback(run, revisions, held, state, started, final, state.run.detail)
+            context = self.plugins.load_context(request, self.config)
+            visible = visible_tools(run.principal, self.tools.as_mapping(), self.plugins.authorize)
+            return await self._execute(run, context, visible, revisions, held, state, started)
 
-    async def rollback(self, run_id: str) -> AgentResponse:
+    async def rollback(self, run_id: str, sink: Sink | None = None) -> AgentResponse:
         """Compensate the steps of a finished run that took effect, last first."""
         started = perf_counter()
         held, state = take(self.stores.journal, self.tools, run_id, self.owner, self.lease_ttl_s)
         with held:
-            run, request = self._context_for(state.run)
-            plan = plan_from_dict(state.run.plan)
+            run, request = self._context_for(state.run, sink)
+            revisions = revisions_of(state)
             if state.run.status == RunStatus.ROLLED_BACK.value:
                 return attrs.evolve(self.show(run_id),
                                     message=f"run {run_id} was already rolled back; nothing to do")
             if run is None:
-                return self._respond(request, RunStatus.DENIED, started, plan, (), [],
-                                     f"unknown principal {state.run.user_id!r}", remember=False)
-            steps = steps_from_journal(plan, state)
+                message = f"unknown principal {state.run.user_id!r}"
+                answer = Answer(deterministic_answer(request, RunStatus.DENIED, message, None, []), "template")
+                return self._respond(request, None, RunStatus.DENIED, started, [], [], message, answer, revisions,
+                                     remember=False, sink=sink)
+            steps = steps_from_journal([r.plan for r in revisions], state)
             if not any(needs_compensation(s, self.tools) for s in steps):
                 response = self.show(run_id)
                 return attrs.evolve(response, message=(
                     f"nothing to roll back: no step of run {run_id} that took effect has a rollback tool "
                     f"still to run; the run stays {response.status.value}"))
             held.set_status(RunStatus.ROLLING_BACK, "rollback requested", then_status=RunStatus.ROLLED_BACK)
-            return await self._finish_rollback(run, plan, held, state, started, RunStatus.ROLLED_BACK, "")
+            return await self._finish_rollback(run, revisions, held, state, started, RunStatus.ROLLED_BACK, "")
 
     async def _finish_rollback(
-        self, run: RunContext, plan: Plan, held: HeldLease, state: RunState, started: float, final: RunStatus,
-        detail: str,
+        self, run: RunContext, revisions: list[PlanRevision], held: HeldLease, state: RunState, started: float,
+        final: RunStatus, detail: str,
     ) -> AgentResponse:
         """Compensate what is left; ``final`` is the status the run ends in when nothing stays undone
         (``rolled_back`` when a rollback was asked for, else the status the run aborted with)."""
-        report: CompensationReport = await Compensation(self.runner, run, held, state).compensate(
-            steps_from_journal(plan, state))
+        steps = _superseded(steps_from_journal([r.plan for r in revisions], state), revisions)
+        report: CompensationReport = await Compensation(self.runner, run, held, state).compensate(steps)
         if final is RunStatus.ROLLED_BACK and report.problems:
             status = RunStatus.FAILED  # an effect remains: the run is not rolled back
         else:
             status = final
         detail = "; ".join(p for p in (detail, report.describe()) if p)
-        held.set_status(status, detail)
-        return self._respond(run.request, status, started, plan, report.steps, run.costs,
-                             detail or summary(status, report.steps), remember=False)
+        plan = revisions[-1].plan
+        answer = await self._answer(run.request, run, status, detail, plan, report.steps, MemoryContext())
+        held.set_status(status, detail, answer=answer.text)
+        return self._respond(run.request, run, status, started, report.steps, run.costs,
+                             detail or summary(status, report.steps), answer, revisions, remember=False)
 
     def show(self, run_id: str) -> AgentResponse:
         """The journaled state of a run, as a response. Raises ``RunNotFoundError``."""
         state = self.stores.journal.load(run_id)
         record = state.run
-        plan = plan_from_dict(record.plan) if record.plan else None
-        steps = steps_from_journal(plan, state) if plan else []
+        revisions = revisions_of(state) if record.plan else []
+        steps = _superseded(steps_from_journal([r.plan for r in revisions], state), revisions) if revisions else []
         status = RunStatus(record.status)
         return AgentResponse(
-            run_id=run_id, status=status, message=record.detail or summary(status, steps), plan=plan,
+            run_id=run_id, status=status, message=record.detail or summary(status, steps),
+            plan=revisions[-1].plan if revisions else None,
             steps=tuple(steps), total_cost_usd=record.planning_cost_usd + sum(s.cost_usd for s in steps),
-            duration_s=run_duration(state),
+            duration_s=run_duration(state), answer=record.answer, revisions=tuple(revisions),
         )
 
     # --- responses ------------------------------------------------------------------
@@ -330,28 +519,54 @@ class Pipeline:
     def _respond(
         self,
         request: AgentRequest,
+        run: RunContext | None,
         status: RunStatus,
         started: float,
-        plan: Plan | None,
         steps: Iterable[StepResult],
         costs: list[CostRecord],
         message: str,
+        answer: Answer,
+        revisions: list[PlanRevision],
         remember: bool = True,
+        sink: Sink | None = None,
     ) -> AgentResponse:
         response = AgentResponse(
             run_id=request.run_id,
             status=status,
             message=message,
-            plan=plan,
+            plan=revisions[-1].plan if revisions else None,
             steps=tuple(steps),
             costs=tuple(costs),
             total_cost_usd=sum(c.cost_usd for c in costs),
             duration_s=perf_counter() - started,
+            answer=answer.text,
+            answer_source=answer.source,
+            revisions=tuple(revisions),
         )
         if remember:
             self.plugins.save_turn(request, response, self.config)
-        self.plugins.event("run_finished", request.run_id, response=response)
+        if run is not None:
+            run.emit("run_finished", response=response)
+        else:
+            self.plugins.event("run_finished", request.run_id, response=response)
+            if sink is not None:
+                sink(Event(kind="run_finished", run_id=request.run_id, data={"response": response}))
         return response
+
+
+def _superseded(steps: list[StepResult], revisions: Sequence[PlanRevision]) -> list[StepResult]:
+    """Steps of an earlier revision that never ran, labelled as replaced by the revision after it."""
+    if len(revisions) < 2:
+        return steps
+    replaced_by = {s.step_id: number + 1 for number, r in enumerate(revisions[:-1], start=1) for s in r.plan.steps}
+    out = []
+    for step in steps:
+        later = replaced_by.get(step.step_id)
+        if later is not None and (step.status is StepStatus.PENDING or (
+                step.status is StepStatus.SKIPPED and (step.error or "").startswith("not run: run stopped"))):
+            step = attrs.evolve(step, status=StepStatus.SKIPPED, error=f"not run: replaced by plan revision {later}")
+        out.append(step)
+    return out
 
 
 def needs_compensation(step: StepResult, tools: ToolRegistry) -> bool:

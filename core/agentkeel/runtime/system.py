@@ -3,24 +3,27 @@
 Building: the plugins are loaded (``agentkeel.plugin.manager``), each plugin's
 registration hooks fill the tool, template and sandbox registries, tools are
 checked against each other and the sandboxes, and the configuration's per-tool
-overrides are applied. Serving: ``run`` (one request, ``runtime.pipeline``),
-``resume``, ``rollback``, ``show`` and ``runs`` (durable runs). Nothing below
+overrides are applied. Serving: ``run`` and ``stream`` (one request,
+``runtime.pipeline``), ``resume``, ``rollback``, ``show`` and ``runs`` (durable
+runs), ``approvals`` and ``decide`` (approvals). Nothing below
 the runtime holds a reference to the system: components get what they need.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any
 
 from agentkeel.config import Config
 from agentkeel.cost.budget import Pricer
-from agentkeel.errors import PluginError, ToolSpecError
-from agentkeel.journal.base import Journal, RunRecord, make_owner
+from agentkeel.errors import ApprovalError, PluginError, ToolSpecError
+from agentkeel.journal.base import ApprovalRecord, Journal, RunRecord, make_owner
+from agentkeel.permissions.approvals import APPROVE_PERMISSION, ApprovalGate
 from agentkeel.permissions.audit import AuditLog
 from agentkeel.permissions.gate import visible_tools
 from agentkeel.planner.plan import PlanTemplate
@@ -33,7 +36,7 @@ from agentkeel.tools.breaker import BreakerBoard
 from agentkeel.tools.ratelimit import RateLimiterBoard
 from agentkeel.tools.registry import ToolRegistry
 from agentkeel.tools.router import ToolRouter
-from agentkeel.types import AgentRequest, AgentResponse, Principal, ToolSpec
+from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec
 
 
 class AgentSystem:
@@ -74,7 +77,9 @@ class AgentSystem:
         # One owner per system, so two systems in one process fence each other too.
         self.owner = f"{make_owner()}:{uuid.uuid4().hex[:8]}"
         self.lease_ttl_s = float(self.config.section("journal").get("lease_ttl_s", 30.0))
-        runner = StepRunner(self.plugins, self.tools.as_mapping(), self.router, self.stores.audit_decision)
+        self.approval_gate = ApprovalGate(self._audit_record, self.config.approval_ttl_s)
+        runner = StepRunner(self.plugins, self.tools.as_mapping(), self.router, self.stores.audit_decision,
+                            self.approval_gate)
         self.pipeline = Pipeline(self.config, self.plugins, self.tools, tuple(self.templates), runner, self.pricer,
                                  self.stores, self.owner, self.lease_ttl_s)
         self._started = False
@@ -205,20 +210,50 @@ class AgentSystem:
         """The tools ``principal`` may call: the only ones a planner is shown."""
         return visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
 
-    async def run(self, request: AgentRequest) -> AgentResponse:
+    async def run(self, request: AgentRequest, *, on_event: Callable[[Event], None] | None = None) -> AgentResponse:
         """Serve one request. Failures of the request are reported in the response
-        status, never raised; only bugs and invalid configuration raise."""
+        status, never raised; only bugs and invalid configuration raise.
+
+        ``on_event`` is called with each event of the run as it happens ("plan_ready",
+        "step_started", "step_finished", "replan", "answer_delta", "answer",
+        "run_finished", ...; see ``agentkeel_event``); ``stream`` is the iterator form."""
         self._check_open()
         await self.start()
         try:
-            return await self.pipeline.serve(request)
+            return await self.pipeline.serve(request, on_event)
         finally:
             self.pipeline.stores.flush()
 
-    async def resume(self, run_id: str, resolve: Mapping[int, bool] | None = None) -> AgentResponse:
+    async def stream(self, request: AgentRequest) -> AsyncIterator[Event]:
+        """Serve one request, yielding its events as they happen; the last is
+        "run_finished", whose ``data["response"]`` is the ``AgentResponse``.
+
+        Leaving the loop early cancels the run at its next await (a step in flight is
+        then in doubt or re-run by key on ``resume``, as after a crash)."""
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self.run(request, on_event=queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+            task.result()  # a bug or a configuration error is raised here
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def resume(
+        self,
+        run_id: str,
+        resolve: Mapping[int, bool] | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> AgentResponse:
         """Continue a run from its journal: completed steps are not run again, a step
-        that started but never finished is re-run only if its tool is retry-safe, and
-        an interrupted rollback is completed.
+        that started but never finished is re-run only if its tool is retry-safe, an
+        interrupted replan or round is planned, a waiting approval is asked again,
+        and an interrupted rollback is completed.
 
         ``resolve`` settles in-doubt steps by an operator's word: ``{3: True}`` means
         step 3's effect happened (it is recorded as succeeded, with no result),
@@ -228,7 +263,7 @@ class AgentSystem:
         self._check_open()
         await self.start()
         try:
-            return await self.pipeline.resume(run_id, resolve)
+            return await self.pipeline.resume(run_id, resolve, on_event)
         finally:
             self.pipeline.stores.flush()
 
@@ -243,6 +278,53 @@ class AgentSystem:
         finally:
             self.pipeline.stores.flush()
 
+    # --- approvals ----------------------------------------------------------------
+
+    def approvals(self, status: str | None = "pending", limit: int = 50) -> list[ApprovalRecord]:
+        """Approval requests, newest first: pending ones by default (``None``: all)."""
+        return self.journal.list_approvals(status, limit)
+
+    def decide(self, run_id: str, step_id: int, *, approver: str, approved: bool, reason: str = "") -> ApprovalRecord:
+        """Approve or deny a pending approval on behalf of ``approver``, who must be a
+        principal holding the ``approve`` permission and, unless ``[approvals]
+        allow_self = true``, not the requester. Recorded in the journal and the audit
+        log; ``resume`` then runs the step (approved) or aborts the run (denied).
+        Raises ``ApprovalError`` naming what is wrong."""
+        self._check_open()
+        journal = self.journal
+        record = journal.approval(run_id, step_id)
+        if record is None:
+            journal.load(run_id)  # RunNotFoundError for an unknown run
+            raise ApprovalError(f"step {step_id} of run {run_id} has no approval request; "
+                                "`agentkeel approvals` lists the pending ones")
+        verb = "approve" if approved else "deny"
+        principal = self.plugins.resolve_principal(approver, self.config)
+        refusal = None
+        if principal is None:
+            refusal = f"{approver!r} is not a principal: add [principals.{approver}] with the approve permission"
+        elif APPROVE_PERMISSION not in principal.permissions:
+            refusal = f"{approver!r} does not hold the {APPROVE_PERMISSION!r} permission, so may not {verb}"
+        elif approver == record.requested_by and not self.config.allow_self_approval:
+            refusal = (f"{approver!r} asked for this call and may not {verb} it themselves "
+                       "([approvals] allow_self = true allows that)")
+        if refusal is not None:
+            self._audit_record(run_id=run_id, principal=approver, action=verb, tool=record.tool_name,
+                               decision="deny", reason=refusal, arg_keys=tuple(record.args))
+            self.stores.flush()
+            raise ApprovalError(refusal)
+        try:
+            decided = journal.decide_approval(run_id, step_id, approved=approved, by=approver, reason=reason)
+        finally:
+            self.stores.flush()
+        self._audit_record(run_id=run_id, principal=approver, action=verb, tool=record.tool_name,
+                           decision="allow" if approved else "deny",
+                           reason=reason or f"{verb}d step {step_id} of run {run_id}", arg_keys=tuple(record.args))
+        self.stores.flush()
+        return decided
+
+    def _audit_record(self, **fields: Any) -> None:
+        self.stores.audit.record(**fields)
+
     def show(self, run_id: str) -> AgentResponse:
         """The journaled state of a run, as a response. Raises ``RunNotFoundError``."""
         return self.pipeline.show(run_id)
@@ -253,14 +335,22 @@ class AgentSystem:
 
     # --- synchronous use ----------------------------------------------------------
 
-    def run_sync(self, request: AgentRequest) -> AgentResponse:
+    def run_sync(
+        self, request: AgentRequest, *, on_event: Callable[[Event], None] | None = None
+    ) -> AgentResponse:
         """Serve one request from synchronous code. Call it as often as needed, then
         ``close()`` (or use the system as a ``with`` block)."""
-        return self._sync(self.run(request))
+        return self._sync(self.run(request, on_event=on_event))
 
-    def resume_sync(self, run_id: str, resolve: Mapping[int, bool] | None = None) -> AgentResponse:
+    def resume_sync(
+        self,
+        run_id: str,
+        resolve: Mapping[int, bool] | None = None,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> AgentResponse:
         """``resume`` from synchronous code."""
-        return self._sync(self.resume(run_id, resolve))
+        return self._sync(self.resume(run_id, resolve, on_event=on_event))
 
     def rollback_sync(self, run_id: str) -> AgentResponse:
         """``rollback`` from synchronous code."""

@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agentkeel.config import Config
 from agentkeel.markers import hookimpl
 from agentkeel.planner.plan import parse_plan
 from agentkeel.testing.server import OpenAIServer
-from agentkeel.types import Plan
+from agentkeel.types import Plan, Progress
 
 if TYPE_CHECKING:
     from agentkeel.runtime.system import AgentSystem
@@ -26,17 +26,29 @@ if TYPE_CHECKING:
 class ScriptedPlanner:
     """A planner plugin returning ``wire`` (the plan wire format) for every request.
 
-    ``seen_tools`` records the tool names each call was shown.
+    ``later`` scripts the revisions after the first (replans and rounds): the
+    n-th call with a ``progress`` returns ``later[n-1]``, numbered from
+    ``progress.next_step_id`` (so ``{"$ref": "/1/..."}`` still means the run's
+    step 1), or abstains once ``later`` is used up. ``seen_tools`` records the
+    tool names each call was shown, ``progress`` what each later call was told.
     """
 
-    def __init__(self, wire: Mapping[str, Any]) -> None:
+    def __init__(self, wire: Mapping[str, Any], later: Sequence[Mapping[str, Any]] = ()) -> None:
         self.wire = wire
+        self.later = list(later)
         self.seen_tools: list[list[str]] = []
+        self.progress: list[Progress] = []
         self._plan: Plan | None = None
 
     @hookimpl(tryfirst=True)
-    def agentkeel_plan(self, tools: Mapping[str, Any]) -> Plan:
+    def agentkeel_plan(self, tools: Mapping[str, Any], progress: Progress | None = None) -> Plan | None:
         self.seen_tools.append(sorted(tools))
+        if progress is not None:
+            self.progress.append(progress)
+            if len(self.progress) > len(self.later):
+                return None
+            return parse_plan(self.later[len(self.progress) - 1], planner="scripted",
+                              first_step_id=progress.next_step_id)
         if self._plan is None:
             self._plan = parse_plan(self.wire, planner="scripted")
         return self._plan

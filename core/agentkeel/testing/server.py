@@ -6,8 +6,14 @@ classes included — is exercised end to end. Standard library only.
 
 Each ``POST /v1/chat/completions`` takes the next scripted reply from a FIFO
 queue: a completion (``queue``), an HTTP error (``queue_error``, optionally
-with ``Retry-After``), a reply that arrives late (``queue_slow``) or a body
-that is not JSON (``queue_malformed``). Every request body received is kept in
+with ``Retry-After``), a reply that arrives late (``queue_slow``), a body
+that is not JSON (``queue_malformed``) or one whose connection drops halfway
+(``queue_cut``). A request with ``"stream": true`` gets the same replies as
+Server-Sent Events in the ``chat.completion.chunk`` format: the content in a
+few chunks (``finish_reason`` in the last), then, when ``stream_options``
+asks for ``include_usage``, a chunk with empty ``choices`` and the usage, then
+``data: [DONE]`` (errors are answered as usual, with their status and JSON
+body). Every request body received is kept in
 ``requests`` so a test can assert on ``model``, ``messages``, ``max_tokens``
 or ``response_format``. When nothing is queued the server answers 500 with a
 message saying so and ``x-should-retry: false``, so a test that forgot a reply
@@ -25,8 +31,9 @@ import dataclasses
 import itertools
 import json
 import threading
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -47,6 +54,20 @@ class ScriptedReply:
     report_usage: bool = True
     model: str | None = None
     finish_reason: str = "stop"
+    chunks: tuple[str, ...] | None = None
+    """How a streamed answer splits ``content`` (None: into a few chunks of about equal length)."""
+    chunk_delay_s: float = 0.0
+    """A pause before each chunk of a streamed answer."""
+    cut_after: int | None = None
+    """Drop the connection after this many content chunks (streamed) or half the body (not streamed)."""
+
+
+def _split(text: str, pieces: int = 4) -> tuple[str, ...]:
+    """``text`` in at most ``pieces`` chunks of about equal length (one empty chunk for "")."""
+    if not text:
+        return ("",)
+    size = math.ceil(len(text) / pieces)
+    return tuple(text[i : i + size] for i in range(0, len(text), size))
 
 
 def _error_body(
@@ -102,6 +123,8 @@ class _Handler(BaseHTTPRequestHandler):
         status: int,
         body: bytes | Mapping[str, Any] | None,
         headers: Mapping[str, str] | None = None,
+        *,
+        cut: bool = False,
     ) -> None:
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
@@ -110,7 +133,28 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        if cut:  # half the body, then the connection drops
+            self.wfile.write(payload[: len(payload) // 2])
+            self.close_connection = True
+            return
         self.wfile.write(payload)
+
+    def _start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _event(self, data: bytes) -> None:
+        """One Server-Sent Event, in one HTTP chunk, sent at once."""
+        event = b"data: " + data + b"\n\n"
+        self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        self.wfile.flush()
+
+    def _end_events(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -203,6 +247,8 @@ class ScriptedOpenAIServer:
         report_usage: bool = True,
         model: str | None = None,
         finish_reason: str = "stop",
+        chunks: Sequence[str] | None = None,
+        chunk_delay_s: float = 0.0,
     ) -> None:
         """Queue a completion. ``content`` that is not a string is sent as its JSON dump.
 
@@ -212,8 +258,14 @@ class ScriptedOpenAIServer:
         ``usage`` object verbatim (fields missing or of the wrong type).
         ``report_usage=False`` leaves the ``usage`` field out, as some servers
         do. ``model`` overrides the echo of the requested model.
+
+        Streamed (a request with ``"stream": true``): ``chunks`` are the pieces the
+        content is sent in (their concatenation is the content; by default a few
+        pieces of about equal length), each after ``chunk_delay_s``.
         """
         text = content if isinstance(content, str) else json.dumps(content)
+        if chunks is not None:
+            text = "".join(chunks)
         self._push(
             ScriptedReply(
                 200,
@@ -224,6 +276,8 @@ class ScriptedOpenAIServer:
                 report_usage=report_usage,
                 model=model,
                 finish_reason=finish_reason,
+                chunks=tuple(chunks) if chunks is not None else None,
+                chunk_delay_s=chunk_delay_s,
             )
         )
 
@@ -256,8 +310,15 @@ class ScriptedOpenAIServer:
             self._replies[-1] = dataclasses.replace(self._replies[-1], delay_s=seconds)
 
     def queue_malformed(self, body: bytes = b'{"id": "chatcmpl-broken", "choices": [') -> None:
-        """Queue a 200 whose body is not valid JSON."""
+        """Queue a 200 whose body is not valid JSON (streamed: an event whose data is ``body``)."""
         self._push(ScriptedReply(200, body))
+
+    def queue_cut(self, content: Any = "", *, after_chunks: int = 1, **kwargs: Any) -> None:
+        """Queue a completion whose connection drops before it is complete: streamed, after
+        ``after_chunks`` content chunks; not streamed, after half the body."""
+        self.queue(content, **kwargs)
+        with self._lock:
+            self._replies[-1] = dataclasses.replace(self._replies[-1], cut_after=after_chunks)
 
     def _push(self, reply: ScriptedReply) -> None:
         with self._lock:
@@ -301,12 +362,6 @@ class ScriptedOpenAIServer:
                 ),
             )
             return
-        if body.get("stream"):
-            message = "the scripted server does not stream; call without stream=True"
-            handler._send(
-                400, _error_body(message, error_type="invalid_request_error", param="stream")
-            )
-            return
         response_format = body.get("response_format")
         refused = isinstance(response_format, dict) and response_format.get("type") == "json_schema"
         if refused and not self.supports_json_schema:
@@ -329,10 +384,72 @@ class ScriptedOpenAIServer:
             return
         if reply.delay_s and self._stopping.wait(reply.delay_s):
             return
-        if reply.content is None:
-            handler._send(reply.status, reply.body, reply.headers)
-            return
-        handler._send(200, self._completion(body, reply))
+        streamed = bool(body.get("stream"))
+        try:
+            if reply.content is None and streamed and reply.status == 200 and isinstance(reply.body, bytes):
+                handler._start_events()  # malformed: an event whose data is not JSON
+                handler._event(reply.body)
+                handler._end_events()
+            elif reply.content is None:
+                handler._send(reply.status, reply.body, reply.headers)
+            elif streamed:
+                self._stream(handler, body, reply)
+            else:
+                handler._send(200, self._completion(body, reply), cut=reply.cut_after is not None)
+        except (BrokenPipeError, ConnectionResetError):  # the client hung up (a deadline): nothing to do
+            handler.close_connection = True
+
+    def _stream(self, handler: _Handler, request: Mapping[str, Any], reply: ScriptedReply) -> None:
+        """The reply as Server-Sent Events of ``chat.completion.chunk`` objects."""
+        content = reply.content or ""
+        options = request.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        head: dict[str, Any] = {
+            "id": f"chatcmpl-scripted-{next(self._ids)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": reply.model or request.get("model") or "unknown",
+            "system_fingerprint": None,
+        }
+        pieces = reply.chunks if reply.chunks else _split(content)
+        handler._start_events()
+        for index, piece in enumerate(pieces):
+            if reply.chunk_delay_s and self._stopping.wait(reply.chunk_delay_s):
+                handler.close_connection = True
+                return
+            if reply.cut_after is not None and index >= reply.cut_after:
+                handler.close_connection = True  # no terminating chunk: the body is incomplete
+                return
+            delta: dict[str, Any] = {"content": piece}
+            if index == 0:
+                delta = {"role": "assistant", **delta}
+            last = index == len(pieces) - 1
+            chunk = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": reply.finish_reason if last else None}]}
+            if include_usage:
+                chunk["usage"] = None
+            handler._event(json.dumps(chunk).encode())
+        usage = self._usage(request, reply, content)
+        if include_usage and usage is not None:
+            handler._event(json.dumps({**head, "choices": [], "usage": usage}).encode())
+        handler._event(b"[DONE]")
+        handler._end_events()
+
+    def _usage(self, request: Mapping[str, Any], reply: ScriptedReply, content: str) -> dict[str, Any] | None:
+        """The ``usage`` object to report (None: leave it out)."""
+        if not reply.report_usage:
+            return None
+        if reply.usage_body is not None:
+            return dict(reply.usage_body)
+        if reply.usage is not None:
+            prompt, completion = reply.usage
+        else:
+            messages = request.get("messages") or []
+            prompt = sum(
+                _estimate_tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict)
+            )
+            completion = _estimate_tokens(content)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _completion(self, request: Mapping[str, Any], reply: ScriptedReply) -> dict[str, Any]:
         content = reply.content or ""
@@ -350,24 +467,9 @@ class ScriptedOpenAIServer:
                 }
             ],
         }
-        if reply.report_usage and reply.usage_body is not None:
-            out["usage"] = dict(reply.usage_body)
-        elif reply.report_usage:
-            if reply.usage is not None:
-                prompt, completion = reply.usage
-            else:
-                messages = request.get("messages") or []
-                prompt = sum(
-                    _estimate_tokens(str(m.get("content") or ""))
-                    for m in messages
-                    if isinstance(m, dict)
-                )
-                completion = _estimate_tokens(content)
-            out["usage"] = {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
+        usage = self._usage(request, reply, content)
+        if usage is not None:
+            out["usage"] = usage
         return out
 
 

@@ -102,6 +102,7 @@ def tool(
     cost_usd: float = 0.0,
     image: str | None = None,
     allow_uncancellable: bool = False,
+    requires_approval: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -122,6 +123,7 @@ def tool(
     cost_usd: float = 0.0,
     image: str | None = None,
     allow_uncancellable: bool = False,
+    requires_approval: bool = False,
 ) -> Any:
     """Declare a tool. Usable bare (``@tool``) or with options (``@tool(...)``).
 
@@ -136,6 +138,8 @@ def tool(
     says ``allow_uncancellable=True`` (accepting that such a timeout leaves the
     step ``in_doubt``); otherwise make it async, give it a stronger
     ``isolation`` ("subprocess", "docker"), or make it retry-safe.
+    ``requires_approval=True`` makes every forward call wait for a human's
+    approval (``agentkeel approve``) before it runs.
     Declaration errors raise ``ToolSpecError`` at import time, naming the tool.
     """
 
@@ -171,6 +175,7 @@ def tool(
             is_async=inspect.iscoroutinefunction(target),
             image=image,
             allow_uncancellable=bool(allow_uncancellable),
+            requires_approval=bool(requires_approval),
         )
         setattr(func, SPEC_ATTR, spec)
         return func
