@@ -1,5 +1,6 @@
 """The LLM planner end to end: the real openai client, over real HTTP, against the
-scripted server; the plan then runs the demo plugin's tools on its SQLite shop."""
+scripted server; the plan then runs the demo plugin's tools on its SQLite shop, and
+the LLM responder writes the answer (one more call, on the cheapest tier)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus
 from agentkeel.runtime.system import AgentSystem
 from agentkeel.testing.server import ScriptedOpenAIServer
@@ -37,17 +39,26 @@ def refund_rows() -> list[Any]:
         return db.execute("SELECT order_id, amount FROM refunds").fetchall()
 
 
+ANSWER = "Order 1003 was delivered, so I refunded its $120.00 total."
+
+
 async def test_llm_plan_runs_and_is_priced(openai_server_env: ScriptedOpenAIServer) -> None:
     openai_server_env.queue(LLM_PLAN, usage=(1200, 150))
+    openai_server_env.queue(ANSWER, usage=(800, 20))  # the LLM responder
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="please sort out order 1003", user_id="agent-42"))
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert response.plan is not None and response.plan.planner == "llm:fast"
     assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
     assert refund_rows() == [("1003", 120.0)]
+    assert (response.answer, response.answer_source) == (ANSWER, "llm:fast")
     # gpt-4o-mini from the genai-prices table: $0.15 / $0.60 per million tokens.
-    assert response.total_cost_usd == (1200 * 0.15 + 150 * 0.60) / 1e6
-    assert response.cost_breakdown()["by_tier"] == {"fast": response.total_cost_usd}
+    planning, answering = response.costs
+    assert planning.cost_usd == (1200 * 0.15 + 150 * 0.60) / 1e6
+    assert answering.cost_usd == (800 * 0.15 + 20 * 0.60) / 1e6
+    assert response.total_cost_usd == pytest.approx(planning.cost_usd + answering.cost_usd)
+    assert response.cost_breakdown()["by_tier"] == {"fast": pytest.approx(response.total_cost_usd)}
+    assert openai_server_env.requests[1]["max_tokens"] == 512 and "response_format" not in openai_server_env.requests[1]
     sent = openai_server_env.requests[0]
     assert sent["model"] == "gpt-4o-mini"
     offered = sent["response_format"]["json_schema"]["schema"]["properties"]["steps"]["items"]
@@ -61,10 +72,13 @@ async def test_hallucinating_model_is_repaired_then_escalated(openai_server_env:
     openai_server_env.queue(bad)
     openai_server_env.queue(bad)  # the repair round fails too: escalate
     openai_server_env.queue(LLM_PLAN)
+    openai_server_env.queue(ANSWER)
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="sort out order 1003", user_id="agent-42"))
     assert response.status is RunStatus.SUCCEEDED, response.message
-    assert [r["model"] for r in openai_server_env.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]
+    # the planner escalated; the responder answers on the cheapest tier
+    assert [r["model"] for r in openai_server_env.requests] == ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o",
+                                                                 "gpt-4o-mini"]
     assert response.plan is not None and response.plan.planner == "llm:strong"
     assert set(response.cost_breakdown()["by_tier"]) == {"fast", "strong"}
 
@@ -73,6 +87,7 @@ async def test_every_tier_hallucinating_runs_nothing(openai_server_env: Scripted
     bad = {"reasoning": "x", "steps": [{"description": "d", "tool_name": "wire_money", "tool_args": {}}]}
     for _ in range(4):
         openai_server_env.queue(bad)
+    openai_server_env.queue_error(500)  # the responder's call fails: the deterministic answer, noted
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="sort out order 1003", user_id="agent-42"))
         # A refused request is journaled too, with what planning it cost.
@@ -81,13 +96,15 @@ async def test_every_tier_hallucinating_runs_nothing(openai_server_env: Scripted
     assert response.status is RunStatus.REJECTED
     assert "wire_money" in response.message
     assert not Path(os.environ["AGENTKEEL_SHOP_DB"]).exists()  # no tool touched the shop
-    assert len(response.costs) == 4 and response.total_cost_usd > 0
+    assert len(response.costs) == 4 and response.total_cost_usd > 0  # the failed answer call is not billed
+    assert response.answer_source == "template (LLM unavailable)" and "the call to it failed" in response.answer
     assert shown.status is RunStatus.REJECTED and shown.steps == ()
     assert shown.total_cost_usd == listed.planning_cost_usd == response.total_cost_usd
 
 
 def test_cli_with_llm_planner_in_a_subprocess(openai_server: ScriptedOpenAIServer, tmp_path: Path) -> None:
     openai_server.queue(LLM_PLAN, usage=(900, 100))
+    openai_server.queue(ANSWER, usage=(700, 20))
     config = tmp_path / "agentkeel.toml"
     config.write_text(
         '[principals.agent-42]\npermissions = ["read", "refunds"]\n\n'
@@ -102,8 +119,9 @@ def test_cli_with_llm_planner_in_a_subprocess(openai_server: ScriptedOpenAIServe
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout)
     assert out["plan"]["planner"] == "llm:fast"
-    assert out["total_cost_usd"] > 0
-    assert out["cost_breakdown"]["by_tier"]["fast"] == out["total_cost_usd"]
+    assert out["total_cost_usd"] == pytest.approx(((900 + 700) * 0.15 + (100 + 20) * 0.60) / 1e6)
+    assert out["cost_breakdown"]["by_tier"]["fast"] == pytest.approx(out["total_cost_usd"])
+    assert (out["answer"], out["answer_source"]) == (ANSWER, "llm:fast")
     assert refund_rows() == [("1003", 120.0)]
 
 
@@ -116,6 +134,7 @@ async def test_a_model_proposing_a_tool_the_principal_may_not_call_is_audited(
                                            "tool_args": {"to": "a@example.com", "subject": "s", "body": "b"}}]}
     for _ in range(4):
         openai_server_env.queue(sneaky)
+    openai_server_env.queue("I could not plan that: sending email is not something you may do.")
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="email the customer", user_id="agent-42"))
         home = system.config.home

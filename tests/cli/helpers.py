@@ -1,12 +1,16 @@
-"""Running the real ``agentkeel`` command in a subprocess, and fake plugin distributions."""
+"""Running the real ``agentkeel`` command in a subprocess (with pipes, or with a
+terminal for stderr and stdout), and fake plugin distributions."""
 
 from __future__ import annotations
 
 import os
+import pty
+import select
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,71 @@ def agentkeel(
         proc.args, proc.returncode,
         proc.stdout.decode("utf-8", "backslashreplace"), proc.stderr.decode("utf-8", "backslashreplace"),
     )
+
+
+def _env(env: dict[str, str] | None, path: Path | None) -> dict[str, str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    full_env.update(env or {})
+    if path is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), full_env.get("PYTHONPATH")) if p)
+    return full_env
+
+
+def agentkeel_on_terminal(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    path: Path | None = None,
+    tty_stdout: bool = False,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m agentkeel ARGS`` with stderr (and with ``tty_stdout`` stdout too) on
+    a pseudo-terminal; what the terminals showed comes back with ``\r\n`` as ``\n``."""
+    full_env = {"TERM": "xterm", "PYTHONIOENCODING": "utf-8", **_env(env, path)}
+    err_master, err_slave = pty.openpty()
+    out_master, out_slave = pty.openpty() if tty_stdout else (None, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkeel", *args], cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+        stdout=out_slave if out_slave is not None else subprocess.PIPE, stderr=err_slave,
+    )
+    os.close(err_slave)
+    if out_slave is not None:
+        os.close(out_slave)
+    out_fd = out_master if out_master is not None else proc.stdout.fileno()  # type: ignore[union-attr]
+    streams: dict[int, bytearray] = {err_master: bytearray(), out_fd: bytearray()}
+    open_fds = set(streams)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_fds and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(open_fds), [], [], 0.1)
+            for fd in ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the terminal's other end is closed
+                    chunk = b""
+                if chunk:
+                    streams[fd] += chunk
+                else:
+                    open_fds.discard(fd)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(err_master)
+        if out_master is not None:
+            os.close(out_master)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def text(fd: int) -> str:
+        return bytes(streams[fd]).decode("utf-8", "backslashreplace").replace("\r\n", "\n")
+
+    return subprocess.CompletedProcess(proc.args, code, text(out_fd), text(err_master))
+
+
+def progress_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr without the ``note:`` lines: the progress a run printed (pipes, not a terminal)."""
+    return [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
 
 
 def errors(proc: subprocess.CompletedProcess[str]) -> list[str]:

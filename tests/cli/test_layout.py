@@ -18,13 +18,17 @@ from tests.cli.helpers import agentkeel
 CLI_MODULES = (
     "agentkeel.cli",
     "agentkeel.cli.common",
+    "agentkeel.cli.progress",
     "agentkeel.cli.run",
+    "agentkeel.cli.chat",
     "agentkeel.cli.inspect",
     "agentkeel.cli.runs",
+    "agentkeel.cli.approvals",
     "agentkeel.cli.audit",
     "agentkeel.cli.sandbox",
 )
-COMMANDS = {"run", "tools", "plugins", "runs", "show", "resume", "rollback", "audit", "sandbox"}
+COMMANDS = {"run", "chat", "tools", "plugins", "runs", "show", "resume", "rollback", "approvals", "approve", "deny",
+            "audit", "sandbox"}
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)

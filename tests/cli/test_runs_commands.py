@@ -26,7 +26,9 @@ def test_rollback_compensates_and_exits_0(workdir: Path) -> None:
     run_id = run_json(workdir, "refund order 1001 if it has shipped")["run_id"]
     proc = agentkeel("rollback", run_id, cwd=workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith(f"run {run_id}: rolled_back")
+    answer = json.loads(agentkeel("show", run_id, "--json", cwd=workdir).stdout)["answer"]
+    assert answer and proc.stdout.startswith(answer + "\n")  # the answer first, then the run line
+    assert proc.stdout[len(answer) + 1:].startswith(f"run {run_id}: rolled_back")
     assert "compensated" in proc.stdout
     assert [(order, status) for order, _, status in refunds(os.environ["AGENTKEEL_SHOP_DB"])] == [
         ("1001", "cancelled")

@@ -13,7 +13,10 @@ Child side (what runs inside ``python -m tests.durable.harness``):
   before its intent), ``before``/``after`` (inside the tool, just before / just
   after the real effect), ``finished`` (outcome journaled, ``step_finished``),
   ``comp_before``/``comp_after`` (inside the compensator) and ``compensated``
-  (compensation journaled). The process SIGKILLs itself there.
+  (compensation journaled); for plans with later revisions (a round, or a
+  replan after a bounce), ``planning:<revision>`` (the planner was asked for that
+  revision, nothing of it is journaled yet) and ``planned:<revision>`` (the
+  revision is journaled, none of its steps started). The process SIGKILLs itself there.
 - ``main``: ``run RUN_ID`` (plan from ``HARNESS_PLAN``), ``resume RUN_ID`` (settling
   the in-doubt steps of ``HARNESS_RESOLVE="3=done,5=not-done"``) or ``rollback
   RUN_ID``; prints one JSON line (status, message, step statuses). Exit codes:
@@ -212,6 +215,22 @@ class HarnessPlugin:
             crash_if("finished", event.data["step"].step_id)
         elif event.kind == "step_compensated":
             crash_if("compensated", event.data["step_id"])
+        elif event.kind == "plan_ready":
+            crash_if("planned", event.data["revision"])
+
+
+def _harness_planner(wire: Mapping[str, Any], later: Sequence[Mapping[str, Any]]) -> Any:
+    """A scripted planner (``later``: the revisions after the first) that crashes at ``planning:N``."""
+    from agentkeel.testing import ScriptedPlanner
+
+    class HarnessPlanner(ScriptedPlanner):
+        @hookimpl(tryfirst=True)
+        def agentkeel_plan(self, tools: Mapping[str, Any], progress: Any = None) -> Any:
+            if progress is not None:
+                crash_if("planning", progress.revision)
+            return super().agentkeel_plan(tools=tools, progress=progress)
+
+    return HarnessPlanner(wire, later)
 
 
 # --- plans -----------------------------------------------------------------------------------------
@@ -237,8 +256,33 @@ def plan_step(step: int, kind: str) -> dict[str, Any]:
     raise ValueError(f"unknown step kind {kind!r}; use one of {KINDS}")
 
 
-def wire_plan(kinds: Sequence[str]) -> dict[str, Any]:
-    return {"reasoning": "crash harness plan", "steps": [plan_step(i, k) for i, k in enumerate(kinds, start=1)]}
+def wire_plan(kinds: Sequence[str], first: int = 1, observe: bool = False) -> dict[str, Any]:
+    wire: dict[str, Any] = {"reasoning": "crash harness plan",
+                            "steps": [plan_step(i, k) for i, k in enumerate(kinds, start=first)]}
+    if observe:
+        wire["observe"] = True
+    return wire
+
+
+@dataclass(frozen=True)
+class Revised:
+    """A plan in two revisions: ``first``, then ``then`` (steps numbered after it).
+
+    ``reason="round"``: ``first`` is a round (``observe``) and ``then`` the next one.
+    ``reason="replan"``: ``first`` ends with a bounce, and ``then`` is the replan
+    after it. ``kinds`` are the steps of both, in run order (step ids 1..n)."""
+
+    first: tuple[str, ...]
+    then: tuple[str, ...]
+    reason: str
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (*self.first, *self.then)
+
+    def wires(self) -> dict[str, Any]:
+        return {"plan": wire_plan(self.first, observe=self.reason == "round"),
+                "later": [wire_plan(self.then, first=len(self.first) + 1)]}
 
 
 def crash_points(kinds: Sequence[str]) -> list[str]:
@@ -257,12 +301,14 @@ def crash_points(kinds: Sequence[str]) -> list[str]:
 
 
 def build_system(wire: Mapping[str, Any] | None = None) -> AgentSystem:
-    """An ``AgentSystem`` with the harness tools (and a scripted planner for ``wire``)."""
-    from agentkeel.testing import ScriptedPlanner, make_system
+    """An ``AgentSystem`` with the harness tools and a scripted planner for ``wire`` (a
+    plan, or ``{"plan", "later"}``: later revisions too; a resume gets the later ones)."""
+    from agentkeel.testing import make_system
 
     plugins: list[object] = [HarnessPlugin()]
     if wire is not None:
-        plugins.append(ScriptedPlanner(wire))
+        later = wire.get("later", ())
+        plugins.append(_harness_planner(wire.get("plan", wire), later))
     config: dict[str, Any] = {"retry": {"base_delay_s": 0.0, "max_delay_s": 0.0}}
     if os.environ.get(TTL_ENV):
         config["journal"] = {"lease_ttl_s": float(os.environ[TTL_ENV])}
@@ -283,7 +329,9 @@ async def serve(mode: str, run_id: str) -> AgentResponse:
 
     A resume settles the in-doubt steps named by ``HARNESS_RESOLVE`` (``"3=done,5=not-done"``).
     """
-    wire = json.loads(Path(os.environ[PLAN_ENV]).read_text()) if mode == "run" else None
+    wire = json.loads(Path(os.environ[PLAN_ENV]).read_text())
+    if mode != "run" and "later" not in wire:
+        wire = None  # a plain plan is never planned again: a resume needs no planner
     async with build_system(wire) as system:
         if mode == "run":
             return await system.run(AgentRequest(message="crash harness", user_id=USER, run_id=run_id))
@@ -369,8 +417,9 @@ class Paths:
             env[RESOLVE_ENV] = ",".join(f"{k}={'done' if v else 'not-done'}" for k, v in resolve.items())
         return env
 
-    def write_plan(self, kinds: Sequence[str]) -> None:
-        self.plan_file.write_text(json.dumps(wire_plan(kinds)))
+    def write_plan(self, kinds: Sequence[str] | Revised) -> None:
+        wire = kinds.wires() if isinstance(kinds, Revised) else wire_plan(kinds)
+        self.plan_file.write_text(json.dumps(wire))
 
 
 @dataclass
@@ -486,6 +535,8 @@ class History:
     run_id: str
     kinds: tuple[str, ...]
     children: list[Child] = field(default_factory=list)
+    replanned: bool = False
+    """The plan's bounce is replaced by a replan (``Revised(reason="replan")``): the run succeeds."""
     done_before: dict[str, tuple[frozenset[int], frozenset[int]]] = field(default_factory=dict)
 
     @property
@@ -530,7 +581,7 @@ def done_steps(state: Any) -> tuple[frozenset[int], frozenset[int]]:
     return frozenset(forward), frozenset(undone)
 
 
-def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str | None],
+def drive(paths: Paths, run_id: str, kinds: Sequence[str] | Revised, crashes: Sequence[str | None],
           first_mode: str = "run", history: History | None = None, fresh: bool = False,
           resolve: Mapping[int, bool] | None = None) -> History:
     """Run (or resume / roll back) ``run_id`` with ``crashes[0]``, then resume with the next crash
@@ -538,6 +589,8 @@ def drive(paths: Paths, run_id: str, kinds: Sequence[str], crashes: Sequence[str
     ``resolve`` is given to the first process (a resume settling in-doubt steps)."""
     if first_mode == "run":
         paths.write_plan(kinds)
+    if isinstance(kinds, Revised):
+        history = history or History(run_id, kinds.kinds, replanned=kinds.reason == "replan")
     history = history or History(run_id, tuple(kinds))
     index = 0
     mode = first_mode
@@ -582,7 +635,9 @@ def read_shop(paths: Paths) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 # --- invariants -----------------------------------------------------------------------------------
 
 
-def expected_end(kinds: Sequence[str], events: Sequence[tuple[str, int]]) -> tuple[str, int | None]:
+def expected_end(
+    kinds: Sequence[str], events: Sequence[tuple[str, int]], replanned: bool = False
+) -> tuple[str, int | None]:
     """(final run status, in-doubt step) implied by the plan and ``History.events()``.
 
     A crash inside a never-twice step (before or after its effect) leaves it in doubt
@@ -599,13 +654,13 @@ def expected_end(kinds: Sequence[str], events: Sequence[tuple[str, int]]) -> tup
             doubt = step
     if doubt is not None:
         return "in_doubt", doubt
-    return ("failed" if "bounce" in kinds else "succeeded"), None
+    return ("failed" if "bounce" in kinds and not replanned else "succeeded"), None
 
 
 def settle(paths: Paths, history: History, crashes: Sequence[str | None] = ()) -> History:
     """The operator's part of an in-doubt run: look in the shop whether the step's email went
     out, say so (``resume --resolve STEP=done|not-done``), and continue (crashing at ``crashes``)."""
-    status, doubt = expected_end(history.kinds, history.events())
+    status, doubt = expected_end(history.kinds, history.events(), history.replanned)
     assert status == "in_doubt" and doubt is not None, status
     sent = any(e["subject"].startswith(f"[s{doubt}] ") for e in read_shop(paths)[1])
     return drive(paths, history.run_id, history.kinds, crashes, first_mode="resume", history=history,
@@ -627,13 +682,13 @@ def check_invariants(paths: Paths, history: History) -> Any:
     run = state.run
     refunds, emails = read_shop(paths)
     calls = read_calls(paths)
-    status, doubt = expected_end(kinds, history.events())
+    status, doubt = expected_end(kinds, history.events(), history.replanned)
     last = history.children[-1]
     where = f"run {run_id} kinds={kinds} events={history.events()}: "
     assert run.status == status, where + f"status {run.status!r} ({run.detail}), expected {status!r}"
     assert last.answer["status"] == run.status, where + f"the last process answered {last.answer}"
     assert run.owner == "", where + f"lease still held by {run.owner}"
-    end = doubt or (kinds.index("bounce") + 1 if "bounce" in kinds else len(kinds))
+    end = doubt or (kinds.index("bounce") + 1 if "bounce" in kinds and not history.replanned else len(kinds))
     if doubt is not None:
         assert f"step {doubt} (h_email)" in run.detail, where + run.detail
     for record in state.steps:

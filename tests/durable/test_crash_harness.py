@@ -27,11 +27,13 @@ from tests.durable.harness import (
     NEVER_TWICE,
     History,
     Paths,
+    Revised,
     assert_resume_changes_nothing,
     check_invariants,
     crash_points,
     drive,
     expected_end,
+    load_state,
     log_call,
     settle,
 )
@@ -72,6 +74,50 @@ async def test_crash_then_resume(
         state = check_invariants(paths, history)
         assert state.run.status in ("succeeded", "failed")
     await assert_resume_changes_nothing(paths, "harness-run", monkeypatch.setenv)
+
+
+# --- rounds and replans: every step boundary, and between revisions -------------------------------
+
+REVISED = {
+    # an adaptive plan: round 1 looks up and refunds, round 2 emails and refunds again
+    "round": Revised(("lookup", "refund"), ("email", "refund"), "round"),
+    # a replan: the email bounces at step 3, the new plan emails the customer instead
+    "replan": Revised(("lookup", "refund", "bounce"), ("email",), "replan"),
+}
+
+
+def _revised_matrix() -> list[Any]:
+    cases = []
+    for name, plan in REVISED.items():
+        points = ["start:1", "planning:2", "planned:2"]
+        for step in range(1, len(plan.kinds) + 1):
+            points += [f"before:{step}", f"after:{step}", f"finished:{step}"]
+        cases += [pytest.param(name, (point,), id=f"{name}-{point}") for point in points]
+    cases.append(pytest.param("replan", ("planning:2", "planned:2", "after:4"), id="replan-chain"))
+    cases.append(pytest.param("round", ("finished:2", "planning:2", "planned:2"), id="round-chain"))
+    return cases
+
+
+@pytest.mark.parametrize(("plan", "crashes"), _revised_matrix())
+async def test_crash_between_revisions_then_resume(
+    plan: str, crashes: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between rounds, between a replan and its first step, and at every step of both
+    revisions: the resumed run plans what is missing once, never re-runs a completed step,
+    and ends as an uninterrupted run would (the replan replaces the bounce: it succeeds)."""
+    paths = Paths.under(tmp_path / "harness")
+    revised = REVISED[plan]
+    history = drive(paths, "revised-run", revised, crashes)
+    assert history.children[0].killed, f"crash point {crashes[0]} never fired: {history.children[0].answer}"
+    state = check_invariants(paths, history)
+    if state.run.status == "in_doubt":
+        settle(paths, history)
+        state = check_invariants(paths, history)
+    assert state.run.status == "succeeded", state.run.detail
+    assert [r.reason for r in state.revisions] == ["initial", revised.reason]
+    assert [s["step_id"] for s in state.revisions[1].plan["steps"]] == list(
+        range(len(revised.first) + 1, len(revised.kinds) + 1))
+    await assert_resume_changes_nothing(paths, "revised-run", monkeypatch.setenv)
 
 
 def test_matrix_is_at_least_fifty_crashing_runs() -> None:

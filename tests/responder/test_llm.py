@@ -39,7 +39,8 @@ STEPS = (
 )
 PLAN = parse_plan({"reasoning": "r", "steps": [
     {"description": "d", "tool_name": "lookup_order", "tool_args": {"order_id": "1001"}},
-    {"description": "d", "tool_name": "issue_refund", "tool_args": {"order_id": "1001", "amount": {"$ref": "/1/total"}}},
+    {"description": "d", "tool_name": "issue_refund",
+     "tool_args": {"order_id": "1001", "amount": {"$ref": "/1/total"}}},
 ]}, planner="llm:fast")
 
 

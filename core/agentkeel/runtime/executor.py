@@ -246,11 +246,14 @@ class PlanExecutor:
                         run.emit("step_finished", step=result)
                     stopped_at = step
                     break
+                if signal == REPLAN and result.status is StepStatus.FAILED and not step.optional:
+                    # Journaled before the outcome: a resume after a crash in between still replans.
+                    self.lease.set_status(RunStatus.RUNNING, f"step {step.step_id} ({result.tool_name}) failed: "
+                                          f"{result.error}; replanning", then_status="replan")
+                    self.replan_step = result
                 self.lease.outcome(outcome_record(run.run_id, step.step_id, "forward", result))
                 if run.listened:
                     run.emit("step_finished", step=result)
-                if signal == REPLAN and result.status is StepStatus.FAILED:
-                    self.replan_step = result
             self.outcomes[step.step_id] = result
             if result.status is StepStatus.SUCCEEDED:
                 self.results[step.step_id] = result.result

@@ -252,22 +252,19 @@ class Pipeline:
         abort means compensate the steps of every revision that took effect."""
         executor = PlanExecutor(self.runner, run, held, state)
         steps: dict[int, StepResult] = {}
-        pending_replan = False
+        # A replan decided before a crash: the latest revision failed (or fails again) where it did.
+        marker = False
         if state is not None:
             steps = {s.step_id: s for s in steps_from_journal([r.plan for r in revisions], state)}
-            pending_replan = state.run.status == RunStatus.RUNNING.value and state.run.then_status == "replan"
+            marker = state.run.status == RunStatus.RUNNING.value and state.run.then_status == "replan"
         notes: list[str] = []
         while True:
             plan = revisions[-1].plan
-            if pending_replan:  # a crash came between deciding to replan and journaling the new plan
-                assert state is not None
-                pending_replan = False
-                status, detail, replan = RunStatus.FAILED, state.run.detail, True
-            else:
-                for result in await executor.execute(plan):
-                    steps[result.step_id] = result
-                status, detail = executor.status, executor.detail
-                replan = status is RunStatus.FAILED and executor.replan_step is not None
+            for result in await executor.execute(plan):
+                steps[result.step_id] = result
+            status, detail = executor.status, executor.detail
+            replan = status is RunStatus.FAILED and (executor.replan_step is not None or marker)
+            marker = False
             reason = ""
             if replan:
                 if sum(r.reason == "replan" for r in revisions) < self.config.max_replans:
@@ -285,7 +282,6 @@ class Pipeline:
             if not reason:
                 break
             if reason == "replan":
-                held.set_status(RunStatus.RUNNING, detail, then_status="replan")
                 if run.listened:
                     run.emit("replan", failure=detail, revision=len(revisions) + 1)
             new, why = await self._revise(run, context, visible, revisions, list(steps.values()), reason,

@@ -30,8 +30,8 @@ import collections
 import dataclasses
 import itertools
 import json
-import threading
 import math
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
