@@ -9,7 +9,10 @@ is the framework.
 
 Prints, per K and journal backend (in-memory, durable SQLite): the median wall
 time of one run divided by K (per-request work amortised), and the marginal
-cost of one more step ((T(K) - T(2)) / (K - 2)).
+cost of one more step ((T(K) - T(2)) / (K - 2)). Then the responder's own cost
+per request (it runs once, after the steps, outside the per-step path): the
+deterministic responder's answer for a run of K steps, which the figures above
+include (the LLM responder, when configured, costs one chat completion instead).
 """
 
 from __future__ import annotations
@@ -87,6 +90,24 @@ def main() -> None:
                     f"{(medians[k] - medians[base_k]) / (k - base_k) * 1e6:19.1f}" if k != base_k else f"{'-':>19}"
                 )
                 print(f"{journal:>8} {k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} {marginal}")
+    print("responder (deterministic, per request, included above):")
+    for k in ks:
+        print(f"{'':>8} {k:>8} {responder_cost(k) * 1e6:16.1f} us")
+
+
+def responder_cost(k: int, runs: int = 2000) -> float:
+    """Median time of the deterministic responder's answer for a succeeded run of ``k`` steps."""
+    from agentkeel.responder.default import agentkeel_respond
+    from agentkeel.types import RunStatus, StepResult, StepStatus
+
+    request = AgentRequest(message="bench", user_id="bench")
+    steps = [StepResult(i, "noop", StepStatus.SUCCEEDED, {"i": i}, {"i": i}) for i in range(1, k + 1)]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        agentkeel_respond(request=request, status=RunStatus.SUCCEEDED, detail="", plan=None, steps=steps)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

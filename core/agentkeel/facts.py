@@ -51,11 +51,17 @@ def fact(step: StepResult) -> str | None:
     return f"{step.tool_name}({args}): {shown}"
 
 
-def facts(steps: Iterable[StepResult], max_chars: int = 2000) -> list[str]:
-    """The facts of the steps that succeeded, in order, at most ``max_chars`` in all."""
+def facts(steps: Iterable[StepResult], max_chars: int = 2000, max_items: int = 20) -> list[str]:
+    """The facts of the steps that succeeded, in order: at most ``max_items`` of them and
+    ``max_chars`` in all (so the cost stays flat however many steps a run had)."""
     out: list[str] = []
     used = 0
     for step in steps:
+        if step.status is not StepStatus.SUCCEEDED:
+            continue
+        if len(out) == max_items:
+            out.append("… (more results left out)")
+            break
         line = fact(step)
         if line is None:
             continue

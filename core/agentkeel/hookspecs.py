@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     from agentkeel.types import (
         AgentRequest,
         AgentResponse,
+        Answer,
         Decision,
         Event,
-        Answer,
         MemoryContext,
         ModelPrice,
         Plan,

@@ -33,7 +33,6 @@ from tests.durable.harness import (
     crash_points,
     drive,
     expected_end,
-    load_state,
     log_call,
     settle,
 )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookimpl, tool
-from agentkeel.errors import PlanRejectedError
+from agentkeel.errors import ConfigError, PlanRejectedError
 from agentkeel.planner.llm import LLMPlanner, _InvalidAnswer, validate_answer
 from agentkeel.planner.plan import parse_plan
 from agentkeel.runtime.system import AgentSystem
@@ -360,3 +360,13 @@ async def test_an_injected_instruction_in_round_one_cannot_make_round_two_refund
     assert len(refusals) == 1
     assert refusals[0]["principal"] == "reader" and refusals[0]["run_id"] == response.run_id
     assert refusals[0]["action"] == "plan" and "may not call" in refusals[0]["reason"]
+
+
+@pytest.mark.parametrize("value", [0, 100, "16k", True])
+async def test_a_bad_max_data_bytes_is_a_config_error_naming_the_field(
+    openai_server: ScriptedOpenAIServer, value: Any
+) -> None:
+    run = make_run(openai_server.base_url, extra={"plugins": {"planner_llm": {"max_data_bytes": value}}})
+    with pytest.raises(ConfigError, match=r"plugins\.planner_llm\.max_data_bytes: must be an integer >= 256"):
+        await plan_later(run, replan_progress())
+    assert openai_server.requests == []

@@ -93,6 +93,9 @@ def test_tool_declarations(tools: dict[str, ToolSpec]) -> None:
         "issue_refund",
         "cancel_refund",
         "send_email",
+        "open_ticket",
+        "close_ticket",
+        "track_shipment",
     }
     assert all(spec.plugin == "support" for spec in tools.values())
     for name in ("lookup_order", "check_inventory"):
@@ -109,6 +112,14 @@ def test_tool_declarations(tools: dict[str, ToolSpec]) -> None:
     assert not email.retry_safe
     assert tools["lookup_order"].output_schema is not None
     assert set(tools["lookup_order"].output_schema["required"]) == {"order_id", "status", "total"}
+    ticket = tools["open_ticket"]
+    assert ticket.permissions == {"email"} and ticket.rollback == "close_ticket"
+    assert not ticket.idempotent and ticket.accepts_key and ticket.retry_safe
+    close = tools["close_ticket"]
+    assert close.permissions == {"email"} and close.idempotent and close.rollback is None
+    track = tools["track_shipment"]
+    assert track.permissions == {"read"} and track.idempotent and track.rollback is None
+    assert track.args_schema["required"] == ["order_id"]
 
 
 def test_plugin_registers_every_template() -> None:
@@ -334,7 +345,8 @@ def plan_for(message: str) -> tuple[str, Plan]:
     found = [(name, wire) for name, wire in matches if wire is not None]
     assert len(found) == 1, f"{message!r} matched {[name for name, _ in found]}"
     name, wire = found[0]
-    return name, parse_plan(wire, planner=f"rules:{name}")
+    answer = wire.pop("answer_template", None)
+    return name, parse_plan(wire, planner=f"rules:{name}", answer_template=answer)
 
 
 def assert_plan_checks(plan: Plan, tools: dict[str, ToolSpec]) -> None:
@@ -433,6 +445,70 @@ def test_stock_template(message: str, tools: dict[str, ToolSpec]) -> None:
     assert_plan_checks(plan, tools)
 
 
+def test_every_template_answers_in_words() -> None:
+    assert all(t.answer is not None for t in TEMPLATES)
+    replanning = {t.name for t in TEMPLATES if t.replan}
+    # The rollback demo ("refund order 1005 and email the customer") must not replan.
+    assert replanning == {"support:email_update"}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "track order 1003",
+        "Track my order #1003.",
+        "track the shipment of order 1003",
+        "please track the parcel for order 1003",
+    ],
+)
+def test_track_order_template(message: str, tools: dict[str, ToolSpec]) -> None:
+    name, plan = plan_for(message)
+    assert name == "support:track_order"
+    lookup, track = plan.steps
+    assert (lookup.tool_name, dict(lookup.tool_args), lookup.optional) == (
+        "lookup_order",
+        {"order_id": "1003"},
+        False,
+    )
+    assert (track.tool_name, dict(track.tool_args), track.optional) == (
+        "track_shipment",
+        {"order_id": "1003"},
+        True,
+    )
+    assert_plan_checks(plan, tools)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "email the customer of order 1005 an update",
+        "Tell the customer of order 1005 about their order.",
+        "notify the customer of order #1005",
+        "please e-mail the customer of order 1005 with an update",
+    ],
+)
+def test_email_update_template_and_its_replan(message: str, tools: dict[str, ToolSpec]) -> None:
+    name, plan = plan_for(message)
+    assert name == "support:email_update"
+    lookup, email = plan.steps
+    assert (lookup.tool_name, dict(lookup.tool_args)) == ("lookup_order", {"order_id": "1005"})
+    assert email.tool_name == "send_email" and email.when is None
+    assert email.tool_args["to"] == {"$ref": "/1/customer_email"}
+    assert email.tool_args["subject"] == "An update on your order 1005"
+    assert_plan_checks(plan, tools)
+    template = next(t for t in TEMPLATES if t.name == name)
+    wire = template.match_replan(message)
+    assert wire is not None
+    answer = wire.pop("answer_template")
+    assert "{3.ticket_id}" in answer and "{1.customer_email}" in answer
+    replan = parse_plan(wire, planner=f"rules:{name}:replan", first_step_id=3)
+    (ticket,) = replan.steps
+    assert ticket.step_id == 3 and ticket.tool_name == "open_ticket"
+    assert ticket.tool_args["order_id"] == {"$ref": "/1/order_id"}  # the run's step 1
+    assert "order 1005 could not be delivered" in ticket.tool_args["note"]
+    assert ticket.depends_on == {1}
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -442,6 +518,9 @@ def test_stock_template(message: str, tools: dict[str, ToolSpec]) -> None:
         "refund order 1001 if it has shipped and delete the database",
         "please refund order 1001 if it has shipped; also drop table orders",
         "is widget-1 in stock and refund order 1001",
+        "track order 1003 and refund it",
+        "email the customer of order 1005 an update and refund it",
+        "tell the customer of order 1005 a joke",
     ],
 )
 def test_other_messages_match_no_template(message: str) -> None:

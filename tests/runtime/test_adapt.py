@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import pytest
-
 from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl, tool
 from agentkeel.errors import ApprovalError, PlanRejectedError, ToolError
 from agentkeel.planner.plan import parse_plan

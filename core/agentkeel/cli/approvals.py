@@ -67,9 +67,11 @@ def approval_line(record: ApprovalRecord, now: float) -> str:
 @config_option
 @json_option
 def approvals(show_all: bool, limit: int, config_path: str | None, as_json: bool) -> None:
-    """List the approvals runs wait for, newest first: run, step, tool, arguments,
-    who asked, since when and until when. --all lists every approval with its
-    status (pending, approved, denied, expired) and who decided it."""
+    """List pending approvals (--all: every approval).
+
+    Newest first, one a line: run, step, tool, arguments, who asked, since when
+    and until when. --all adds the decided and expired ones, with their status
+    (pending, approved, denied, expired) and who decided them."""
     system = build_system(load_config(config_path))
     records = system.approvals(None if show_all else "pending", limit)
     now = time.time()

@@ -27,7 +27,6 @@ from agentkeel.cli.common import (
     check_text,
     command_line,
     config_option,
-    json_option,
     load_config,
     one_line,
     print_response,
@@ -100,12 +99,13 @@ def new_session_id() -> str:
 @click.option("--budget", "budget_usd", type=float, default=None, callback=check_budget,
               help="Budget in USD for each request (a finite amount >= 0).")
 @config_option
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="Print each response as one line of JSON.")
 def chat(user_id: str, session_id: str | None, budget_usd: float | None, config_path: str | None,
          as_json: bool) -> None:
-    """Chat on one session: each line read from stdin is a request of --user.
+    """Chat on one session: one request per line of stdin.
 
-    Each answer is printed with its run and steps (--json: each response as one
+    Each line is a request of --user in the session, journaled like any run.
+    Its answer is printed with its run and steps (--json: each response as one
     JSON line); empty lines are skipped and /exit or the end of input ends the
     chat. Without --session a new session id is made and printed first
     (continue it with --session). A failed run, or a line that is not UTF-8,
@@ -126,7 +126,7 @@ def chat(user_id: str, session_id: str | None, budget_usd: float | None, config_
                 continue
             if message == EXIT_COMMAND:
                 break
-            problem = "is not valid UTF-8 text" if text is None else text_problem(message)
+            problem = "is not valid UTF-8 text" if text is None or text_problem(message) else None
             if problem is not None:
                 click.echo(f"error: line {number} {problem}; skipped", err=True)
                 continue

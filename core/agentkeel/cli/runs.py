@@ -55,10 +55,11 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
 @config_option
 @json_option
 def show(run_id: str, config_path: str | None, as_json: bool) -> None:
-    """Show a run as the journal recorded it: its answer, who asked what in which
-    session, every plan revision (number, reason, planner) with its steps, and
-    the cost (its duration as the journal gives it). --json adds "request"
-    (user_id, session_id, message) to the response."""
+    """Show a run as the journal recorded it.
+
+    Its answer, who asked what in which session, every plan revision (number,
+    reason, planner) with its steps, and the cost (its duration as the journal
+    gives it). --json adds "request" (user_id, session_id, message) to the response."""
     system = build_system(load_config(config_path))
     response = system.show(run_id)
     record = system.journal.load(run_id).run
@@ -91,8 +92,10 @@ def _resolutions(values: tuple[str, ...]) -> dict[int, bool]:
 @config_option
 @json_option
 def resume(run_id: str, resolve: tuple[str, ...], config_path: str | None, as_json: bool) -> None:
-    """Continue an unfinished run from its journal: a crashed run, one waiting for
-    an approval (decided with `agentkeel approve` / `deny`), one in doubt.
+    """Continue an unfinished run from its journal.
+
+    A crashed run, one waiting for an approval (decided with `agentkeel approve`
+    or `deny`), one in doubt (settled with --resolve).
 
     Completed steps are not run again. Prints the answer, then the run, like
     `run`, with progress on stderr; exits with the run's code (see `run --help`).

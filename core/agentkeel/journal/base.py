@@ -49,10 +49,10 @@ import attrs
 from agentkeel.errors import FencedError, JournalRecordError, LeaseHeldError, RunNotFoundError
 
 __all__ = [
+    "APPROVAL_STATUSES",
     "DEFAULT_TTL_S",
     "KINDS",
     "PHASES",
-    "APPROVAL_STATUSES",
     "ApprovalRecord",
     "Journal",
     "Lease",

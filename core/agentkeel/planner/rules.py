@@ -46,7 +46,9 @@ def agentkeel_plan(
     return None
 
 
-def _replan(request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate], progress: Progress) -> Plan | None:
+def _replan(
+    request: AgentRequest, run: RunContext, templates: Sequence[PlanTemplate], progress: Progress
+) -> Plan | None:
     """A template's ``replan`` steps, once, when the plan that failed was that template's
     first plan (rule templates are single-round: they never plan a round)."""
     if progress.reason != "replan" or len(progress.plans) != 1:

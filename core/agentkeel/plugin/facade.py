@@ -18,8 +18,8 @@ from agentkeel.permissions.gate import combine_decisions
 from agentkeel.plugin.manager import DEFAULT_NAMES, LoadedPlugins, own_version, plugin_label
 from agentkeel.types import (
     AgentRequest,
-    Answer,
     AgentResponse,
+    Answer,
     Decision,
     Event,
     MemoryContext,

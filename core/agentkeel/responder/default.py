@@ -61,7 +61,7 @@ def render(template: str, results: Mapping[int, Any]) -> str:
 
 def render_answer(template: AnswerTemplate, results: Mapping[int, Any]) -> str | None:
     """The rendered answer template, or None when no choice applies."""
-    choices = [{"text": template}] if isinstance(template, str) else list(template)
+    choices: list[Mapping[str, Any]] = [{"text": template}] if isinstance(template, str) else list(template)
     for choice in choices:
         when = choice.get("when")
         try:
@@ -99,7 +99,7 @@ def deterministic_answer(
         elif plan is not None and plan.answer_template is not None:
             text = render_answer(plan.answer_template, results)
         if text is None:
-            found = facts(steps, max_chars=1200)
+            found = facts(steps, max_chars=1200, max_items=10)
             text = ("Done. What the steps returned: " + "; ".join(found) + ".") if found else (
                 "Done: nothing needed to run for this request.")
         if status is RunStatus.DEGRADED:

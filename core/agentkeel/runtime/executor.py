@@ -2,8 +2,9 @@
 
 For each step: dependencies and condition, references resolved, arguments
 validated, then ``StepRunner.run_call``: permission decided and audited, the
-approval (when the call needs one: else the run stops ``waiting``), the tool router (budget, rate limit, breaker, journal intent, sandbox), the
-evaluator, recovery (retry only when retry-safe, then the fallback tool, else
+approval (when the call needs one: else the run stops ``waiting``), the tool
+router (budget, rate limit, breaker, journal intent, sandbox), the evaluator,
+recovery (retry only when retry-safe, then the fallback tool, else
 fail, or replan); and the outcome journaled before the next step starts. A step
 that fails or is denied aborts the plan: later steps do not run; the pipeline
 then replans (when recovery asked for it) or aborts the run, compensating the

@@ -34,8 +34,8 @@ from agentkeel.permissions.audit import AuditLog
 from agentkeel.permissions.gate import visible_tools
 from agentkeel.planner.check import plan_problems
 from agentkeel.planner.plan import PlanTemplate
-from agentkeel.runtime.compensation import Compensation, CompensationReport
 from agentkeel.responder.default import deterministic_answer
+from agentkeel.runtime.compensation import Compensation, CompensationReport
 from agentkeel.runtime.durable import RESUMABLE, resolve, revisions_of, run_duration, steps_from_journal, take
 from agentkeel.runtime.executor import PlanExecutor, StepRunner, took_effect
 from agentkeel.runtime.lease import HeldLease

@@ -9,6 +9,10 @@ Promises:
   and the sample data (``SAMPLE_ORDERS``, ``SAMPLE_PRODUCTS``). Creation runs
   inside ``BEGIN IMMEDIATE`` and is recorded in ``PRAGMA user_version``, so two
   processes creating the file at once seed it exactly once.
+- The schema is at version ``SCHEMA_VERSION`` (2). A database of an older
+  version is migrated in place, in the same kind of transaction, by the steps
+  of ``MIGRATIONS`` (version 1 to 2 adds the ``tickets`` table); its data is
+  kept, never re-seeded. A newer version than this code knows is refused.
 - ``connect()`` opens a fresh connection per call (tools may run on worker
   threads, in subprocesses or containers, so nothing is shared), in autocommit
   mode with WAL journaling and a busy timeout; ``transaction()`` wraps the few
@@ -33,10 +37,11 @@ SHOP_DB_ENV: Final = "AGENTKEEL_SHOP_DB"
 HOME_ENV: Final = "AGENTKEEL_HOME"
 SHOP_DB_FILENAME: Final = "shop.db"
 BUSY_TIMEOUT_S: Final = 10.0
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 ORDER_STATUSES: Final = ("pending", "shipped", "delivered", "cancelled")
 REFUND_STATUSES: Final = ("issued", "cancelled")
+TICKET_STATUSES: Final = ("open", "closed")
 
 # order_id, customer_email, product_id, total, status
 SAMPLE_ORDERS: Final[tuple[tuple[str, str, str, float, str], ...]] = (
@@ -56,7 +61,9 @@ SAMPLE_PRODUCTS: Final[tuple[tuple[str, str, int], ...]] = (
     ("gizmo-3", "Gizmo", 7),
 )
 
-_SCHEMA: Final = (
+# Version 1 exactly as it shipped: never edit it (databases of version 1 have this
+# schema); a change is a new step in MIGRATIONS.
+SCHEMA_V1: Final = (
     """
     CREATE TABLE products (
         product_id TEXT PRIMARY KEY,
@@ -96,6 +103,24 @@ _SCHEMA: Final = (
     )
     """,
 )
+
+# MIGRATIONS[v]: the statements that take a database from version v to v + 1.
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        f"""
+        CREATE TABLE tickets (
+            ticket_id       TEXT PRIMARY KEY,
+            order_id        TEXT NOT NULL REFERENCES orders (order_id),
+            note            TEXT NOT NULL,
+            idempotency_key TEXT UNIQUE,
+            status          TEXT NOT NULL CHECK (status IN {TICKET_STATUSES!r}),
+            created_at      TEXT NOT NULL,
+            closed_at       TEXT
+        )
+        """,
+        "CREATE INDEX tickets_by_order ON tickets (order_id)",
+    ),
+}
 
 
 def shop_db_path() -> Path:
@@ -177,10 +202,16 @@ def _ensure_schema(conn: sqlite3.Connection, db: Path) -> None:
                 raise
             time.sleep(0.02)
     with transaction(conn):
-        if _user_version(conn) == SCHEMA_VERSION:
-            return  # another process created it while this one waited for the lock
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.executemany("INSERT INTO products VALUES (?, ?, ?)", SAMPLE_PRODUCTS)
-        conn.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?)", SAMPLE_ORDERS)
+        version = _user_version(conn)  # again: another process may have created or migrated it
+        if version >= SCHEMA_VERSION:
+            return  # done while this one waited for the lock (a newer one is refused next time)
+        if version == 0:
+            for statement in SCHEMA_V1:
+                conn.execute(statement)
+            conn.executemany("INSERT INTO products VALUES (?, ?, ?)", SAMPLE_PRODUCTS)
+            conn.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?)", SAMPLE_ORDERS)
+            version = 1
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

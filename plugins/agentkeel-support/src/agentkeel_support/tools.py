@@ -13,6 +13,16 @@ What each tool declares is what the runtime relies on:
   idempotent (cancelling a cancelled refund changes nothing).
 - ``send_email`` cannot be taken back and takes no idempotency key: the
   chapter's example of a tool that must never run twice for one step.
+- ``open_ticket`` hands an order to a human support agent: permission "email",
+  not idempotent, undone by ``close_ticket``. Like ``issue_refund`` it takes the
+  idempotency key and honours it (the same key returns the first ticket).
+  ``close_ticket`` is idempotent.
+- ``track_shipment`` asks the carrier's tracking service at
+  ``$AGENTKEEL_CARRIER_URL`` (``GET {url}/track/{order_id}``, JSON): permission
+  "read", idempotent. Without the variable, or when the service is down or
+  answers badly, it raises ``ToolError`` (retryable for connection errors,
+  timeouts and 5xx answers), which is what an ``"optional"`` plan step needs to
+  go on without it.
 
 Refusals (unknown order, wrong status, bad amount) raise
 ``ToolError(retryable=False)``: trying again cannot help.
@@ -20,19 +30,32 @@ Refusals (unknown order, wrong status, bad amount) raise
 
 from __future__ import annotations
 
+import http.client
 import math
+import os
 import re
 import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
-from typing import Any
+from typing import IO, Any
 
-from agentkeel import tool
+from agentkeel import jsonvalue, tool
 from agentkeel.errors import ToolError
 
 from agentkeel_support.shop import connect, now, transaction
 
 REFUNDABLE_STATUSES = ("shipped", "delivered")
 TOOL_TIMEOUT_S = 15.0
+
+CARRIER_URL_ENV = "AGENTKEEL_CARRIER_URL"
+CARRIER_TIMEOUT_S = 5.0
+"""Socket timeout of one tracking request, and the deadline for reading its whole answer."""
+CARRIER_MAX_BYTES = 64 * 1024
+"""The largest tracking answer read; a longer one is refused."""
+MAX_NOTE_CHARS = 2000
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
@@ -87,6 +110,39 @@ EMAIL_OUTPUT_SCHEMA: dict[str, Any] = {
         "to": {"type": "string"},
         "subject": {"type": "string"},
         "sent_at": {"type": "string"},
+    },
+}
+TICKET_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["ticket_id", "order_id", "note", "status", "created_at"],
+    "properties": {
+        "ticket_id": {"type": "string"},
+        "order_id": {"type": "string"},
+        "note": {"type": "string"},
+        "status": {"enum": ["open", "closed"]},
+        "created_at": {"type": "string"},
+        "replayed": {"type": "boolean"},
+    },
+}
+CLOSE_TICKET_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["ticket_id", "status"],
+    "properties": {
+        "ticket_id": {"type": ["string", "null"]},
+        "order_id": {"type": "string"},
+        "status": {"enum": ["closed", "nothing_to_close"]},
+        "closed_at": {"type": "string"},
+    },
+}
+TRACKING_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "carrier", "status", "eta"],
+    "additionalProperties": False,
+    "properties": {
+        "order_id": {"type": "string"},
+        "carrier": {"type": "string", "minLength": 1},
+        "status": {"type": "string", "minLength": 1},
+        "eta": {"type": ["string", "null"]},
     },
 }
 
@@ -276,7 +332,168 @@ def send_email(to: str, subject: str, body: str) -> dict[str, Any]:
     return {"email_id": email_id, "to": to, "subject": subject, "sent_at": sent_at}
 
 
-ALL_TOOLS = (lookup_order, check_inventory, issue_refund, cancel_refund, send_email)
+@tool(
+    permissions=["email"],
+    idempotent=False,
+    rollback="close_ticket",
+    output_schema=TICKET_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def open_ticket(order_id: str, note: str, idempotency_key: str | None = None) -> dict[str, Any]:
+    """Open a support ticket on an order, so a human support agent follows it up.
+
+    With an ``idempotency_key`` already used for this order and note, returns
+    that ticket (``replayed``: true) instead of opening a second one.
+    """
+    note = note.strip()
+    if not note:
+        raise ToolError("the ticket needs a note saying what the agent should do", retryable=False)
+    if len(note) > MAX_NOTE_CHARS:
+        raise ToolError(
+            f"the ticket's note has {len(note)} characters, more than {MAX_NOTE_CHARS}",
+            retryable=False,
+        )
+    with connect() as conn, transaction(conn):
+        if idempotency_key is not None:
+            existing = conn.execute(
+                "SELECT * FROM tickets WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            if existing is not None:
+                if existing["order_id"] != order_id or existing["note"] != note:
+                    raise ToolError(
+                        f"idempotency key {idempotency_key!r} was used for ticket "
+                        f"{existing['ticket_id']} on order {existing['order_id']} with another "
+                        f"note; use a new key for a different ticket",
+                        retryable=False,
+                    )
+                return _ticket_dict(existing, replayed=True)
+        order = conn.execute("SELECT 1 FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+        if order is None:
+            raise ToolError(f"order {order_id} not found; check the order number", retryable=False)
+        ticket_id = "T-" + uuid.uuid4().hex[:12]
+        conn.execute(
+            "INSERT INTO tickets (ticket_id, order_id, note, idempotency_key, status, created_at) "
+            "VALUES (?, ?, ?, ?, 'open', ?)",
+            (ticket_id, order_id, note, idempotency_key, now()),
+        )
+        row = conn.execute("SELECT * FROM tickets WHERE ticket_id = ?", (ticket_id,)).fetchone()
+    return _ticket_dict(row, replayed=False)
+
+
+@tool(
+    permissions=["email"],
+    idempotent=True,
+    output_schema=CLOSE_TICKET_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def close_ticket(ticket_id: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+    """Close a support ticket, found by ``ticket_id`` or else by the
+    ``idempotency_key`` it was opened with: the compensator of ``open_ticket``.
+
+    Closing a closed ticket changes nothing. When only a key is given and no
+    ticket was opened with it, there is nothing to undo and the result says so
+    (``status``: "nothing_to_close").
+    """
+    if ticket_id is None and idempotency_key is None:
+        raise ToolError(
+            "close_ticket needs ticket_id or the idempotency_key the ticket was opened with",
+            retryable=False,
+        )
+    with connect() as conn, transaction(conn):
+        row: sqlite3.Row | None = None
+        if ticket_id is not None:
+            row = conn.execute("SELECT * FROM tickets WHERE ticket_id = ?", (ticket_id,)).fetchone()
+        if row is None and idempotency_key is not None:
+            row = conn.execute(
+                "SELECT * FROM tickets WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+        if row is None:
+            if ticket_id is not None:
+                raise ToolError(
+                    f"ticket {ticket_id} not found; check the ticket id", retryable=False
+                )
+            return {"ticket_id": None, "status": "nothing_to_close"}
+        if row["status"] == "open":
+            conn.execute(
+                "UPDATE tickets SET status = 'closed', closed_at = ? WHERE ticket_id = ?",
+                (now(), row["ticket_id"]),
+            )
+            row = conn.execute(
+                "SELECT * FROM tickets WHERE ticket_id = ?", (row["ticket_id"],)
+            ).fetchone()
+    return {
+        "ticket_id": row["ticket_id"],
+        "order_id": row["order_id"],
+        "status": "closed",
+        "closed_at": row["closed_at"],
+    }
+
+
+@tool(
+    permissions=["read"],
+    idempotent=True,
+    output_schema=TRACKING_OUTPUT_SCHEMA,
+    timeout=TOOL_TIMEOUT_S,
+)
+def track_shipment(order_id: str) -> dict[str, Any]:
+    """Ask the carrier's tracking service where an order's parcel is: the carrier,
+    its tracking status and the estimated delivery date (``eta``, or null)."""
+    base = os.environ.get(CARRIER_URL_ENV, "").strip()
+    if not base:
+        raise ToolError(
+            f"the carrier's tracking service is not configured (set {CARRIER_URL_ENV})",
+            retryable=False,
+        )
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ToolError(
+            f"{CARRIER_URL_ENV} must be an http:// or https:// URL, got {base!r}", retryable=False
+        )
+    if not order_id.strip():
+        raise ToolError("track_shipment needs an order id", retryable=False)
+    url = f"{base.rstrip('/')}/track/{urllib.parse.quote(order_id, safe='')}"
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json", "User-Agent": "agentkeel-support"}
+    )
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    where = f"the carrier's tracking service at {base}"
+    try:
+        with opener.open(request, timeout=CARRIER_TIMEOUT_S) as response:
+            status = response.status
+            body = _read_bounded(response, where)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 404:
+            raise ToolError(
+                f"{where} has no tracking for order {order_id} (HTTP 404)", retryable=False
+            ) from None
+        transient = exc.code >= 500 or exc.code in (408, 429)
+        raise ToolError(
+            f"{where} answered HTTP {exc.code} for order {order_id}", retryable=transient
+        ) from None
+    except urllib.error.URLError as exc:
+        raise ToolError(f"cannot reach {where}: {exc.reason}", retryable=True) from None
+    except OSError as exc:  # timeouts, resets, refused connections
+        raise ToolError(f"cannot reach {where}: {exc or type(exc).__name__}", retryable=True) from None
+    except http.client.HTTPException as exc:
+        raise ToolError(
+            f"{where} sent a broken HTTP answer ({type(exc).__name__})", retryable=False
+        ) from None
+    if status != 200:
+        raise ToolError(f"{where} answered HTTP {status} for order {order_id}", retryable=False)
+    return _tracking(body, order_id, where)
+
+
+ALL_TOOLS = (
+    lookup_order,
+    check_inventory,
+    issue_refund,
+    cancel_refund,
+    send_email,
+    open_ticket,
+    close_ticket,
+    track_shipment,
+)
 
 
 def _money(amount: float) -> float:
@@ -322,3 +539,91 @@ def _refund_dict(row: sqlite3.Row, *, replayed: bool) -> dict[str, Any]:
         "created_at": row["created_at"],
         "replayed": replayed,
     }
+
+
+def _ticket_dict(row: sqlite3.Row, *, replayed: bool) -> dict[str, Any]:
+    return {
+        "ticket_id": row["ticket_id"],
+        "order_id": row["order_id"],
+        "note": row["note"],
+        "status": row["status"],
+        "created_at": row["created_at"],
+        "replayed": replayed,
+    }
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) URLs only (never ``ftp:``); any other ends as an HTTPError."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            return None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _read_bounded(response: Any, where: str) -> bytes:
+    """The answer's body: at most ``CARRIER_MAX_BYTES``, within ``CARRIER_TIMEOUT_S`` in all
+    (the socket timeout alone would let a server that drips bytes hold the call)."""
+    deadline = time.monotonic() + CARRIER_TIMEOUT_S
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = response.read(min(8192, CARRIER_MAX_BYTES + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > CARRIER_MAX_BYTES:
+            raise ToolError(
+                f"{where} sent an answer longer than {CARRIER_MAX_BYTES} bytes", retryable=False
+            )
+        if time.monotonic() > deadline:
+            raise ToolError(
+                f"{where} took longer than {CARRIER_TIMEOUT_S:g}s to send its answer",
+                retryable=True,
+            )
+
+
+_CARRIER_FIELDS = {"carrier": 80, "status": 120, "eta": 40}  # field -> longest accepted text
+
+
+def _tracking(body: bytes, order_id: str, where: str) -> dict[str, Any]:
+    """The tracking fields of the carrier's answer, checked: short single-line text only."""
+    try:
+        data = jsonvalue.loads(body, what="the answer", max_bytes=CARRIER_MAX_BYTES)
+    except ValueError as exc:
+        raise ToolError(f"{where} sent a bad answer: {exc}", retryable=False) from None
+    if not isinstance(data, dict):
+        raise ToolError(
+            f"{where} sent a bad answer: expected a JSON object, got {type(data).__name__}",
+            retryable=False,
+        )
+    answered_for = data.get("order_id", order_id)
+    if answered_for != order_id:
+        raise ToolError(
+            f"{where} answered about order {str(answered_for)[:40]!r}, not {order_id}",
+            retryable=False,
+        )
+    out: dict[str, Any] = {"order_id": order_id}
+    for field, limit in _CARRIER_FIELDS.items():
+        value = data.get(field)
+        if field == "eta" and value in (None, ""):
+            out[field] = None
+            continue
+        text = " ".join(value.split()) if isinstance(value, str) else ""
+        if not text or len(text) > limit or not text.isprintable():
+            raise ToolError(
+                f"{where} sent a bad answer: {field!r} must be text of 1 to {limit} printable "
+                f"characters, got {str(value)[:60]!r}",
+                retryable=False,
+            )
+        out[field] = text
+    return out
