@@ -47,6 +47,7 @@ async def test_llm_plan_runs_and_is_priced(openai_server_env: ScriptedOpenAIServ
     openai_server_env.queue(ANSWER, usage=(800, 20))  # the LLM responder
     async with AgentSystem(Config.from_dict(CONFIG)) as system:
         response = await system.run(AgentRequest(message="please sort out order 1003", user_id="agent-42"))
+        visible = sorted(system.visible_tools(system.config.principals["agent-42"]))
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert response.plan is not None and response.plan.planner == "llm:fast"
     assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
@@ -62,9 +63,9 @@ async def test_llm_plan_runs_and_is_priced(openai_server_env: ScriptedOpenAIServ
     sent = openai_server_env.requests[0]
     assert sent["model"] == "gpt-4o-mini"
     offered = sent["response_format"]["json_schema"]["schema"]["properties"]["steps"]["items"]
-    assert sorted(offered["properties"]["tool_name"]["enum"]) == [
-        "cancel_refund", "check_inventory", "issue_refund", "lookup_order",
-    ]  # send_email needs "email", which agent-42 does not hold
+    assert sorted(offered["properties"]["tool_name"]["enum"]) == visible
+    assert {"cancel_refund", "check_inventory", "issue_refund", "lookup_order"} <= set(visible)
+    assert "send_email" not in visible  # send_email needs "email", which agent-42 does not hold
 
 
 async def test_hallucinating_model_is_repaired_then_escalated(openai_server_env: ScriptedOpenAIServer) -> None:

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from agentkeel import AgentRequest, AgentResponse, AgentSystem, Config, RunStatus, StepStatus
 from agentkeel.errors import ToolError
@@ -100,6 +101,23 @@ def json_reply(data: Any, status: int = 200) -> Reply:
     return status, json.dumps(data).encode(), {"Content-Type": "application/json"}
 
 
+TRACKING: dict[str, dict[str, Any]] = {
+    "/track/1003": {
+        "order_id": "1003",
+        "carrier": "DHL",
+        "status": "delivered to a neighbour",
+        "eta": None,
+    },
+    "/track/1001": {
+        "order_id": "1001",
+        "carrier": "UPS",
+        "status": "in transit",
+        "eta": "2025-06-03",
+    },
+}
+"""What the scripted carrier answers for each path."""
+
+
 class Carrier:
     """A scripted carrier tracking service on 127.0.0.1 (port 0), served by a thread."""
 
@@ -129,32 +147,19 @@ class Carrier:
                 except OSError:
                     pass  # the client gave up
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
-    TRACKING: dict[str, dict[str, Any]] = {  # noqa: RUF012 - read only
-        "/track/1003": {
-            "order_id": "1003",
-            "carrier": "DHL",
-            "status": "delivered to a neighbour",
-            "eta": None,
-        },
-        "/track/1001": {
-            "order_id": "1001",
-            "carrier": "UPS",
-            "status": "in transit",
-            "eta": "2025-06-03",
-        },
-    }
-
     def tracking(self, path: str) -> Reply:
-        found = self.TRACKING.get(path)
+        found = TRACKING.get(path)
         return json_reply(found) if found else json_reply({"error": "unknown parcel"}, 404)
 
     def close(self) -> None:
@@ -488,8 +493,6 @@ def test_track_shipment_builds_the_path_from_a_quoted_order_id(
     assert result == {"order_id": "A/../x y", "carrier": "DHL", "status": "ok", "eta": None}
     spec = spec_of(track_shipment)
     assert spec is not None and spec.output_schema is not None
-    import jsonschema
-
     jsonschema.validate(result, spec.output_schema)
 
 

@@ -436,3 +436,29 @@ def test_two_deciders_at_once_one_wins() -> None:
 
         outcomes = asyncio.run(both())
     assert sum(isinstance(o, ApprovalError) for o in outcomes) == 1
+
+
+# --- memory: a follow-up sees the answer and the facts -------------------------------------------
+
+
+def test_a_follow_up_in_the_same_session_sees_the_first_answer_and_its_facts(openai_server_env: Any) -> None:
+    server = openai_server_env
+    config = {"models": {"tiers": [{"name": "fast", "model": "gpt-4o-mini", "max_tokens": 256}]},
+              "retry": {"base_delay_s": 0.0}}
+    server.queue(wire(step("lookup", order="7")), usage=(100, 20))  # turn 1: the plan
+    server.queue("Order 7 has shipped; it totals 12.50.", usage=(100, 12))  # turn 1: the answer
+    server.queue(wire(step("charge", amount=12.5)), usage=(100, 20))  # turn 2: the plan
+    server.queue("I charged 12.50 for order 7.", usage=(100, 10))  # turn 2: the answer
+    with make_system(Tools(), principals=PRINCIPALS, config=config) as system:
+        first = system.run_sync(request("where is order 7?", session_id="s1"))
+        second = system.run_sync(request("charge its total", session_id="s1"))
+        elsewhere = system.run_sync(request("charge its total", session_id="s2"))
+    assert first.answer == "Order 7 has shipped; it totals 12.50." and first.answer_source == "llm:fast"
+    assert second.status is RunStatus.SUCCEEDED and second.answer == "I charged 12.50 for order 7."
+    assert [c.tier for c in first.costs] == ["fast", "fast"]  # the plan and the answer, both priced
+    planner_prompt = json.dumps(server.requests[2]["messages"])
+    assert "Order 7 has shipped; it totals 12.50." in planner_prompt
+    assert "lookup(order=7): order 7, total 12.50, status shipped" in planner_prompt
+    # another session of the same user does not see it (the scripted server has no more replies)
+    assert elsewhere.status is RunStatus.FAILED
+    assert "Order 7 has shipped" not in json.dumps(server.requests[4]["messages"])

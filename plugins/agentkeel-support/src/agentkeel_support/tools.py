@@ -576,7 +576,7 @@ def _read_bounded(response: Any, where: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = response.read(min(8192, CARRIER_MAX_BYTES + 1 - size))
+        chunk = response.read1(min(8192, CARRIER_MAX_BYTES + 1 - size))  # what has arrived
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
