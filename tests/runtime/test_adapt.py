@@ -268,7 +268,7 @@ def test_a_round_the_planner_cannot_plan_fails_the_run() -> None:
     with system_with(planner) as system:
         response = system.run_sync(request())
     assert response.status is RunStatus.FAILED
-    assert "round 2 could not be planned: no planner planned one" in response.message
+    assert "round 2 could not be planned: no planner had one" in response.message
 
 
 # --- optional steps --------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_an_unavailable_optional_step_degrades_the_run_and_the_answer_says_so() 
         response = system.run_sync(request())
     assert response.status is RunStatus.DEGRADED, response.message
     assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SUCCEEDED]
-    assert "step 2 (live_tracking) could not be done" in response.answer
+    assert "What I could not check: call live_tracking (the carrier's service is down)." in response.answer
     assert "optional step 2 (live_tracking) was unavailable" in response.message
     assert planner.progress == []  # an optional step is not replanned
 

@@ -103,9 +103,15 @@ def deterministic_answer(
             text = ("Done. What the steps returned: " + "; ".join(found) + ".") if found else (
                 "Done: nothing needed to run for this request.")
         if status is RunStatus.DEGRADED:
-            missing = [s for s in steps if s.status is StepStatus.FAILED]
-            text += (f" I could not do everything: {_listed(missing)} could not be done because the tool was "
-                     "unavailable, so this answer goes without it; try again later for the full answer.")
+            described = {s.step_id: s.description for s in plan.steps} if plan is not None else {}
+            missing = []
+            for s in steps:
+                if s.status is StepStatus.FAILED:
+                    what = described.get(s.step_id) or _step(s)
+                    why = _first_line((s.error or "unavailable").split(" (")[0], 160)
+                    missing.append(f"{what[:1].lower()}{what[1:]} ({why})")
+            text += (f" What I could not check: {'; '.join(missing)}. This answer goes without it; "
+                     "try again later for the full answer.")
         return text
     undone = [s for s in steps if s.status is StepStatus.COMPENSATED]
     done = [s for s in steps if s.status is StepStatus.SUCCEEDED]

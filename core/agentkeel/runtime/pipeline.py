@@ -324,7 +324,7 @@ class Pipeline:
         try:
             plan = await self.plugins.plan(run.request, context, visible, run, self.templates, progress)
             if plan is None:
-                return None, "no planner planned one"
+                return None, "no planner had one"
             if plan.steps and plan.first_step_id != next_id:
                 return None, (f"the planner numbered the new plan's steps from {plan.first_step_id}, not "
                               f"{next_id} (steps of a later revision are numbered after every earlier step)")
