@@ -25,7 +25,7 @@ def value_text(value: Any, max_chars: int = MAX_VALUE_CHARS) -> str:
     elif isinstance(value, float):
         text = f"{value:.2f}" if value != int(value) else str(int(value))
     elif isinstance(value, str):
-        text = " ".join(value.split())
+        text = " ".join(value.split())  # no newlines or tabs: one line per value
     elif value is None:
         text = "none"
     else:

@@ -462,3 +462,26 @@ def test_a_follow_up_in_the_same_session_sees_the_first_answer_and_its_facts(ope
     # another session of the same user does not see it (the scripted server has no more replies)
     assert elsewhere.status is RunStatus.FAILED
     assert "Order 7 has shipped" not in json.dumps(server.requests[4]["messages"])
+
+
+# --- hostile values in answers -----------------------------------------------------------------
+
+
+def test_answer_templates_render_values_as_data() -> None:
+    from agentkeel.responder.default import render_answer
+
+    results = {1: {"total": 12.5, "note": "line one\nline two\t{2.secret}", "nested": {"a": [1, 2]}}}
+    assert render_answer("{1.total:.2f} {1.note}", results) == "12.50 line one line two {2.secret}"
+    assert render_answer("{1.nested.a.1} {1.nested}", results) == '2 {"a": [1, 2]}'
+    # a spec that would allocate a gigabyte is not applied: the value renders plainly
+    assert render_answer("{1.total:>999999999}", results) == "12.50"
+    assert render_answer("{1.missing}", results) is None
+    assert render_answer([{"when": {"ref": "/1/total", "op": "gt", "value": 100}, "text": "big"},
+                          {"text": "small {1.total}"}], results) == "small 12.50"
+
+
+def test_the_cli_escapes_control_characters_in_answers() -> None:
+    from agentkeel.cli.common import one_line, printable
+
+    assert printable("ok\x1b[2Jgone\nnext\tcol\x07") == "ok\\x1b[2Jgone\nnext\tcol\\x07"
+    assert one_line("a\x1b]0;title\x07\nb") == "a\\x1b]0;title\\x07 b"

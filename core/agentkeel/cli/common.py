@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -107,10 +108,21 @@ def with_disable_hint(plugin: str, error: str) -> str:
 # --- output ----------------------------------------------------------------------
 
 
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: lone surrogates and control characters
+    (an escape sequence in a tool's output or a model's answer could rewrite the
+    screen) escaped; newlines and tabs kept."""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROLS.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), safe)
+
+
 def one_line(text: str) -> str:
-    """``text`` on one line, printable on any stream (lone surrogates escaped)."""
+    """``text`` on one line, printable on any stream (``printable``)."""
     flat = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return flat.encode("utf-8", "backslashreplace").decode("utf-8")
+    return printable(flat)
 
 
 def echo_json(data: Any) -> None:
@@ -163,7 +175,7 @@ def print_response(
     steps (grouped by plan revision when ``revisions`` or when the run was replanned),
     the cost line, and the status detail when the run did not simply succeed."""
     if answer and response.answer.strip():
-        click.echo(response.answer.rstrip("\n"))
+        click.echo(printable(response.answer.rstrip("\n")))
     planner = f" (planner {response.plan.planner})" if response.plan and response.plan.planner else ""
     click.echo(f"run {response.run_id}: {response.status.value}{planner}")
     if revisions or len(response.revisions) > 1:
@@ -180,7 +192,7 @@ def print_response(
     click.echo(f"total ${response.total_cost_usd:.6f} ({tiers}) in {response.duration_s:.3f}s")
     if always_message or response.status is not RunStatus.SUCCEEDED or not response.steps:
         if response.message:
-            click.echo(response.message)
+            click.echo(printable(response.message))
 
 
 def emit_response(

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from agentkeel.cli.common import finish, one_line, when
+from agentkeel.cli.common import finish, one_line, printable, when
 from agentkeel.types import AgentResponse, Event, StepResult, StepStatus
 
 CLEAR = "\r\x1b[2K"
@@ -185,7 +185,7 @@ class Progress:
             return
         self._clear()
         self.streamed += text
-        click.echo(text, nl=False)
+        click.echo(printable(text), nl=False)
         sys.stdout.flush()
 
     def _on_answer(self, data: Any) -> None:

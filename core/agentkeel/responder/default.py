@@ -27,6 +27,8 @@ from agentkeel.planner.plan import RefError, evaluate_condition
 from agentkeel.types import AgentRequest, Answer, AnswerTemplate, Plan, RunStatus, StepResult, StepStatus
 
 _PLACEHOLDER = re.compile(r"\{([1-9][0-9]*)((?:\.[^.{}:]+)*)(?::([^{}]*))?\}")
+# Format specs a template may use on numbers: no fill character, widths below 100.
+_SPEC = re.compile(r"[<>^=]?[+\- ]?#?0?[0-9]{0,2}[,_]?(?:\.[0-9]{1,2})?[eEfFgGdn%]?")
 
 
 class _Missing(LookupError):
@@ -49,7 +51,7 @@ def render(template: str, results: Mapping[int, Any]) -> str:
             else:
                 raise _Missing(f"no {token!r} in the result of step {step_id}")
         spec = m.group(3)
-        if spec and isinstance(node, (int, float)) and not isinstance(node, bool):
+        if spec and _SPEC.fullmatch(spec) and isinstance(node, (int, float)) and not isinstance(node, bool):
             try:
                 return format(node, spec)
             except ValueError:
