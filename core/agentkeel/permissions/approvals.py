@@ -29,7 +29,7 @@ from agentkeel.types import Principal, StepStatus, ToolSpec
 
 if TYPE_CHECKING:
     from agentkeel.context import RunContext
-    from agentkeel.runtime.lease import HeldLease
+    from agentkeel.journal.base import Journal, Lease
 
 APPROVE_PERMISSION = "approve"
 
@@ -63,14 +63,14 @@ class ApprovalGate:
         return not cached[1].errors(args)
 
     def check(
-        self, run: RunContext, step_id: int, spec: ToolSpec, args: Mapping[str, Any], lease: HeldLease
+        self, run: RunContext, step_id: int, spec: ToolSpec, args: Mapping[str, Any], journal: Journal, lease: Lease
     ) -> tuple[StepStatus, str] | None:
-        """None when the call may run; else the status the step stops in and why."""
-        record = lease.journal.approval(run.run_id, step_id)
+        """None when the call may run; else the status the step stops in and why (the
+        request for approval is journaled under ``lease`` the first time)."""
+        record = journal.approval(run.run_id, step_id)
         how = f"`agentkeel approve {run.run_id} {step_id}` (or `deny`), then `agentkeel resume {run.run_id}`"
         if record is None:
-            record = lease.journal.request_approval(
-                lease.lease, step_id, spec.name, args, run.request.user_id, self.ttl_s)
+            record = journal.request_approval(lease, step_id, spec.name, args, run.request.user_id, self.ttl_s)
             self.audit(run_id=run.run_id, principal=run.principal.name, action="approval", tool=spec.name,
                        decision="wait", reason=f"step {step_id} waits for approval", arg_keys=tuple(args))
             if run.listened:

@@ -139,7 +139,7 @@ def deterministic_answer(
         return " ".join(parts)
     if status is RunStatus.DENIED:
         parts.append(f"I may not do this: {_first_line(detail)}.")
-        parts.append("Nothing that needs that permission was run; ask an administrator for it if you should have it.")
+        parts.append("Nothing that needed it was run; ask an administrator for access if you should have it.")
     elif status is RunStatus.BUDGET_EXHAUSTED:
         parts.append(f"I stopped because the budget ran out: {_first_line(detail)}.")
         parts.append("Try again with a larger budget (`--budget`).")

@@ -121,7 +121,7 @@ class StepRunner:
                 return finish(status, error=decision.reason), None
             if (attempt == 0 and kind == "forward" and self.approvals is not None
                     and self.approvals.needs_approval(run.principal, spec, args)):
-                stop = self.approvals.check(run, step.step_id, spec, args, lease)
+                stop = self.approvals.check(run, step.step_id, spec, args, lease.journal, lease.lease)
                 if stop is not None:
                     return finish(stop[0], error=stop[1]), None
             attempt += 1
