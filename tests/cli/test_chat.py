@@ -110,3 +110,30 @@ def test_chat_checks_its_options(workdir: Path) -> None:
     proc = agentkeel("chat", cwd=workdir, input="where is order 1003\n")
     assert proc.returncode == 2 and "--user" in errors(proc)[0]
     assert proc.stdout == ""
+
+
+def test_the_second_turn_is_planned_with_the_first_turns_answer(workdir: Path, openai_server: Any) -> None:
+    """With an LLM planner: the planner's prompt for turn 2 holds turn 1's answer and its facts."""
+    (workdir / "agentkeel.toml").write_text(
+        '[principals.demo]\npermissions = ["read", "refunds"]\n'
+        '[[models.tiers]]\nname = "fast"\nmodel = "gpt-4o-mini"\nmax_tokens = 256\n'
+    )
+    lookup = {"reasoning": "look it up", "steps": [
+        {"description": "look up", "tool_name": "lookup_order", "tool_args": {"order_id": "1003"}}]}
+    refund = {"reasoning": "refund it", "steps": [
+        {"description": "refund", "tool_name": "issue_refund", "tool_args": {"order_id": "1003", "amount": 120.0}}]}
+    openai_server.queue(lookup, usage=(200, 30))
+    openai_server.queue("Your order 1003 was delivered; it cost $120.00.", usage=(200, 15))
+    openai_server.queue(refund, usage=(200, 30))
+    openai_server.queue("I refunded $120.00 for order 1003.", usage=(200, 12))
+    env = {"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": "test"}
+    proc = agentkeel("chat", "--user", "demo", "--session", "c1", cwd=workdir, env=env,
+                     input="what happened to my last order, 1003?\nplease refund that one\n")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    blocks = turns(proc.stdout.partition("\n")[2])
+    assert blocks[0][0] == "Your order 1003 was delivered; it cost $120.00."
+    assert blocks[1][0] == "I refunded $120.00 for order 1003."
+    turn2_planner = json.dumps(openai_server.requests[2]["messages"])
+    assert "Your order 1003 was delivered; it cost $120.00." in turn2_planner
+    assert "lookup_order(order_id=1003): order_id 1003" in turn2_planner
+    assert refunds(os.environ["AGENTKEEL_SHOP_DB"]) == [("1003", 120.0, "issued")]

@@ -51,13 +51,14 @@ def plan_problems(
         where = f"step {step.step_id} ({step.tool_name})"
         if step.step_id != index:
             problems.append(f"{where}: steps must be numbered {first_step_id}, {first_step_id + 1}... in order")
-        later = sorted(d for d in step.depends_on if d >= step.step_id)
-        if later:
-            problems.append(f"{where}: refers to step(s) {later}; a step may only refer to earlier steps")
-        gone = sorted(d for d in step.depends_on if d < first_step_id and d not in earlier_results)
-        if gone:
-            problems.append(f"{where}: refers to step(s) {gone} of an earlier plan, which have no result "
-                            "(they failed, were skipped or do not exist)")
+        if step.depends_on:
+            later = sorted(d for d in step.depends_on if d >= step.step_id)
+            if later:
+                problems.append(f"{where}: refers to step(s) {later}; a step may only refer to earlier steps")
+            gone = sorted(d for d in step.depends_on if d < first_step_id and d not in earlier_results)
+            if gone:
+                problems.append(f"{where}: refers to step(s) {gone} of an earlier plan, which have no result "
+                                "(they failed, were skipped or do not exist)")
         not_json = _json_problems(step.tool_args, step.when, step.expect, step.description)
         problems.extend(f"{where}: {p}" for p in not_json)
         spec = tools.get(step.tool_name)
