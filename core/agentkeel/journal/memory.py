@@ -14,7 +14,6 @@ the same things with the same words.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,11 +21,9 @@ from typing import Any
 
 import attrs
 
-from agentkeel.errors import ApprovalError, JournalRecordError, RunExistsError
+from agentkeel.errors import RunExistsError
 from agentkeel.journal.base import (
-    APPROVAL_STATUSES,
     DEFAULT_TTL_S,
-    PLAN_REASONS,
     ApprovalRecord,
     Lease,
     PlanRecord,
@@ -34,104 +31,26 @@ from agentkeel.journal.base import (
     RunState,
     StepRecord,
     StepRow,
+    approval_refusal,
+    check_approval_request,
+    check_decider,
+    check_listed_status,
     check_record,
+    check_revision,
     check_takeover,
     decode,
     decode_step,
     encode,
     encode_step,
     fenced,
+    no_approval,
     not_found,
 )
 
 __all__ = ["MemoryJournal"]
 
-REVISION_REASONS = tuple(r for r in PLAN_REASONS if r != "initial")
-"""The reasons ``revise_plan`` takes (``"initial"`` is revision 1's, written by ``create_run``)."""
 
 # --- checks and errors shared with SQLiteJournal ------------------------------------------
-
-
-def check_revision(run_id: str, plan: dict[str, Any], reason: str, planning_cost_usd: float) -> tuple[str, str, float]:
-    """``(plan as JSON, reason, cost)`` for ``revise_plan``; ``JournalRecordError`` naming what is wrong."""
-    reason = getattr(reason, "value", reason)
-    if not isinstance(reason, str) or reason not in REVISION_REASONS:
-        raise JournalRecordError(
-            f"run {run_id!r}: a plan revision's reason must be one of {', '.join(REVISION_REASONS)}, "
-            f"got {reason!r} (revision 1, 'initial', is written by create_run)"
-        )
-    cost = _finite(planning_cost_usd)
-    if cost is None or cost < 0:
-        raise JournalRecordError(
-            f"run {run_id!r}: a plan revision's planning_cost_usd must be a finite number >= 0, "
-            f"got {planning_cost_usd!r}"
-        )
-    return encode(plan, f"the revised plan of run {run_id!r}"), reason, cost
-
-
-def check_approval_request(lease: Lease, step_id: int, args: Mapping[str, Any], ttl_s: float) -> tuple[str, float]:
-    """``(args as JSON, ttl)`` for ``request_approval``; ``JournalRecordError`` naming what is wrong."""
-    ttl = _finite(ttl_s)
-    if ttl is None or ttl <= 0:
-        raise JournalRecordError(
-            f"run {lease.run_id!r}, step {step_id}: an approval's ttl_s must be a finite number of "
-            f"seconds > 0, got {ttl_s!r}"
-        )
-    return encode(args, f"the args of the approval of step {step_id}"), ttl
-
-
-def check_decider(run_id: str, step_id: int, by: str) -> str:
-    if not isinstance(by, str) or not by.strip():
-        raise ApprovalError(
-            f"run {run_id!r}, step {step_id}: say who decides the approval (by= must be non-empty "
-            f"text, got {by!r})"
-        )
-    return by
-
-
-def check_listed_status(status: str | None) -> str | None:
-    status = getattr(status, "value", status)
-    if status is not None and status not in APPROVAL_STATUSES:
-        raise ValueError(
-            f"approval status must be one of {', '.join(APPROVAL_STATUSES)} (or None for all), got {status!r}"
-        )
-    return status
-
-
-def no_approval(run_id: str, step_id: int) -> ApprovalError:
-    return ApprovalError(
-        f"no approval is recorded for step {step_id} of run {run_id!r}; nothing to decide "
-        "(list_approvals() lists the pending ones)"
-    )
-
-
-def approval_refusal(record: ApprovalRecord, now: float) -> ApprovalError:
-    """Why ``record`` (not pending, or past its expiry at ``now``) cannot be decided."""
-    where = f"the approval of step {record.step_id} of run {record.run_id!r}"
-    if record.status_at(now) == "expired":
-        return ApprovalError(
-            f"{where} expired at {_when(record.expires_at)} without a decision (it counts as a denial); "
-            "it can no longer be approved"
-        )
-    because = f" ({record.reason})" if record.reason else ""
-    return ApprovalError(
-        f"{where} was already {record.status} by {record.decided_by} at {_when(record.decided_at)}"
-        f"{because}; a decision cannot be changed"
-    )
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 # --- the journal -------------------------------------------------------------------------

@@ -48,22 +48,20 @@ from agentkeel.journal.base import (
     RunRecord,
     RunState,
     StepRecord,
+    approval_refusal,
+    check_approval_request,
+    check_decider,
+    check_listed_status,
     check_record,
+    check_revision,
     check_takeover,
     decode,
     decode_step,
     encode,
     encode_step,
     fenced,
-    not_found,
-)
-from agentkeel.journal.memory import (
-    approval_refusal,
-    check_approval_request,
-    check_decider,
-    check_listed_status,
-    check_revision,
     no_approval,
+    not_found,
 )
 from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
 
