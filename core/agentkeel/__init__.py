@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentkeel.errors import (
     AgentkeelError,
+    ApprovalError,
     AuditLogError,
     BudgetExceededError,
     CircuitOpenError,
@@ -30,6 +31,7 @@ from agentkeel.tools.decorator import tool
 from agentkeel.types import (
     AgentRequest,
     AgentResponse,
+    Answer,
     AuditRecord,
     CostRecord,
     Decision,
@@ -37,8 +39,10 @@ from agentkeel.types import (
     MemoryContext,
     ModelPrice,
     Plan,
+    PlanRevision,
     PlanStep,
     Principal,
+    Progress,
     RecoveryDecision,
     RunStatus,
     StepResult,
@@ -51,7 +55,7 @@ from agentkeel.types import (
 if TYPE_CHECKING:
     from agentkeel.config import Config, ModelTier
     from agentkeel.context import RunContext
-    from agentkeel.journal.base import Journal
+    from agentkeel.journal.base import ApprovalRecord, Journal
     from agentkeel.planner.plan import PlanTemplate, parse_plan
     from agentkeel.runtime.system import AgentSystem
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "AgentSystem": "agentkeel.runtime.system",
     "Config": "agentkeel.config",
+    "ApprovalRecord": "agentkeel.journal.base",
     "Journal": "agentkeel.journal.base",
     "ModelTier": "agentkeel.config",
     "PlanTemplate": "agentkeel.planner.plan",
@@ -87,6 +92,9 @@ __all__ = [
     "AgentResponse",
     "AgentSystem",
     "AgentkeelError",
+    "Answer",
+    "ApprovalError",
+    "ApprovalRecord",
     "AuditLogError",
     "AuditRecord",
     "BudgetExceededError",
@@ -106,11 +114,13 @@ __all__ = [
     "PermissionDeniedError",
     "Plan",
     "PlanRejectedError",
+    "PlanRevision",
     "PlanStep",
     "PlanTemplate",
     "PlanningError",
     "PluginError",
     "Principal",
+    "Progress",
     "RateLimitedError",
     "RecoveryDecision",
     "RunContext",
