@@ -315,9 +315,7 @@ class Pipeline:
     ) -> tuple[Plan | None, str]:
         """Plan the next revision (a replan or a round), check it like a first plan and
         journal it; (None, why) when there is none to run."""
-        next_id = max((s.step_id for s in steps), default=0) + 1
-        for revision in revisions:
-            next_id = max(next_id, *(s.step_id + 1 for s in revision.plan.steps), 1)
+        next_id = 1 + max((s.step_id for r in revisions for s in r.plan.steps), default=0)
         progress = Progress(reason=reason, revision=len(revisions) + 1, plans=tuple(r.plan for r in revisions),
                             steps=tuple(steps), next_step_id=next_id, failure=failure)
         spent_before = sum(c.cost_usd for c in run.costs)
