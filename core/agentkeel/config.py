@@ -34,6 +34,11 @@ DEFAULT_MAX_REPLANS = 1
 DEFAULT_APPROVAL_TTL_S = 86400.0
 """``[approvals] ttl_s``: how long an approval stays pending before it expires as a denial."""
 
+SCOPE_FIELDS = ("per_session_usd", "per_user_daily_usd", "per_principal_monthly_usd")
+"""``[budget]`` limits beyond the per-request default (a principal may set its own under ``budget``)."""
+DEFAULT_RESERVATION_TTL_S = 600.0
+"""``[budget] reservation_ttl_s``: how long an unsettled reservation holds money (a crashed process's expire)."""
+
 _NUMBER = {"type": "number"}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 _STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -59,6 +64,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "approval": {
                         "type": "object",
                         "additionalProperties": {"oneOf": [{"const": True}, {"type": "object"}]},
+                    },
+                    "budget": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {scope: {"type": "number", "minimum": 0} for scope in SCOPE_FIELDS},
                     },
                 },
             },
@@ -117,7 +127,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "budget": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"default_usd": {"type": "number", "minimum": 0}},
+            "properties": {
+                "default_usd": {"type": "number", "minimum": 0},
+                **{scope: {"type": "number", "minimum": 0} for scope in SCOPE_FIELDS},
+                "timezone": {"type": "string", "minLength": 1},
+                "reservation_ttl_s": _POSITIVE,
+            },
         },
         "tools": {
             "type": "object",
@@ -128,6 +143,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "timeout": _POSITIVE,
                     "rate_limit": _POSITIVE,
                     "isolation": {"type": "string", "minLength": 1},
+                    "cost_usd": {"type": "number", "minimum": 0},
                 },
             },
         },
@@ -213,6 +229,17 @@ class Config:
     max_replans: int = DEFAULT_MAX_REPLANS
     approval_ttl_s: float = DEFAULT_APPROVAL_TTL_S
     allow_self_approval: bool = False
+    scope_limits: Mapping[str, float] = attrs.field(factory=dict)
+    """``[budget]`` per_session_usd / per_user_daily_usd / per_principal_monthly_usd that are set."""
+    principal_limits: Mapping[str, Mapping[str, float]] = attrs.field(factory=dict)
+    """``[principals.NAME.budget]``: a principal's own limits, replacing the ``[budget]`` ones."""
+    timezone: str = "UTC"
+    """``[budget] timezone``: where a day and a month begin and end (an IANA name)."""
+    reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
+
+    def limits_for(self, principal: str) -> dict[str, float]:
+        """The scope limits that apply to ``principal``: its own where it set them, else ``[budget]``'s."""
+        return {**self.scope_limits, **self.principal_limits.get(principal, {})}
 
     def tier_timeout_s(self, tier: ModelTier) -> float:
         """The deadline of one call to ``tier``: its own ``timeout_s``, else ``[models] timeout_s``."""
@@ -284,6 +311,11 @@ class Config:
             max_replans=int(data.get("recovery", {}).get("max_replans", DEFAULT_MAX_REPLANS)),
             approval_ttl_s=float(data.get("approvals", {}).get("ttl_s", DEFAULT_APPROVAL_TTL_S)),
             allow_self_approval=bool(data.get("approvals", {}).get("allow_self", False)),
+            scope_limits={k: float(v) for k, v in data.get("budget", {}).items() if k in SCOPE_FIELDS},
+            principal_limits={name: {k: float(v) for k, v in p.get("budget", {}).items()}
+                              for name, p in data.get("principals", {}).items() if p.get("budget")},
+            timezone=_timezone(data.get("budget", {}).get("timezone", "UTC"), source),
+            reservation_ttl_s=float(data.get("budget", {}).get("reservation_ttl_s", DEFAULT_RESERVATION_TTL_S)),
         )
 
     @classmethod
@@ -304,6 +336,20 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
         return cls.from_dict(data, str(file))
+
+
+def _timezone(name: str, source: str) -> str:
+    """``name`` when it is a time zone this machine knows; ``ConfigError`` naming it otherwise."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ConfigError(
+            f"invalid configuration in {source}: budget.timezone: {name!r} is not a known time zone "
+            "(an IANA name such as 'UTC' or 'Europe/Berlin')"
+        ) from exc
+    return name
 
 
 def _tier(data: Mapping[str, Any]) -> ModelTier:

@@ -63,17 +63,23 @@ class RunContext:
         if self.on_refused is not None:
             self.on_refused(tool, reason)
 
-    def reserve_llm(self, model: str, messages: Iterable[Mapping[str, Any]], max_tokens: int) -> Reservation:
-        """Reserve the worst-case cost of one chat completion before making it."""
+    def reserve_llm(
+        self, model: str, messages: Iterable[Mapping[str, Any]], max_tokens: int, *, purpose: str = "plan",
+        reason: str = "",
+    ) -> Reservation:
+        """Reserve the worst-case cost of one chat completion before making it, against the
+        run's budget and every budget scope that applies (``purpose``/``reason`` go to the ledger)."""
         worst = self.pricer.worst_case_for_messages(model, messages, max_tokens)
-        return self.budget.reserve(worst, f"a call to {model}")
+        return self.budget.reserve(worst, f"a call to {model}", purpose=purpose, reason=reason)
 
     def settle_llm(
         self, reservation: Reservation, *, model: str, tier: str | None, usage: Usage, estimated: bool = False
     ) -> CostRecord:
-        """Settle a reservation to the real usage (or, ``estimated``, to a guess of it) and record the cost."""
+        """Settle a reservation to the real usage (or, ``estimated``, to a guess of it): the
+        cost goes to the run's costs and, with the reservation's reason, to the ledger."""
         cost = self.pricer.cost(model, usage)
-        reservation.settle(cost)
-        record = CostRecord(kind="llm", cost_usd=cost, model=model, tier=tier, usage=usage, estimated=estimated)
+        record = CostRecord(kind="llm", cost_usd=cost, model=model, tier=tier, usage=usage, estimated=estimated,
+                            purpose=reservation.purpose, reason=reservation.reason)
+        reservation.settle(cost, record)
         self.costs.append(record)
         return record

@@ -30,6 +30,7 @@ from agentkeel.markers import hookspec
 if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
+    from agentkeel.cost.store import BudgetStore
     from agentkeel.journal.base import Journal
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
@@ -185,6 +186,20 @@ def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
     :return: the price in USD per million tokens, or None if unknown.
         firstresult. When nobody knows the price the call is refused with
         ``UnknownModelPriceError``: an unknown price is never treated as free.
+    """
+
+
+@hookspec(firstresult=True)
+def agentkeel_open_budget_store(config: Config) -> BudgetStore | None:
+    """Open the store of the cost ledger and the scoped budgets (per session, per user
+    and day, per principal and month).
+
+    :param config: the validated configuration.
+
+    :return: a ``BudgetStore`` (``agentkeel.cost.store``), or None to let the next
+        plugin open one. firstresult. The default (``trylast``) is SQLite in
+        ``<home>/agentkeel.db``, or in memory with ``[journal] backend = "memory"``.
+        Called once per system, on first use.
     """
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,7 +155,72 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
         ),
     ),
+    Migration(
+        5,
+        "cost",
+        (
+            # One row per priced event; reservation_id links a settled row to the
+            # reservation it replaced (UNIQUE: settling twice writes one row; NULL for
+            # money recorded without a reservation, and NULLs never collide).
+            """
+            CREATE TABLE ledger (
+                id               INTEGER PRIMARY KEY,
+                ts               REAL NOT NULL,
+                run_id           TEXT NOT NULL,
+                step_id          INTEGER,
+                user_id          TEXT NOT NULL,
+                session_id       TEXT NOT NULL,
+                principal        TEXT NOT NULL,
+                kind             TEXT NOT NULL,
+                purpose          TEXT NOT NULL DEFAULT '',
+                reason           TEXT NOT NULL DEFAULT '',
+                model            TEXT,
+                tier             TEXT,
+                tool             TEXT,
+                input_tokens     INTEGER NOT NULL DEFAULT 0 CHECK (input_tokens >= 0),
+                output_tokens    INTEGER NOT NULL DEFAULT 0 CHECK (output_tokens >= 0),
+                cached_tokens    INTEGER NOT NULL DEFAULT 0 CHECK (cached_tokens >= 0),
+                reasoning_tokens INTEGER NOT NULL DEFAULT 0 CHECK (reasoning_tokens >= 0),
+                cost_usd         REAL NOT NULL CHECK (cost_usd >= 0),
+                estimated        INTEGER NOT NULL DEFAULT 0 CHECK (estimated IN (0, 1)),
+                reservation_id   TEXT UNIQUE
+            )
+            """,
+            # cost_usd in the index: a scope's sum reads the index alone, not the rows
+            "CREATE INDEX ledger_by_user_ts ON ledger (user_id, ts, cost_usd)",
+            "CREATE INDEX ledger_by_session ON ledger (user_id, session_id, cost_usd)",
+            "CREATE INDEX ledger_by_principal_ts ON ledger (principal, ts, cost_usd)",
+            "CREATE INDEX ledger_by_run ON ledger (run_id)",
+            """
+            CREATE TABLE budget_reservations (
+                id         TEXT PRIMARY KEY,
+                user_id    TEXT NOT NULL,
+                session_id TEXT NOT NULL,
+                principal  TEXT NOT NULL,
+                amount_usd REAL NOT NULL CHECK (amount_usd >= 0),
+                created_at REAL NOT NULL,
+                expires_at REAL NOT NULL,
+                holder     TEXT NOT NULL DEFAULT ''
+            )
+            """,
+            "CREATE INDEX budget_reservations_by_expiry ON budget_reservations (expires_at)",
+        ),
+    ),
 )
+
+
+def _wal(conn: sqlite3.Connection, busy_timeout_s: float) -> str:
+    """Switch to WAL journaling. While another process creates the file, SQLite reports
+    "locked" at once for this pragma (the busy timeout does not apply to it): try again
+    until the busy timeout has passed."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def db_path(home: str | os.PathLike[str]) -> Path:
@@ -183,7 +249,7 @@ def open_db(
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _wal(conn, busy_timeout_s)
         if str(mode).lower() != "wal":
             raise StoreError(
                 f"{path}: SQLite refused WAL journaling (mode is {mode!r}); put the file on a local disk"

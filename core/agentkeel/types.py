@@ -339,13 +339,20 @@ class StepResult:
 
 @attrs.frozen
 class Usage:
+    """Tokens of one call; ``cached_tokens`` (of the input) and ``reasoning_tokens``
+    (of the output) where the server reports them."""
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
 @attrs.frozen
 class CostRecord:
-    """One priced event: an LLM call (`kind="llm"`, with `tier` and `model`) or a tool call."""
+    """One priced event: an LLM call (`kind="llm"`, with `tier` and `model`) or a tool call.
+    ``purpose``: what it was for ("plan", "respond", "judge", "tool"); ``reason``: why
+    it was made ("first_tier", "escalation", "repair", "replan", "round", "answer", "tool")."""
 
     kind: str
     cost_usd: float
@@ -355,6 +362,8 @@ class CostRecord:
     step_id: int | None = None
     usage: Usage | None = None
     estimated: bool = False
+    purpose: str = ""
+    reason: str = ""
 
 
 @attrs.frozen

@@ -24,11 +24,12 @@ CLI_MODULES = (
     "agentkeel.cli.inspect",
     "agentkeel.cli.runs",
     "agentkeel.cli.approvals",
+    "agentkeel.cli.costs",
     "agentkeel.cli.audit",
     "agentkeel.cli.sandbox",
 )
 COMMANDS = {"run", "chat", "tools", "plugins", "runs", "show", "resume", "rollback", "approvals", "approve", "deny",
-            "audit", "sandbox"}
+            "costs", "audit", "sandbox"}
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)

@@ -348,7 +348,8 @@ async def test_usage_is_recorded_and_budget_settled_to_the_real_price(
     expected = (1000 * 1.0 + 250 * 4.0) / 1e6
     [record] = run.costs
     assert record == CostRecord(
-        kind="llm", cost_usd=record.cost_usd, model="m-fast", tier="fast", usage=Usage(1000, 250)
+        kind="llm", cost_usd=record.cost_usd, model="m-fast", tier="fast", usage=Usage(1000, 250),
+        purpose="plan", reason="first_tier",
     )
     assert record.cost_usd == pytest.approx(expected)
     assert run.budget.spent_usd == pytest.approx(expected)

@@ -77,7 +77,8 @@ async def test_intent_first_then_the_call_with_its_key_then_settlement() -> None
     assert journaled_before == 1  # the intent was written before the tool could have any effect
     assert sent.args == {"amount": 5.0, "idempotency_key": "run-1:3"}
     assert (sent.run_id, sent.step_id, sent.kind, sent.attempt) == ("run-1", 3, "compensation", 2)
-    assert run.costs == [CostRecord(kind="tool", cost_usd=0.25, tool="charge", step_id=3)]
+    assert run.costs == [CostRecord(kind="tool", cost_usd=0.25, tool="charge", step_id=3, purpose="tool",
+                                    reason="tool")]
     assert run.budget.spent_usd == 0.25 and run.budget.reserved_usd == 0.0
 
 

@@ -21,6 +21,7 @@ from agentkeel.cli.approvals import approvals, approve, deny
 from agentkeel.cli.audit import audit
 from agentkeel.cli.chat import chat
 from agentkeel.cli.common import EXIT_CODES, EXIT_USAGE, one_line, with_disable_hint
+from agentkeel.cli.costs import costs
 from agentkeel.cli.inspect import plugins, tools
 from agentkeel.cli.run import run
 from agentkeel.cli.runs import resume, rollback, runs, show
@@ -36,7 +37,8 @@ def cli() -> None:
     """Run AI agents in production: plugins, tools, sandboxes, budgets and audit."""
 
 
-for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, audit, sandbox):
+for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, costs, audit,
+                 sandbox):
     cli.add_command(_command)
 
 

@@ -39,15 +39,18 @@ def runs(config_path: str | None, limit: int, as_json: bool) -> None:
     """List runs, newest first, with their state (unfinished ones included)."""
     system = build_system(load_config(config_path))
     records = system.runs(limit)
+    spent = system.budgets.run_costs([r.run_id for r in records])
     if as_json:
         echo_json([
             {"run_id": r.run_id, "status": r.status, "user_id": r.user_id, "session_id": r.session_id,
-             "message": r.message, "detail": r.detail, "created_at": r.created_at, "updated_at": r.updated_at}
+             "message": r.message, "detail": r.detail, "created_at": r.created_at, "updated_at": r.updated_at,
+             "cost_usd": spent.get(r.run_id, 0.0)}
             for r in records
         ])
         return
     for r in records:
-        click.echo(f"{r.run_id}  {when(r.created_at)}  {r.status:<16} {r.user_id:<12} {r.message[:60]}")
+        click.echo(f"{r.run_id}  {when(r.created_at)}  {r.status:<16} ${spent.get(r.run_id, 0.0):<9.6f} "
+                   f"{r.user_id:<12} {r.message[:60]}")
 
 
 @click.command()

@@ -19,14 +19,19 @@ import logging
 import math
 import numbers
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
+from agentkeel.cost.memory_store import EPSILON, resets_at
+from agentkeel.cost.store import LedgerEntry, ScopeLimit
 from agentkeel.errors import BudgetExceededError, UnknownModelPriceError
-from agentkeel.types import ModelPrice, Usage
+from agentkeel.types import CostRecord, ModelPrice, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
+    from agentkeel.cost.store import BudgetStore
 
 PriceLookup = Callable[[str, "Config"], "ModelPrice | None"]
 
@@ -98,40 +103,88 @@ def _shown(value: object, limit: int = 40) -> str:
 
 
 class Reservation:
-    """Money held for one call. Settle it with the real cost, or release it."""
+    """Money held for one call. Settle it with the real cost (and the ``CostRecord`` the
+    ledger keeps), or release it. ``purpose`` and ``reason`` say what the call is for."""
 
-    __slots__ = ("_budget", "_open", "amount", "label")
+    __slots__ = ("_budget", "_open", "amount", "label", "purpose", "reason", "store_id")
 
-    def __init__(self, budget: Budget, amount: float, label: str) -> None:
+    def __init__(self, budget: Budget, amount: float, label: str, store_id: str | None = None,
+                 purpose: str = "", reason: str = "") -> None:
         self._budget = budget
         self.amount = amount
         self.label = label
+        self.store_id = store_id
+        self.purpose = purpose
+        self.reason = reason
         self._open = True
 
-    def settle(self, actual_usd: float) -> None:
-        self._budget._settle(self, actual_usd)
+    def settle(self, actual_usd: float, record: CostRecord | None = None) -> None:
+        self._budget._settle(self, actual_usd, record)
 
     def release(self) -> None:
-        self._budget._settle(self, 0.0)
+        self._budget._settle(self, 0.0, None)
+
+
+@attrs.frozen
+class LedgerOwner:
+    """Whose spending a run's ledger rows are: the run, its user, session and principal."""
+
+    run_id: str
+    user_id: str
+    session_id: str
+    principal: str
 
 
 class Budget:
-    """A spending limit in USD. Thread-safe: concurrent reservations cannot overspend."""
+    """A run's spending limit in USD, and (with a ``store``) the scoped budgets it also
+    spends from and the ledger its costs settle into. Thread-safe: concurrent
+    reservations cannot overspend; with a shared store, neither can other runs or
+    processes (``agentkeel.cost.store``)."""
 
-    def __init__(self, limit_usd: float) -> None:
+    def __init__(
+        self,
+        limit_usd: float,
+        *,
+        store: BudgetStore | None = None,
+        scopes: Sequence[ScopeLimit] = (),
+        owner: LedgerOwner | None = None,
+        holder: str = "",
+        ttl_s: float = 600.0,
+    ) -> None:
         if not math.isfinite(limit_usd) or limit_usd < 0:
             raise ValueError(f"a budget must be a finite amount of USD >= 0, got {limit_usd!r}")
+        if store is not None and owner is None:
+            raise ValueError("a budget with a ledger store needs the owner its rows belong to")
         self.limit_usd = float(limit_usd)
         self.spent_usd = 0.0
         self.reserved_usd = 0.0
+        self.store = store
+        self.scopes = tuple(scopes)
+        self.owner = owner
+        self.holder = holder
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
 
     @property
     def remaining_usd(self) -> float:
         return self.limit_usd - self.spent_usd - self.reserved_usd
 
-    def reserve(self, amount_usd: float, label: str) -> Reservation:
-        """Hold ``amount_usd`` for ``label``; BudgetExceededError when it does not fit."""
+    def exhausted_scope(self) -> str | None:
+        """Why no priced call of this run could be afforded now (a scope with nothing
+        left, named with when it resets), or None. Checked before planning."""
+        if self.store is None:
+            return None
+        for scope in self.scopes:
+            if self.store.left(scope) <= EPSILON:
+                when = resets_at(scope)
+                reset = f"; it resets at {when}" if when else ""
+                return (f"the budget {scope.label} (${scope.limit_usd:.4f}) is used up{reset}; "
+                        "nothing was planned or run")
+        return None
+
+    def reserve(self, amount_usd: float, label: str, *, purpose: str = "", reason: str = "") -> Reservation:
+        """Hold ``amount_usd`` for ``label`` against this run's budget and every scope;
+        BudgetExceededError naming what cannot afford it otherwise (nothing held)."""
         amount_usd = _usd(amount_usd, f"the reservation for {label}")
         with self._lock:
             if self.spent_usd + self.reserved_usd + amount_usd > self.limit_usd + 1e-12:
@@ -140,7 +193,15 @@ class Budget:
                     f"${self.limit_usd:.4f} budget is left; raise the budget (--budget) or use a cheaper model"
                 )
             self.reserved_usd += amount_usd
-        return Reservation(self, amount_usd, label)
+        store_id = None
+        if self.store is not None and self.scopes and amount_usd > 0:
+            try:
+                store_id = self.store.reserve(self.scopes, amount_usd, holder=self.holder, ttl_s=self.ttl_s)
+            except BaseException:
+                with self._lock:
+                    self.reserved_usd -= amount_usd
+                raise
+        return Reservation(self, amount_usd, label, store_id, purpose, reason)
 
     def record_spent(self, amount_usd: float) -> None:
         """Count money already spent elsewhere (a resumed run's earlier steps)."""
@@ -148,7 +209,7 @@ class Budget:
         with self._lock:
             self.spent_usd += amount_usd
 
-    def _settle(self, reservation: Reservation, actual_usd: float) -> None:
+    def _settle(self, reservation: Reservation, actual_usd: float, record: CostRecord | None) -> None:
         # An invalid amount raises before anything changes: the reservation stays
         # open and its money stays held, so nothing is lost and nothing is freed.
         actual_usd = _usd(actual_usd, f"the settled cost of {reservation.label}")
@@ -158,11 +219,35 @@ class Budget:
             reservation._open = False
             self.reserved_usd -= reservation.amount
             self.spent_usd += actual_usd
+        store = self.store
+        if store is not None:
+            if record is None:
+                if reservation.store_id is not None:
+                    store.release(reservation.store_id)
+            else:
+                assert self.owner is not None
+                entry = ledger_entry(self.owner, record, actual_usd)
+                if reservation.store_id is not None:
+                    store.settle(reservation.store_id, entry)
+                else:
+                    store.record(entry)
         if actual_usd > reservation.amount * (1 + 1e-9) + 1e-12:
             log.warning(
                 "%s cost $%.6f, more than the $%.6f reserved for it; the budget counts what was spent",
                 reservation.label, actual_usd, reservation.amount,
             )
+
+
+def ledger_entry(owner: LedgerOwner, record: CostRecord, cost_usd: float) -> LedgerEntry:
+    """The ledger row of ``record``, spent by ``owner``."""
+    usage = record.usage or Usage()
+    return LedgerEntry(
+        run_id=owner.run_id, user_id=owner.user_id, session_id=owner.session_id, principal=owner.principal,
+        kind=record.kind, cost_usd=cost_usd, purpose=record.purpose, reason=record.reason, step_id=record.step_id,
+        model=record.model, tier=record.tier, tool=record.tool, input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+        estimated=record.estimated,
+    )
 
 
 class Pricer:

@@ -184,6 +184,8 @@ async def complete(
     *,
     response_format: Mapping[str, Any] | None = None,
     on_text: Callable[[str], None] | None = None,
+    purpose: str = "plan",
+    reason: str = "",
 ) -> Completion:
     """One priced chat completion on ``tier`` (see the module docs for the billing rules).
 
@@ -196,7 +198,7 @@ async def complete(
     sent = [*messages, {"role": "system", "content": json.dumps(response_format)}] if response_format else [
         *messages]
     prompt_bound = prompt_token_upper_bound(sent)
-    reservation = run.reserve_llm(tier.model, sent, tier.max_tokens)
+    reservation = run.reserve_llm(tier.model, sent, tier.max_tokens, purpose=purpose, reason=reason)
     kwargs: dict[str, Any] = {
         "model": tier.model,
         "messages": list(messages),
@@ -317,6 +319,10 @@ def _settle_usage(
         prompt_bound=prompt_bound,
         max_tokens=tier.max_tokens,
     )
+    billed = attrs.evolve(billed, cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens",
+                                                        billed.input_tokens),
+                          reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens",
+                                                   billed.output_tokens))
     if problems:
         log.warning(
             "%s (tier %r) reported unusable usage: %s; billed %d prompt and %d completion tokens "
@@ -324,6 +330,14 @@ def _settle_usage(
             tier.model, tier.name, "; ".join(problems), billed.input_tokens, billed.output_tokens,
         )
     return run.settle_llm(reservation, model=tier.model, tier=tier.name, usage=billed, estimated=bool(problems))
+
+
+def _detail(usage: Any, details: str, field: str, bound: int) -> int:
+    """A reported token detail (cached input, reasoning output) within [0, ``bound``]; 0 when unusable."""
+    value = getattr(getattr(usage, details, None), field, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return min(value, bound)
 
 
 def _settle_failed(

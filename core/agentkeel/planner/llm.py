@@ -179,10 +179,12 @@ async def plan_with_tiers(
     reasons: list[str] = []
     only_rejections = True
     async with make_client(config, unconfigured=_UNCONFIGURED) as client:
-        for tier in config.tiers:
+        for index, tier in enumerate(config.tiers):
+            # why the call is made, for the cost ledger
+            reason = progress.reason if progress is not None else ("first_tier" if index == 0 else "escalation")
             try:
                 return await _plan_with_tier(
-                    client, tier, messages, tools, run, no_json_schema, first_step_id, earlier)
+                    client, tier, messages, tools, run, no_json_schema, first_step_id, earlier, reason)
             except _InvalidAnswer as exc:
                 reasons.append(f"tier {tier.name!r} ({tier.model}): " + "; ".join(exc.errors))
             except LLMAuthError as exc:
@@ -282,12 +284,13 @@ async def _plan_with_tier(
     no_json_schema: set[str],
     first_step_id: int = 1,
     earlier_results: Collection[int] = (),
+    reason: str = "first_tier",
 ) -> Plan:
     """One attempt and at most one repair round on ``tier``. Raises _InvalidAnswer or LLMCallError."""
     planner = f"llm:{tier.name}"
     checks: dict[str, Any] = {"planner": planner, "max_steps": run.config.max_steps, "run": run,
                               "first_step_id": first_step_id, "earlier_results": earlier_results}
-    answer, truncated = await _complete(client, tier, messages, tools, run, no_json_schema)
+    answer, truncated = await _complete(client, tier, messages, tools, run, no_json_schema, reason)
     try:
         return validate_answer(answer, tools, truncated=truncated, **checks)
     except _InvalidAnswer as exc:
@@ -296,7 +299,7 @@ async def _plan_with_tier(
             {"role": "assistant", "content": answer or ""},
             {"role": "user", "content": _repair_prompt(exc.errors)},
         ]
-    answer, truncated = await _complete(client, tier, repair, tools, run, no_json_schema)
+    answer, truncated = await _complete(client, tier, repair, tools, run, no_json_schema, "repair")
     return validate_answer(answer, tools, truncated=truncated, **checks)
 
 
@@ -393,6 +396,7 @@ async def _complete(
     tools: Mapping[str, ToolSpec],
     run: RunContext,
     no_json_schema: set[str],
+    reason: str = "first_tier",
 ) -> tuple[str | None, bool]:
     """One priced chat completion with the json_schema -> json_object fallback.
 
@@ -409,7 +413,8 @@ async def _complete(
         else:
             response_format = {"type": "json_object"}
         try:
-            done = await complete(client, tier, messages, run, response_format=response_format)
+            done = await complete(client, tier, messages, run, response_format=response_format, purpose="plan",
+                                  reason=reason)
         except LLMStatusError as exc:
             # A 400 or a 500 to json_schema is taken for a server that cannot do it
             # (llama_cpp.server answers json_schema with a 500): ask in JSON mode.

@@ -37,6 +37,7 @@ from agentkeel.markers import PROJECT_NAME
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.permissions.default:PermissionsGate",
     "agentkeel.cost.pricing",
+    "agentkeel.cost.default",
     "agentkeel.memory.sqlite:SQLiteMemory",
     "agentkeel.journal.default",
     "agentkeel.planner.rules",

@@ -142,7 +142,10 @@ def deterministic_answer(
         parts.append("Nothing that needed it was run; ask an administrator for access if you should have it.")
     elif status is RunStatus.BUDGET_EXHAUSTED:
         parts.append(f"I stopped because the budget ran out: {_first_line(detail)}.")
-        parts.append("Try again with a larger budget (`--budget`).")
+        if "resets at" in detail or "per_session_usd" in detail:
+            parts.append("Try again once it resets, or ask an administrator to raise the limit.")
+        else:
+            parts.append("Try again with a larger budget (`--budget`).")
     elif status is RunStatus.REJECTED:
         parts.append(f"I could not make a plan that passes the checks: {_first_line(detail)}.")
         parts.append("Nothing was run. Rephrase the request or check that the tools it needs are installed.")

@@ -210,7 +210,8 @@ async def answer_with_llm(
     unconfigured = "the LLM responder has no endpoint: set [models] base_url, OPENAI_BASE_URL or OPENAI_API_KEY"
     try:
         async with make_client(run.config, unconfigured=unconfigured) as client:
-            done = await complete(client, tier, messages, run, on_text=on_delta if run.listened else None)
+            done = await complete(client, tier, messages, run, on_text=on_delta if run.listened else None,
+                                  purpose="respond", reason="answer")
     except BudgetExceededError:
         return fallback(BUDGET_NOTE)
     except UnknownModelPriceError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from agentkeel.context import RunContext
-from agentkeel.cost.budget import Budget, Pricer
+from agentkeel.cost.budget import Budget, LedgerOwner, Pricer
+from agentkeel.cost.scopes import scopes_for
 from agentkeel.errors import (
     BudgetExceededError,
     ConfigError,
@@ -59,6 +61,7 @@ from agentkeel.types import (
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
+    from agentkeel.cost.store import BudgetStore
     from agentkeel.plugin.facade import Plugins
     from agentkeel.tools.registry import ToolRegistry
 
@@ -80,6 +83,7 @@ class Stores:
     plugins: Plugins
     _audit: AuditLog | None = None
     _journal: Journal | None = None
+    _budgets: BudgetStore | None = None
 
     @property
     def audit(self) -> AuditLog:
@@ -97,6 +101,16 @@ class Stores:
             self._journal = journal
         return self._journal
 
+    @property
+    def budgets(self) -> BudgetStore:
+        """The cost ledger and scoped budgets (``agentkeel_open_budget_store``)."""
+        if self._budgets is None:
+            store = self.plugins.hook.agentkeel_open_budget_store(config=self.config)
+            if store is None:
+                raise PluginError("cost", "no plugin opened a budget store (agentkeel_open_budget_store)")
+            self._budgets = store
+        return self._budgets
+
     def flush(self) -> None:
         """Anchor the audit log's newest record (at the end of every request)."""
         if self._audit is not None:
@@ -107,6 +121,8 @@ class Stores:
             self._audit.close()
         if self._journal is not None:
             self._journal.close()
+        if self._budgets is not None:
+            self._budgets.close()
 
     def audit_decision(self, run: RunContext, tool: str, decision: Decision, args: Mapping[str, Any] | None) -> None:
         """Append a permission decision. One is made before every tool call attempt
@@ -138,8 +154,14 @@ class Pipeline:
     lease_ttl_s: float
 
     def _run_context(self, request: AgentRequest, principal: Principal, sink: Sink | None) -> RunContext:
-        budget_usd = request.budget_usd if request.budget_usd is not None else self.config.default_budget_usd
-        run = RunContext(request, principal, self.config, Budget(budget_usd), self.pricer, self.tools.as_mapping(),
+        config = self.config
+        budget_usd = request.budget_usd if request.budget_usd is not None else config.default_budget_usd
+        scopes = (scopes_for(request.user_id, request.session_id, principal.name, config, time.time())
+                  if config.limits_for(principal.name) else ())
+        budget = Budget(budget_usd, store=self.stores.budgets, scopes=scopes, holder=self.owner,
+                        ttl_s=config.reservation_ttl_s,
+                        owner=LedgerOwner(request.run_id, request.user_id, request.session_id, principal.name))
+        run = RunContext(request, principal, config, budget, self.pricer, self.tools.as_mapping(),
                          observers=self.plugins.event if self.plugins.has_observers else None, sink=sink)
         run.on_refused = functools.partial(self._audit_planner_refusal, run)
         return run
@@ -169,6 +191,9 @@ class Pipeline:
         config_error = False
         context = MemoryContext()
         try:
+            exhausted = run.budget.exhausted_scope()
+            if exhausted is not None:
+                raise BudgetExceededError(exhausted)
             visible = visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
             context = self.plugins.load_context(request, self.config)
             plan = await self.plugins.plan(request, context, visible, run, self.templates)
@@ -442,7 +467,10 @@ class Pipeline:
                 held.set_status(RunStatus.DENIED, message, answer=answer.text)
                 return self._respond(request, None, RunStatus.DENIED, started, [], [], message, answer, revisions,
                                      remember=False, sink=sink)
-            run.budget.record_spent(state.run.planning_cost_usd + sum(
+            # What the run spent before: the ledger's rows for it (planning included), or for a run
+            # from before the ledger, the costs its journal records.
+            ledgered = sum(e.cost_usd for e in self.stores.budgets.entries(run_id=run_id))
+            run.budget.record_spent(ledgered or state.run.planning_cost_usd + sum(
                 s.cost_usd for s in state.steps if s.phase == "outcome"))
             if state.run.status == RunStatus.ROLLING_BACK.value:
                 final = RunStatus(state.run.then_status or RunStatus.FAILED.value)

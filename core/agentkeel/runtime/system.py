@@ -21,6 +21,7 @@ from typing import Any
 
 from agentkeel.config import Config
 from agentkeel.cost.budget import Pricer
+from agentkeel.cost.store import BudgetStore, LedgerEntry
 from agentkeel.errors import ApprovalError, PluginError, ToolSpecError
 from agentkeel.journal.base import ApprovalRecord, Journal, RunRecord, make_owner
 from agentkeel.permissions.approvals import APPROVE_PERMISSION, ApprovalGate
@@ -277,6 +278,29 @@ class AgentSystem:
             return await self.pipeline.rollback(run_id)
         finally:
             self.pipeline.stores.flush()
+
+    # --- costs --------------------------------------------------------------------
+
+    @property
+    def budgets(self) -> BudgetStore:
+        """The cost ledger and the scoped budgets."""
+        return self.stores.budgets
+
+    def costs(self, by: str = "tier", *, user: str | None = None, since: float | None = None,
+              until: float | None = None) -> list[dict[str, Any]]:
+        """Spending from the ledger grouped ``by`` tier, model, tool, user, session, day,
+        reason, kind, run or principal (most expensive first), for a dashboard."""
+        return self.budgets.totals(by, user_id=user, since=since, until=until)
+
+    def top_runs(self, n: int = 10, *, user: str | None = None, since: float | None = None,
+                 until: float | None = None) -> list[dict[str, Any]]:
+        """The ``n`` most expensive runs in the ledger."""
+        return self.budgets.top_runs(n, user_id=user, since=since, until=until)
+
+    def ledger(self, *, run_id: str | None = None, user: str | None = None, since: float | None = None,
+               until: float | None = None, limit: int | None = None) -> list[LedgerEntry]:
+        """The ledger's rows, oldest first."""
+        return self.budgets.entries(run_id=run_id, user_id=user, since=since, until=until, limit=limit)
 
     # --- approvals ----------------------------------------------------------------
 

@@ -112,7 +112,7 @@ class ToolRegistry:
                 )
 
     def apply_overrides(self, overrides: Mapping[str, Mapping[str, Any]], sandboxes: Mapping[str, _Ranked]) -> None:
-        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation).
+        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation, cost_usd).
 
         A section naming a tool no plugin registers is a ``ConfigError`` (a typo
         would otherwise silently leave the tool unconstrained). Isolation may move
@@ -136,7 +136,10 @@ class ToolRegistry:
                     f"tools.{tool_name}.isolation: {isolation!r} is weaker than the {spec.isolation!r} "
                     f"the tool declares; isolation can be tightened in config, never loosened"
                 )
-            self._tools[tool_name] = attrs.evolve(spec, **values)
+            changes = dict(values)
+            if "cost_usd" in changes:
+                changes["cost_usd"] = float(changes["cost_usd"])
+            self._tools[tool_name] = attrs.evolve(spec, **changes)
 
     def as_mapping(self) -> Mapping[str, ToolSpec]:
         """A read-only live view of the table (no copy)."""

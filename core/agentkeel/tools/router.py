@@ -86,7 +86,8 @@ class ToolRouter:
         propagate: nothing was sent. ``intent`` journals the intent record.
         """
         key = idempotency_key(run.run_id, step_id)
-        reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}") if spec.cost_usd else None
+        reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}", purpose="tool",
+                                         reason="tool") if spec.cost_usd else None
         breaker = self.breakers.get(spec.name)
         sent = False
         try:
@@ -139,5 +140,7 @@ class ToolRouter:
         if not sent:
             reservation.release()
             return
-        reservation.settle(spec.cost_usd)
-        run.costs.append(CostRecord(kind="tool", cost_usd=spec.cost_usd, tool=spec.name, step_id=step_id))
+        record = CostRecord(kind="tool", cost_usd=spec.cost_usd, tool=spec.name, step_id=step_id, purpose="tool",
+                            reason="tool")
+        reservation.settle(spec.cost_usd, record)
+        run.costs.append(record)
