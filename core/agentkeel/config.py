@@ -155,6 +155,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "required": ["input_per_mtok", "output_per_mtok"],
                 "properties": {
                     "input_per_mtok": {"type": "number", "minimum": 0},
+                    "cached_input_per_mtok": {"type": "number", "minimum": 0},
                     "output_per_mtok": {"type": "number", "minimum": 0},
                 },
             },

@@ -280,13 +280,19 @@ class Decision:
 
 @attrs.frozen
 class ModelPrice:
-    """USD per million tokens."""
+    """USD per million tokens. ``cached_input_per_mtok``: the price of input tokens the
+    server read from its prompt cache (None: the same as any input token). Reasoning
+    tokens are output tokens: they are in ``output_tokens`` and priced as output."""
 
     input_per_mtok: float
     output_per_mtok: float
+    cached_input_per_mtok: float | None = None
 
     def cost(self, usage: Usage) -> float:
-        return (usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok) / 1e6
+        cached = min(max(usage.cached_tokens, 0), usage.input_tokens)
+        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((usage.input_tokens - cached) * self.input_per_mtok + cached * cached_price
+                + usage.output_tokens * self.output_per_mtok) / 1e6
 
 
 @attrs.frozen

@@ -229,3 +229,35 @@ def test_a_reservation_of_a_killed_process_expires_and_leaves_no_spend(isolated_
         assert len(store.entries(user_id="ann")) == 1
     finally:
         store.close()
+
+
+# --- cached and reasoning tokens ------------------------------------------------------------------
+
+
+def test_cached_input_is_priced_as_cached_and_reasoning_tokens_are_recorded(openai_server_env: Any) -> None:
+    server = openai_server_env
+    server.queue(wire(), usage_body={"prompt_tokens": 1000, "completion_tokens": 300, "total_tokens": 1300,
+                                     "prompt_tokens_details": {"cached_tokens": 800},
+                                     "completion_tokens_details": {"reasoning_tokens": 200}})
+    config = {"principals": {"ann": {"permissions": ["x"]}},
+              "models": {"tiers": [{"name": "fast", "model": "m"}]},
+              "prices": {"m": {"input_per_mtok": 10.0, "output_per_mtok": 40.0, "cached_input_per_mtok": 1.0}},
+              "responder": {"mode": "template"}}
+    with make_system(Tools(), config=config) as sys_:
+        response = sys_.run_sync(AgentRequest(message="go", user_id="ann"))
+        [planning, _tool] = sys_.ledger(run_id=response.run_id)
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert (planning.cached_tokens, planning.reasoning_tokens) == (800, 200)
+    assert planning.cost_usd == pytest.approx((200 * 10.0 + 800 * 1.0 + 300 * 40.0) / 1e6)
+
+
+def test_a_price_table_model_has_its_cached_price() -> None:
+    from agentkeel.cost.pricing import price_from_table
+    from agentkeel.types import ModelPrice, Usage
+
+    price = price_from_table("gpt-4o-mini")
+    assert price is not None and price.cached_input_per_mtok is not None
+    assert price.cached_input_per_mtok < price.input_per_mtok
+    assert ModelPrice(1.0, 2.0).cost(Usage(1000, 10, cached_tokens=5000)) == pytest.approx((1000 + 20) / 1e6)
+    with pytest.raises(ConfigError, match="cached_input_per_mtok"):
+        Config.from_dict({"prices": {"m": {"input_per_mtok": 1, "output_per_mtok": 1, "cached_input_per_mtok": -1}}})

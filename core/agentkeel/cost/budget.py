@@ -268,7 +268,10 @@ class Pricer:
                 f"no price is known for model {model!r}; add it to agentkeel.toml as "
                 f'[prices."{model}"] with input_per_mtok and output_per_mtok'
             )
-        for field in ("input_per_mtok", "output_per_mtok"):
+        fields = ["input_per_mtok", "output_per_mtok"]
+        if getattr(price, "cached_input_per_mtok", None) is not None:
+            fields.append("cached_input_per_mtok")
+        for field in fields:
             value = getattr(price, field, None)
             number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
             if not (math.isfinite(number) and number >= 0):

@@ -18,7 +18,9 @@ def agentkeel_model_price(model: str, config: Config) -> ModelPrice | None:
     override = config.prices.get(model)
     if override is None:
         return None
-    return ModelPrice(float(override["input_per_mtok"]), float(override["output_per_mtok"]))
+    cached = override.get("cached_input_per_mtok")
+    return ModelPrice(float(override["input_per_mtok"]), float(override["output_per_mtok"]),
+                      None if cached is None else float(cached))
 
 
 @hookimpl(trylast=True, specname="agentkeel_model_price")
@@ -32,4 +34,9 @@ def price_from_table(model: str) -> ModelPrice | None:
         per_output = calc_price(PriceUsage(input_tokens=0, output_tokens=_MTOK), model_ref=model)
     except LookupError:
         return None
-    return ModelPrice(float(per_input.total_price), float(per_output.total_price))
+    try:  # cache_read_tokens count within input_tokens: here the whole million was read from the cache
+        cached: float | None = float(
+            calc_price(PriceUsage(input_tokens=_MTOK, cache_read_tokens=_MTOK), model_ref=model).total_price)
+    except (LookupError, ValueError):
+        cached = None  # no cache price listed: cached input is priced as input (an upper bound)
+    return ModelPrice(float(per_input.total_price), float(per_output.total_price), cached)
