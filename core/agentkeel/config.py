@@ -109,6 +109,17 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"max_replans": {"type": "integer", "minimum": 0, "maximum": 20}},
         },
+        "judge": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "rubric": {"type": "string"},
+                "tools": _STRINGS,
+                "min_score": {"type": "number", "minimum": 0, "maximum": 1},
+                "tier": {"type": "string", "minLength": 1},
+                "max_tokens": {"type": "integer", "minimum": 16},
+            },
+        },
         "approvals": {
             "type": "object",
             "additionalProperties": False,

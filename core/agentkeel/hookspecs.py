@@ -326,18 +326,23 @@ def agentkeel_call_tool(call: ToolCall, sandbox: SandboxBackend, run: RunContext
 
 
 @hookspec
-def agentkeel_evaluate(step: PlanStep, tool: ToolSpec, result: Any) -> Verdict | None:
+def agentkeel_evaluate(
+    step: PlanStep, tool: ToolSpec, result: Any, run: RunContext
+) -> Verdict | Awaitable[Verdict | None] | None:
     """Judge a step's result.
 
     :param step: the plan step (its ``expect`` schema included). For a
         compensation, a step whose tool is the compensating tool.
     :param tool: the tool that produced the result.
     :param result: what the tool returned.
+    :param run: the run's context: an evaluator that makes priced calls (an LLM
+        judge) reserves through ``run.reserve_llm`` first, like a planner.
 
-    :return: a ``Verdict``, or None to abstain. Not firstresult: the step passes
-        only if every verdict passes; its score is the lowest score given. A
-        rejected result of a tool that is not retry-safe is never retried: the
-        effect stays journaled and is compensated if the run aborts.
+    :return: a ``Verdict``, None to abstain, or an awaitable of either (an async
+        judge). Not firstresult: the step passes only if every verdict passes;
+        its score is the lowest score given. A rejected result of a tool that is
+        not retry-safe is never retried: the effect stays journaled and is
+        compensated if the run aborts.
     """
 
 

@@ -193,16 +193,15 @@ class Plugins:
 
     # --- evaluator --------------------------------------------------------------
 
-    def evaluate(self, step: PlanStep, tool: ToolSpec, result: Any) -> Verdict:
-        verdicts: list[Verdict] = self.hook.agentkeel_evaluate(step=step, tool=tool, result=result)
-        if not verdicts:
-            return _PASS
-        failed = [v for v in verdicts if not v.passed]
-        if failed:
-            return Verdict(False, min(v.score for v in verdicts), "; ".join(v.reason for v in failed))
-        if len(verdicts) == 1:
-            return verdicts[0]
-        return Verdict(True, min(v.score for v in verdicts), "")
+    def evaluate(
+        self, step: PlanStep, tool: ToolSpec, result: Any, run: RunContext
+    ) -> Verdict | Awaitable[Verdict]:
+        """The combined verdict; an awaitable of it when some evaluator answered with one."""
+        verdicts: list[Any] = self.hook.agentkeel_evaluate(step=step, tool=tool, result=result, run=run)
+        for verdict in verdicts:
+            if not isinstance(verdict, Verdict):
+                return _awaited(verdicts)
+        return _combine(verdicts)
 
     # --- recovery ---------------------------------------------------------------
 
@@ -245,6 +244,32 @@ class Plugins:
             out.append({"name": broken.name, "module": None, "distribution": None, "version": None,
                         "default": broken.name in DEFAULT_NAMES, "hooks": [], "error": broken.error})
         return out
+
+
+def _combine(verdicts: Sequence[Verdict]) -> Verdict:
+    """Every verdict must pass; the score is the lowest given (no verdict: a pass)."""
+    if not verdicts:
+        return _PASS
+    failed = [v for v in verdicts if not v.passed]
+    if failed:
+        return Verdict(False, min(v.score for v in verdicts), "; ".join(v.reason for v in failed))
+    if len(verdicts) == 1:
+        return verdicts[0]
+    return Verdict(True, min(v.score for v in verdicts), "")
+
+
+async def _awaited(results: Sequence[Any]) -> Verdict:
+    """Await the async verdicts (in order), drop abstentions, combine."""
+    verdicts: list[Verdict] = []
+    for result in results:
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            continue
+        if not isinstance(result, Verdict):
+            raise PluginError("evaluator", f"agentkeel_evaluate returned {type(result).__name__}, not a Verdict")
+        verdicts.append(result)
+    return _combine(verdicts)
 
 
 def _replaced_default(impls: Sequence[Any]) -> bool:

@@ -47,6 +47,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.sandbox.docker.plugin",
     "agentkeel.tools.router",
     "agentkeel.evaluator.default",
+    "agentkeel.evaluator.judge:LLMJudge",
     "agentkeel.recovery.default",
     "agentkeel.responder.llm:LLMResponder",
     "agentkeel.responder.default",

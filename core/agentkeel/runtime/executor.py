@@ -146,7 +146,8 @@ class StepRunner:
                     # result cannot be journaled, evaluated or referenced by later steps.
                     result, verdict = None, Verdict(False, 0.0, str(exc))
                 else:
-                    verdict = plugins.evaluate(step, spec, result)
+                    judged = plugins.evaluate(step, spec, result, run)
+                    verdict = judged if isinstance(judged, Verdict) else await judged
                 if verdict.passed:
                     return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), None
                 error = f"evaluator rejected the result: {verdict.reason}"
