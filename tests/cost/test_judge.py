@@ -106,3 +106,49 @@ def test_without_a_rubric_there_is_no_judge() -> None:
     with pytest.raises(ConfigError, match=r"judge\.tools: no loaded plugin registers nope"):
         with make_system(Tools(), config={**config(), "judge": {"rubric": "x", "tools": ["nope"]}}) as system:
             system.run_sync(AgentRequest(message="m", user_id="ann"))
+
+
+# --- the evaluator-gated cascade --------------------------------------------------------------------
+
+
+def test_a_result_judged_poor_escalates_the_decision_to_the_next_tier(openai_server_env: Any) -> None:
+    server = openai_server_env
+    first = {"reasoning": "search", "steps": [{"description": "find", "tool_name": "search",
+                                                "tool_args": {"query": "gadget"}}]}
+    better = {"reasoning": "search better", "steps": [{"description": "find", "tool_name": "search",
+                                                       "tool_args": {"query": "widget"}}]}
+    server.queue(first, usage=(500, 40))                                    # fast plans
+    server.queue({"score": 0.1, "reason": "gadgets, not widgets"}, usage=(300, 20))   # judged poor
+    server.queue(better, usage=(500, 40))                                   # strong plans again
+    server.queue({"score": 0.95, "reason": "widgets"}, usage=(300, 20))    # judged good
+    cfg = config()
+    cfg["recovery"] = {"max_replans": 1}
+    with make_system(Tools(), config=cfg) as system:
+        response = system.run_sync(AgentRequest(message="find me widgets", user_id="ann"))
+        rows = system.ledger(run_id=response.run_id)
+        report = system.cascade_report()
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert [r.reason for r in response.revisions] == ["initial", "replan"]
+    assert [r.plan.planner for r in response.revisions] == ["llm:fast", "llm:strong"]
+    assert [req["model"] for req in server.requests] == ["m", "m", "m2", "m"]
+    assert [(r.purpose, r.reason, r.tier) for r in rows] == [
+        ("plan", "first_tier", "fast"), ("judge", "judge", "fast"), ("plan", "escalation", "strong"),
+        ("judge", "judge", "fast")]
+    assert report["runs"] == 1 and report["first_tier_runs"] == 0 and report["hit_rate"] == 0.0
+
+
+def test_a_tool_failure_is_replanned_on_the_cheapest_tier_and_the_cascade_report_counts_it(
+    openai_server_env: Any,
+) -> None:
+    server = openai_server_env
+    plan = {"reasoning": "", "steps": [{"description": "", "tool_name": "other", "tool_args": {"n": 1}}]}
+    server.queue(plan, usage=(400, 30))
+    cfg = config()
+    with make_system(Tools(), config=cfg) as system:
+        response = system.run_sync(AgentRequest(message="count", user_id="ann"))
+        report = system.cascade_report()
+    assert response.status is RunStatus.SUCCEEDED
+    assert report["runs"] == 1 and report["first_tier_runs"] == 1 and report["hit_rate"] == 1.0
+    assert report["llm_cost_usd"] == pytest.approx((400 * 1.0 + 30 * 2.0) / 1e6)
+    assert report["strongest_tier_cost_usd"] == pytest.approx((400 * 10.0 + 30 * 20.0) / 1e6)
+    assert report["saving_usd"] == pytest.approx(report["strongest_tier_cost_usd"] - report["llm_cost_usd"])

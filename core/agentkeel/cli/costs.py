@@ -47,12 +47,13 @@ def parse_moment(value: str, timezone: str, what: str) -> float:
 @click.option("--by", "group", type=click.Choice(GROUPS), default="tier", show_default=True,
               help="What to group the spending by.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="List the N most expensive runs instead.")
+@click.option("--cascade", is_flag=True, help="The cascade's hit rate and its saving against the strongest tier.")
 @click.option("--since", default=None, callback=_moment, help="From this date or time (in [budget] timezone).")
 @click.option("--until", default=None, callback=_moment, help="Up to this date or time (excluded).")
 @click.option("--user", "user_id", default=None, callback=check_text, help="Only this user's spending.")
 @config_option
 @json_option
-def costs(group: str, top: int | None, since: str | None, until: str | None, user_id: str | None,
+def costs(group: str, top: int | None, cascade: bool, since: str | None, until: str | None, user_id: str | None,
           config_path: str | None, as_json: bool) -> None:
     """Spending from the cost ledger: totals by tier, model, tool, user, session, day or reason."""
     config = load_config(config_path)
@@ -60,6 +61,13 @@ def costs(group: str, top: int | None, since: str | None, until: str | None, use
     end = parse_moment(until, config.timezone, "--until") if until else None
     system = build_system(config)
     try:
+        if cascade:
+            report = system.cascade_report(since=start, until=end)
+            if as_json:
+                echo_json(report)
+                return
+            _print_cascade(report)
+            return
         if top is not None:
             rows = system.top_runs(top, user=user_id, since=start, until=end)
             if as_json:
@@ -88,6 +96,16 @@ def _print_totals(group: str, rows: list[dict[str, Any]]) -> None:
                    f"{r['output_tokens']:10d}  {estimated}")
     total = sum(r["cost_usd"] for r in rows)
     click.echo(f"{'total':<{width}}  {total:12.6f}  {sum(r['calls'] for r in rows):6d}")
+
+
+def _print_cascade(report: dict[str, Any]) -> None:
+    if not report["runs"]:
+        click.echo("no LLM calls in the ledger for that selection")
+        return
+    click.echo(f"runs with LLM calls: {report['runs']}; served by the first tier alone: "
+               f"{report['first_tier_runs']} ({report['hit_rate']:.0%})")
+    click.echo(f"LLM cost ${report['llm_cost_usd']:.6f}; the same tokens on {report['strongest_tier']}: "
+               f"${report['strongest_tier_cost_usd']:.6f}; saving ${report['saving_usd']:.6f}")
 
 
 def _print_top(rows: list[dict[str, Any]]) -> None:

@@ -178,10 +178,14 @@ async def plan_with_tiers(
     earlier = frozenset(progress.results) if progress is not None else frozenset()
     reasons: list[str] = []
     only_rejections = True
+    start = _escalated_start(config, progress)
     async with make_client(config, unconfigured=_UNCONFIGURED) as client:
-        for index, tier in enumerate(config.tiers):
+        for index, tier in enumerate(config.tiers[start:], start=start):
             # why the call is made, for the cost ledger
-            reason = progress.reason if progress is not None else ("first_tier" if index == 0 else "escalation")
+            if start or (progress is None and index > 0):
+                reason = "escalation"
+            else:
+                reason = progress.reason if progress is not None else "first_tier"
             try:
                 return await _plan_with_tier(
                     client, tier, messages, tools, run, no_json_schema, first_step_id, earlier, reason)
@@ -197,6 +201,27 @@ async def plan_with_tiers(
     if only_rejections:
         raise PlanRejectedError(reasons)
     raise PlanningError("every LLM tier failed: " + " | ".join(reasons))
+
+
+def _escalated_start(config: Config, progress: Progress | None) -> int:
+    """The evaluator-gated cascade: a replan after a step whose result an evaluator
+    rejected (a judge scored it under its ``min_score``) starts at the tier after the one
+    that made the rejected plan; any other planning starts at the cheapest tier.
+    ``PlanningError`` when that plan came from the strongest tier already."""
+    if progress is None or progress.reason != "replan" or not progress.plans:
+        return 0
+    failed = [s for s in progress.steps if s.status is StepStatus.FAILED]
+    if not failed or failed[-1].verdict is None or failed[-1].verdict.passed:
+        return 0  # the tool failed, not the decision: replan from the cheapest tier
+    planner = progress.plans[-1].planner
+    names = [t.name for t in config.tiers]
+    if not planner.startswith("llm:") or planner[4:] not in names:
+        return 0
+    start = names.index(planner[4:]) + 1
+    if start >= len(names):
+        raise PlanningError(f"the result of a plan by tier {planner[4:]!r} was judged poor and no stronger "
+                            "tier is configured to escalate to")
+    return start
 
 
 def max_data_bytes(config: Config) -> int:

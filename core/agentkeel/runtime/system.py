@@ -37,7 +37,7 @@ from agentkeel.tools.breaker import BreakerBoard
 from agentkeel.tools.ratelimit import RateLimiterBoard
 from agentkeel.tools.registry import ToolRegistry
 from agentkeel.tools.router import ToolRouter
-from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec
+from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec, Usage
 
 
 class AgentSystem:
@@ -296,6 +296,25 @@ class AgentSystem:
                  until: float | None = None) -> list[dict[str, Any]]:
         """The ``n`` most expensive runs in the ledger."""
         return self.budgets.top_runs(n, user_id=user, since=since, until=until)
+
+    def cascade_report(self, *, since: float | None = None, until: float | None = None) -> dict[str, Any]:
+        """How the cascade did, from the ledger's LLM rows: the share of runs served by the
+        first tier alone (the hit rate), what their calls cost, and what the same tokens
+        would have cost on the strongest tier (the saving)."""
+        rows = [e for e in self.budgets.entries(since=since, until=until) if e.kind == "llm"]
+        tiers = self.config.tiers
+        first = tiers[0].name if tiers else None
+        runs: dict[str, bool] = {}
+        for e in rows:
+            runs[e.run_id] = runs.get(e.run_id, True) and e.tier == first and e.reason != "escalation"
+        spent = sum(e.cost_usd for e in rows)
+        strongest = self.pricer.price(tiers[-1].model) if tiers else None
+        at_strongest = sum(strongest.cost(Usage(e.input_tokens, e.output_tokens, e.cached_tokens)) for e in rows) \
+            if strongest is not None else spent
+        served = sum(runs.values())
+        return {"runs": len(runs), "first_tier_runs": served, "hit_rate": served / len(runs) if runs else None,
+                "llm_cost_usd": spent, "strongest_tier": tiers[-1].name if tiers else None,
+                "strongest_tier_cost_usd": at_strongest, "saving_usd": at_strongest - spent}
 
     def ledger(self, *, run_id: str | None = None, user: str | None = None, since: float | None = None,
                until: float | None = None, limit: int | None = None) -> list[LedgerEntry]:
