@@ -118,6 +118,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "min_score": {"type": "number", "minimum": 0, "maximum": 1},
                 "tier": {"type": "string", "minLength": 1},
                 "max_tokens": {"type": "integer", "minimum": 16},
+                "answers": {"type": "boolean"},
             },
         },
         "approvals": {

@@ -152,3 +152,58 @@ def test_a_tool_failure_is_replanned_on_the_cheapest_tier_and_the_cascade_report
     assert report["llm_cost_usd"] == pytest.approx((400 * 1.0 + 30 * 2.0) / 1e6)
     assert report["strongest_tier_cost_usd"] == pytest.approx((400 * 10.0 + 30 * 20.0) / 1e6)
     assert report["saving_usd"] == pytest.approx(report["strongest_tier_cost_usd"] - report["llm_cost_usd"])
+
+
+def test_no_escalation_when_the_budget_cannot_afford_the_stronger_tier(openai_server_env: Any) -> None:
+    server = openai_server_env
+    first = {"reasoning": "search", "steps": [{"description": "find", "tool_name": "search",
+                                                "tool_args": {"query": "gadget"}}]}
+    server.queue(first, usage=(500, 40))
+    server.queue({"score": 0.1, "reason": "gadgets, not widgets"}, usage=(300, 20))
+    cfg = config()
+    cfg["recovery"] = {"max_replans": 1}
+    # the strong tier's worst case (about 4 kB of prompt and 1024 tokens at $10/$20 per Mtok) is
+    # over a cent; the fast tier's calls fit in it
+    with make_system(Tools(), config=cfg) as system:
+        response = system.run_sync(AgentRequest(message="find me widgets", user_id="ann", budget_usd=0.01))
+        rows = system.ledger(run_id=response.run_id)
+    assert response.status is RunStatus.FAILED
+    assert "replanning found no other approach" in response.message and "budget" in response.message
+    assert [req["model"] for req in server.requests] == ["m", "m"]  # the strong tier was never called
+    assert "escalation" not in [r.reason for r in rows]
+
+
+def test_a_poor_answer_is_written_again_by_the_next_tier(openai_server_env: Any) -> None:
+    server = openai_server_env
+    plan = {"reasoning": "", "steps": [{"description": "", "tool_name": "other", "tool_args": {"n": 1}}]}
+    server.queue(plan, usage=(400, 30))                                     # fast plans
+    server.queue("Something went fine, probably.", usage=(300, 10))          # fast answers
+    server.queue({"score": 0.2, "reason": "vague"}, usage=(200, 10))         # judged poor
+    server.queue("Step 1 returned n = 1.", usage=(300, 10))                  # strong answers
+    server.queue({"score": 0.9, "reason": "precise"}, usage=(200, 10))       # judged good
+    cfg = config(answers=True)
+    cfg["responder"] = {"mode": "auto"}
+    with make_system(Tools(), config=cfg) as system:
+        response = system.run_sync(AgentRequest(message="count", user_id="ann"))
+        rows = system.ledger(run_id=response.run_id)
+    assert response.status is RunStatus.SUCCEEDED
+    assert (response.answer, response.answer_source) == ("Step 1 returned n = 1.", "llm:strong")
+    assert [(r.purpose, r.reason, r.tier) for r in rows] == [
+        ("plan", "first_tier", "fast"), ("respond", "answer", "fast"), ("judge", "judge", "fast"),
+        ("respond", "escalation", "strong"), ("judge", "judge", "fast")]
+
+
+def test_when_every_answer_is_poor_the_best_judged_one_is_kept(openai_server_env: Any) -> None:
+    server = openai_server_env
+    plan = {"reasoning": "", "steps": [{"description": "", "tool_name": "other", "tool_args": {"n": 1}}]}
+    server.queue(plan, usage=(400, 30))
+    server.queue("Fairly good.", usage=(300, 10))
+    server.queue({"score": 0.4, "reason": "meh"}, usage=(200, 10))
+    server.queue("Worse.", usage=(300, 10))
+    server.queue({"score": 0.1, "reason": "bad"}, usage=(200, 10))
+    cfg = config(answers=True)
+    cfg["responder"] = {"mode": "auto"}
+    with make_system(Tools(), config=cfg) as system:
+        response = system.run_sync(AgentRequest(message="count", user_id="ann"))
+    assert (response.answer, response.answer_source) == ("Fairly good.", "llm:fast")
+    assert server.pending == 0

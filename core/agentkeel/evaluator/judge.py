@@ -7,6 +7,9 @@ result against a rubric. Off unless ``[judge] rubric`` is set.
   the judge's reason (a rejected result of a tool that is not retry-safe is
   never retried: its effect stands, as with any verdict).
 - ``[judge] tier`` (default: the first, cheapest tier), ``max_tokens`` (256).
+- ``[judge] answers = true``: the LLM responder's answer is judged too; a poor
+  one is written again by the next tier (reason ``escalation``) while the budget
+  affords it, and the best-judged answer is kept.
 
 One chat completion per judged result, budgeted like the planner's calls (the
 worst case is reserved against the run's budget and every budget scope first;
@@ -56,6 +59,8 @@ class JudgeSettings:
     tier: ModelTier
     tools: frozenset[str] | None
     min_score: float
+    answers: bool = False
+    """``[judge] answers``: the LLM responder's answers are judged too (and re-asked of the next tier when poor)."""
 
 
 def judge_settings(config: Config) -> JudgeSettings | None:
@@ -80,6 +85,9 @@ def judge_settings(config: Config) -> JudgeSettings | None:
     max_tokens = section.get("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 16:
         raise bad("max_tokens", "must be an integer >= 16", max_tokens)
+    answers = section.get("answers", False)
+    if not isinstance(answers, bool):
+        raise bad("answers", "must be true or false", answers)
     if not config.tiers:
         raise bad("tier", "a judge needs an LLM: add [[models.tiers]]", None)
     name = section.get("tier", config.tiers[0].name)
@@ -87,7 +95,7 @@ def judge_settings(config: Config) -> JudgeSettings | None:
     if not named:
         raise bad("tier", f"must name a tier of [[models.tiers]] ({', '.join(t.name for t in config.tiers)})", name)
     return JudgeSettings(rubric.strip(), attrs.evolve(named[0], max_tokens=max_tokens),
-                         frozenset(tools) if tools is not None else None, float(min_score))
+                         frozenset(tools) if tools is not None else None, float(min_score), answers)
 
 
 class LLMJudge:
@@ -126,17 +134,29 @@ class LLMJudge:
 async def judge(
     step: PlanStep, tool: ToolSpec, result: Any, run: RunContext, settings: JudgeSettings
 ) -> Verdict | None:
-    """One priced judgement of ``result``; None (with a warning) when none can be had."""
+    """One priced judgement of a step's ``result``; None (with a warning) when none can be had."""
     data = quote_steps([StepResult(step.step_id, tool.name, StepStatus.SUCCEEDED, step.tool_args, result)])
-    messages = [
-        {"role": "system", "content": (
-            "You judge the result of one tool call for an agent. Score it from 0 (useless or wrong) to 1 "
-            "(exactly what was needed) against the rubric, and give a one-sentence reason. Answer with one "
-            'JSON object: {"score": <0..1>, "reason": "<why>"}.\n\n'
-            f"Rubric: {settings.rubric}\n\nThe step: {step.description or tool.name} ({tool.name}: "
-            f"{tool.description})\n\n{data.text}")},
-        {"role": "user", "content": run.request.message},
-    ]
+    what = f"step {step.step_id} ({tool.name})"
+    return await _score(run, settings, what, (
+        "You judge the result of one tool call for an agent. Score it from 0 (useless or wrong) to 1 "
+        "(exactly what was needed) against the rubric, and give a one-sentence reason. Answer with one "
+        'JSON object: {"score": <0..1>, "reason": "<why>"}.\n\n'
+        f"Rubric: {settings.rubric}\n\nThe step: {step.description or tool.name} ({tool.name}: "
+        f"{tool.description})\n\n{data.text}"))
+
+
+async def judge_answer(answer: str, run: RunContext, settings: JudgeSettings) -> Verdict | None:
+    """One priced judgement of the answer written to the user; None when none can be had."""
+    quoted = quote_steps([], extra={"answer": answer})
+    return await _score(run, settings, "the answer", (
+        "You judge the answer an agent wrote to a user's request (the user's message follows). Score it "
+        "from 0 (wrong, unhelpful or unsupported) to 1 (exactly right) against the rubric, and give a "
+        'one-sentence reason. Answer with one JSON object: {"score": <0..1>, "reason": "<why>"}.\n\n'
+        f"Rubric: {settings.rubric}\n\n{quoted.text}"))
+
+
+async def _score(run: RunContext, settings: JudgeSettings, what: str, system: str) -> Verdict | None:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": run.request.message}]
     formats: list[dict[str, Any]] = [
         {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": False}},
         {"type": "json_object"},
@@ -153,7 +173,7 @@ async def judge(
                     if index or not (exc.status_code == 400 or (exc.status_code or 0) >= 500):
                         raise
     except (BudgetExceededError, UnknownModelPriceError, LLMCallError, ConfigError) as exc:
-        log.warning("the LLM judge did not judge step %s (%s): %s", step.step_id, tool.name, exc)
+        log.warning("the LLM judge did not judge %s: %s", what, exc)
         return None
     try:
         answer = jsonvalue.loads(done.text or "", what="the judge's answer")
@@ -161,7 +181,7 @@ async def judge(
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
             raise ValueError(f"score {score!r} is not a number from 0 to 1")
     except (jsonvalue.JSONValueError, KeyError, TypeError, ValueError) as exc:
-        log.warning("the LLM judge's answer for step %s (%s) is not a verdict: %s", step.step_id, tool.name, exc)
+        log.warning("the LLM judge's answer for %s is not a verdict: %s", what, exc)
         return None
     text = " ".join(str(reason).split())[:300]
     passed = score >= settings.min_score

@@ -159,8 +159,37 @@ class LLMResponder:
                 return None
             text = deterministic_answer(request, status, detail, plan, steps)
             return Answer(f"{text}\n{UNCONFIGURED_NOTE}", source=NOT_CONFIGURED)
-        return await answer_with_llm(request, status, detail, steps, run, settings.tier,
-                                     max_data_bytes=settings.max_data_bytes, plan=plan)
+        answer = await answer_with_llm(request, status, detail, steps, run, settings.tier,
+                                       max_data_bytes=settings.max_data_bytes, plan=plan)
+        return await self._judged(answer, request, status, detail, steps, run, settings, plan)
+
+    async def _judged(
+        self, answer: Answer, request: AgentRequest, status: RunStatus, detail: str, steps: Sequence[StepResult],
+        run: RunContext, settings: ResponderSettings, plan: Plan | None,
+    ) -> Answer:
+        """With ``[judge] answers``: a poor answer is asked of the next tier (the cascade), and the
+        best-judged one kept; an answer the judge cannot judge stands."""
+        from agentkeel.evaluator.judge import judge_answer, judge_settings
+
+        judge = judge_settings(run.config)
+        if judge is None or not judge.answers or settings.tier is None:
+            return answer
+        names = [t.name for t in run.config.tiers]
+        tier = settings.tier
+        best: tuple[float, Answer] | None = None
+        while answer.source.startswith("llm:"):
+            verdict = await judge_answer(answer.text, run, judge)
+            if verdict is None or verdict.passed:
+                return answer
+            if best is None or verdict.score > best[0]:
+                best = (verdict.score, answer)
+            following = names.index(tier.name) + 1
+            if following >= len(names):
+                break
+            tier = attrs.evolve(run.config.tiers[following], max_tokens=settings.max_tokens)
+            answer = await answer_with_llm(request, status, detail, steps, run, tier, reason="escalation",
+                                           max_data_bytes=settings.max_data_bytes, plan=plan)
+        return best[1] if best is not None else answer
 
 
 def build_messages(
@@ -196,6 +225,7 @@ async def answer_with_llm(
     *,
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
     plan: Plan | None = None,
+    reason: str = "answer",
 ) -> Answer:
     """One priced completion on ``tier``; the deterministic answer with a note when it cannot be had."""
     messages = build_messages(request, status, detail, steps, max_data_bytes=max_data_bytes)
@@ -211,7 +241,7 @@ async def answer_with_llm(
     try:
         async with make_client(run.config, unconfigured=unconfigured) as client:
             done = await complete(client, tier, messages, run, on_text=on_delta if run.listened else None,
-                                  purpose="respond", reason="answer")
+                                  purpose="respond", reason=reason)
     except BudgetExceededError:
         return fallback(BUDGET_NOTE)
     except UnknownModelPriceError as exc:
