@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.cost.memory_store import EPSILON, resets_at
-from agentkeel.cost.store import LedgerEntry, ScopeLimit
+from agentkeel.cost.store import EPSILON, LedgerEntry, ScopeLimit, resets_at
 from agentkeel.errors import BudgetExceededError, UnknownModelPriceError
 from agentkeel.types import CostRecord, ModelPrice, Usage
 

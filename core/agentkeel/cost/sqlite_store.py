@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agentkeel.cost.memory_store import (
+from agentkeel.cost.store import (
+    LedgerEntry,
+    ScopeLimit,
     by_cost,
     check_amount,
     check_bound,
@@ -50,7 +52,6 @@ from agentkeel.cost.memory_store import (
     settle_notes,
     totals_row,
 )
-from agentkeel.cost.store import LedgerEntry, ScopeLimit
 from agentkeel.errors import StoreError
 from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
 
