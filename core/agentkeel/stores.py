@@ -22,8 +22,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
@@ -364,3 +365,94 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
         conn.close()
     except sqlite3.Error:
         pass
+
+
+_T = TypeVar("_T")
+
+
+class ProcessConnection:
+    """A store's connection to ``<home>/agentkeel.db``: one per process (a forked child
+    opens its own on first use), used under one lock, so a store is safe across threads
+    and processes. Opened at once, so an unusable file fails when the store is made.
+
+    ``name`` says which store it is in errors ("journal", "budget store"); ``on_open``
+    runs on each new connection (a pragma). SQLite errors become ``StoreError`` naming
+    the store, the file and what failed.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str],
+        name: str,
+        *,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+        on_open: Callable[[sqlite3.Connection], object] | None = None,
+        closed_hint: str = "",
+    ) -> None:
+        self.home = Path(home)
+        self.path = db_path(self.home)
+        self.name = name
+        self.busy_timeout_s = busy_timeout_s
+        self._on_open = on_open
+        self._closed_hint = closed_hint
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._closed = False
+        with self._lock:
+            self._connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This process's connection; call with the lock held."""
+        if self._closed:
+            raise StoreError(f"{self.name} {self.path} is closed{self._closed_hint}")
+        pid = os.getpid()
+        if self._conn is None or self._pid != pid:
+            try:
+                conn = open_db(self.home, busy_timeout_s=self.busy_timeout_s)
+                if self._on_open is not None:
+                    self._on_open(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open the {self.name} {self.path}: {exc}") from exc
+            self._conn, self._pid = conn, pid
+        return self._conn
+
+    def run(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(conn)`` with the lock held; an SQLite error rolls back and becomes ``StoreError``."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(
+                    f"{self.name} {self.path}: {what} failed: {exc}; if the database is locked, "
+                    "another process holds it too long (raise busy_timeout_s)"
+                ) from exc
+
+    def close(self) -> None:
+        """Close this process's connection; using the store afterwards raises ``StoreError``. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._closed = True
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+
+def atomic(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` (the write lock taken before the first read):
+    committed when it returns (unless it committed itself), rolled back when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        return result
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

@@ -333,9 +333,9 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
         if pid == 0:  # the child: report, then leave without running the parent's cleanup
             code = 1
             try:
-                inherited = store._conn
+                inherited = store._db._conn
                 store.settle(reserve(store, [scope], 0.2), entry(0.2, run_id="child"))
-                code = 0 if store._conn is not inherited and store._pid == os.getpid() else 2
+                code = 0 if store._db._conn is not inherited and store._db._pid == os.getpid() else 2
             finally:
                 os.write(write, bytes([code]))
                 os._exit(0)

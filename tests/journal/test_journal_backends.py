@@ -90,7 +90,7 @@ def test_synchronous_mode_is_applied_and_checked(tmp_path: Path) -> None:
     journal = SQLiteJournal(tmp_path, synchronous="full")
     try:
         assert journal.synchronous == "FULL"
-        conn = journal._connection()  # checking the pragma took effect
+        conn = journal._db._connection()  # checking the pragma took effect
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         journal.close()
@@ -221,10 +221,10 @@ def test_step_writes_stay_one_statement(tmp_path: Path) -> None:
         journal.revise_plan(lease, another_plan(), "replan")
         ask(journal, lease, 1)
         statements: list[str] = []
-        journal._connection().set_trace_callback(statements.append)  # watching what the hot path runs
+        journal._db._connection().set_trace_callback(statements.append)  # watching what the hot path runs
         journal.intent(lease, intent(1))
         journal.outcome(lease, outcome(1))
-        journal._connection().set_trace_callback(None)
+        journal._db._connection().set_trace_callback(None)
         assert len(statements) == 2, statements
         assert all(s.startswith("INSERT INTO steps") for s in statements), statements
     finally:

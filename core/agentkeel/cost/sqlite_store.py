@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,8 +51,7 @@ from agentkeel.cost.store import (
     settle_notes,
     totals_row,
 )
-from agentkeel.errors import StoreError
-from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
+from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, ProcessConnection, atomic, db_path
 
 __all__ = ["SQLiteBudgetStore"]
 
@@ -115,40 +113,9 @@ class SQLiteBudgetStore:
         self.path = db_path(self.home)
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
-        self._closed = False
-        with self._lock:
-            self._connection()  # fail now, not at the first reservation, if the file is unusable
-
-    # --- connection -------------------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        """This process's connection; call with ``self._lock`` held."""
-        if self._closed:
-            raise StoreError(f"budget store {self.path} is closed; open a new SQLiteBudgetStore")
-        pid = os.getpid()
-        if self._conn is None or self._pid != pid:
-            try:
-                conn = open_db(self.home, busy_timeout_s=self._busy_timeout_s)
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the budget store {self.path}: {exc}") from exc
-            self._conn, self._pid = conn, pid
-        return self._conn
-
-    def _run(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._lock:
-            conn = self._connection()
-            try:
-                return fn(conn)
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise StoreError(
-                    f"budget store {self.path}: {what} failed: {exc}; if the database is locked, "
-                    "another process holds it too long (raise busy_timeout_s)"
-                ) from exc
+        self._db = ProcessConnection(self.home, "budget store", busy_timeout_s=busy_timeout_s,
+                                     closed_hint="; open a new SQLiteBudgetStore")
+        self._run = self._db.run
 
     # --- reservations -------------------------------------------------------------------
 
@@ -174,7 +141,7 @@ class SQLiteBudgetStore:
             )
             return reservation_id
 
-        return self._run("reserve", lambda conn: _atomic(conn, hold))
+        return self._run("reserve", lambda conn: atomic(conn, hold))
 
     def settle(self, reservation_id: str, entry: LedgerEntry) -> None:
         check_text(reservation_id, "reservation_id")
@@ -190,7 +157,7 @@ class SQLiteBudgetStore:
             conn.execute("DELETE FROM budget_reservations WHERE id = ?", (reservation_id,))
             return now, duplicate, held, row.cost_usd
 
-        now, duplicate, held, cost = self._run("settle", lambda conn: _atomic(conn, write))
+        now, duplicate, held, cost = self._run("settle", lambda conn: atomic(conn, write))
         settle_notes(reservation_id, duplicate=duplicate, expires_at=None if held is None else held[0],
                      amount=None if held is None else held[1], now=now, cost=cost)
 
@@ -269,31 +236,10 @@ class SQLiteBudgetStore:
         return self._run("run_costs", read)
 
     def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-            self._closed = True
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        self._db.close()
 
     def __repr__(self) -> str:
         return f"SQLiteBudgetStore({str(self.home)!r})"
-
-
-def _atomic(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-    """``fn(conn)`` inside ``BEGIN IMMEDIATE`` (the write lock taken before the first read):
-    committed when it returns, rolled back when it raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-        return result
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _used(conn: sqlite3.Connection, scope: ScopeLimit, now: float) -> float:

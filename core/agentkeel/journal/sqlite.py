@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agentkeel.errors import ConfigError, RunExistsError, StoreError
+from agentkeel.errors import ConfigError, RunExistsError
 from agentkeel.journal.base import (
     DEFAULT_TTL_S,
     STEP_COLUMNS,
@@ -63,7 +62,7 @@ from agentkeel.journal.base import (
     no_approval,
     not_found,
 )
-from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, db_path, open_db
+from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, ProcessConnection, atomic, db_path
 
 __all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal"]
 
@@ -136,41 +135,11 @@ class SQLiteJournal:
         self.synchronous = mode
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
-        self._closed = False
-        with self._lock:
-            self._connection()  # fail now, not at the first step, if the file is unusable
-
-    # --- connection -----------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        """This process's connection; call with ``self._lock`` held."""
-        if self._closed:
-            raise StoreError(f"journal {self.path} is closed; open a new SQLiteJournal")
-        pid = os.getpid()
-        if self._conn is None or self._pid != pid:
-            try:
-                conn = open_db(self.home, busy_timeout_s=self._busy_timeout_s)
-                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot open the journal {self.path}: {exc}") from exc
-            self._conn, self._pid = conn, pid
-        return self._conn
-
-    def _run(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._lock:
-            conn = self._connection()
-            try:
-                return fn(conn)
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise StoreError(
-                    f"journal {self.path}: {what} failed: {exc}; if the database is locked, "
-                    "another process holds it too long (raise busy_timeout_s)"
-                ) from exc
+        self._db = ProcessConnection(
+            self.home, "journal", busy_timeout_s=busy_timeout_s, closed_hint="; open a new SQLiteJournal",
+            on_open=lambda conn: conn.execute(f"PRAGMA synchronous = {mode}"),
+        )
+        self._run = self._db.run
 
     # --- runs and leases --------------------------------------------------------
 
@@ -223,7 +192,7 @@ class SQLiteJournal:
             conn.execute(_INSERT_REVISION, (run_id, 1, "initial", plan_json, cost, now))
             return lease
 
-        return self._run("create_run", lambda conn: _atomic(conn, write))
+        return self._run("create_run", lambda conn: atomic(conn, write))
 
     def revise_plan(self, lease: Lease, plan: dict[str, Any], reason: str, planning_cost_usd: float = 0.0) -> int:
         plan_json, reason, cost = check_revision(lease.run_id, plan, reason, planning_cost_usd)
@@ -251,7 +220,7 @@ class SQLiteJournal:
             )
             return revision
 
-        return self._run("revise_plan", lambda conn: _atomic(conn, write))
+        return self._run("revise_plan", lambda conn: atomic(conn, write))
 
     def acquire(self, run_id: str, owner: str, ttl_s: float = DEFAULT_TTL_S) -> Lease:
         def take(conn: sqlite3.Connection) -> Lease:
@@ -378,7 +347,7 @@ class SQLiteJournal:
             )
             return _approval_record(conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone())
 
-        return self._run("request_approval", lambda conn: _atomic(conn, write))
+        return self._run("request_approval", lambda conn: atomic(conn, write))
 
     def approval(self, run_id: str, step_id: int) -> ApprovalRecord | None:
         def read(conn: sqlite3.Connection) -> ApprovalRecord | None:
@@ -418,7 +387,7 @@ class SQLiteJournal:
                 raise approval_refusal(record, now)
             return record
 
-        return self._run("decide_approval", lambda conn: _atomic(conn, write))
+        return self._run("decide_approval", lambda conn: atomic(conn, write))
 
     def list_approvals(self, status: str | None = "pending", limit: int = 50) -> list[ApprovalRecord]:
         status = check_listed_status(status)
@@ -467,14 +436,7 @@ class SQLiteJournal:
         return self._run("list_runs", read)
 
     def close(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-            self._closed = True
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+        self._db.close()
 
     # --- helpers --------------------------------------------------------------------
 
@@ -491,21 +453,6 @@ class SQLiteJournal:
 
     def __repr__(self) -> str:
         return f"SQLiteJournal({str(self.home)!r}, synchronous={self.synchronous!r})"
-
-
-def _atomic(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-    """``fn(conn)`` inside ``BEGIN IMMEDIATE``: committed when it returns (unless it committed
-    itself), rolled back when it raises."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-        if conn.in_transaction:
-            conn.execute("COMMIT")
-        return result
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _approval_record(row: tuple[Any, ...]) -> ApprovalRecord:
