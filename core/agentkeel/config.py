@@ -126,6 +126,23 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"ttl_s": _POSITIVE, "allow_self": {"type": "boolean"}},
         },
+        "memory": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "backend": {"enum": ["sqlite", "memory"]},
+                "context_tokens": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+                "recent_turns": {"type": "integer", "minimum": 0, "maximum": 10_000},
+                "profile_share": {"type": "number", "minimum": 0, "maximum": 1},
+                "memories_share": {"type": "number", "minimum": 0, "maximum": 1},
+                "summary_share": {"type": "number", "minimum": 0, "maximum": 1},
+                "max_records": {"type": "integer", "minimum": 0, "maximum": 100},
+                "min_score": {"type": "number", "minimum": 0},
+                "write": {"type": "array", "items": {"enum": ["answers", "facts"]}, "uniqueItems": True},
+                "max_record_bytes": {"type": "integer", "minimum": 64, "maximum": 1_048_576},
+                "ttl_days": {"type": "number", "minimum": 0},
+            },
+        },
         "responder": {
             "type": "object",
             "additionalProperties": False,

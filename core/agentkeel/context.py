@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.types import AgentRequest, CostRecord, Event, Principal, ToolSpec, Usage
+from agentkeel.types import AgentRequest, ContextReport, CostRecord, Event, Principal, ToolSpec, Usage
 
 if TYPE_CHECKING:
     from agentkeel.config import Config
@@ -41,6 +41,8 @@ class RunContext:
     """``plugins.event`` when some plugin observes events, else None."""
     sink: Callable[[Event], None] | None = attrs.field(default=None, repr=False)
     """The caller's listener for this run's events (``AgentSystem.stream``), if any."""
+    context_report: ContextReport | None = attrs.field(default=None, repr=False)
+    """What the memory manager put in this run's prompts and left out (``MemoryContext.report``)."""
 
     @property
     def run_id(self) -> str:

@@ -207,14 +207,21 @@ def agentkeel_open_budget_store(config: Config) -> BudgetStore | None:
 
 
 @hookspec(firstresult=True)
-def agentkeel_load_context(request: AgentRequest, config: Config) -> MemoryContext | None:
-    """Load the context the planner sees for a request.
+def agentkeel_load_context(
+    request: AgentRequest, config: Config, tools: Mapping[str, ToolSpec] | None, run: RunContext | None
+) -> MemoryContext | None:
+    """Load the context the prompts of a request see (planner and responder).
 
     :param request: the request being served.
     :param config: the validated configuration.
+    :param tools: the tools the principal may call (None when not known); names of
+        other registered tools (``run.tools``) must not reach the context.
+    :param run: the run's context (its budget, its principal), or None.
 
-    :return: a ``MemoryContext`` (recent turns, facts), or None to abstain.
-        firstresult. With no memory plugin the request runs with an empty context.
+    :return: a ``MemoryContext`` (profile, retrieved memories, summary, recent
+        turns, with the report of what was included and dropped), or None to
+        abstain. firstresult. With no memory plugin the request runs with an empty
+        context. Memory is data: prompts quote it as untrusted.
     """
 
 

@@ -207,6 +207,51 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX budget_reservations_by_expiry ON budget_reservations (expires_at)",
         ),
     ),
+    Migration(
+        6,
+        "memory",
+        (
+            "CREATE INDEX memory_turns_by_user_ts ON memory_turns (user_id, ts)",
+            """
+            CREATE TABLE memory_summaries (
+                user_id      TEXT NOT NULL,
+                session_id   TEXT NOT NULL,
+                text         TEXT NOT NULL,
+                upto_turn_id INTEGER NOT NULL,
+                run_id       TEXT NOT NULL DEFAULT '',
+                source       TEXT NOT NULL DEFAULT 'extractive',
+                ts           REAL NOT NULL,
+                PRIMARY KEY (user_id, session_id)
+            )
+            """,
+            """
+            CREATE TABLE memory_records (
+                id         INTEGER PRIMARY KEY,
+                user_id    TEXT NOT NULL,
+                session_id TEXT NOT NULL,
+                run_id     TEXT NOT NULL,
+                text       TEXT NOT NULL,
+                ts         REAL NOT NULL
+            )
+            """,
+            "CREATE INDEX memory_records_by_user ON memory_records (user_id, id)",
+            "CREATE INDEX memory_records_by_user_ts ON memory_records (user_id, ts)",
+            # rowid = memory_records.id. owner is one token per user (a hash of the user id), indexed,
+            # so a search intersects the user's rows with the terms' inside the index instead of
+            # ranking every user's matches and filtering them afterwards.
+            "CREATE VIRTUAL TABLE memory_records_fts USING fts5(text, owner, tokenize='unicode61')",
+            """
+            CREATE TABLE memory_profile (
+                user_id TEXT NOT NULL,
+                key     TEXT NOT NULL,
+                value   TEXT NOT NULL,
+                run_id  TEXT NOT NULL DEFAULT '',
+                ts      REAL NOT NULL,
+                PRIMARY KEY (user_id, key)
+            )
+            """,
+        ),
+    ),
 )
 
 

@@ -129,6 +129,8 @@ class ToolSpec:
     rate_limit: float | None = None
     cost_usd: float = 0.0
     accepts_key: bool = False
+    accepts_run: bool = False
+    """The tool takes a ``run`` parameter: the runtime passes the call's ``RunContext``."""
     is_async: bool = False
     plugin: str = ""
     image: str | None = None
@@ -394,13 +396,94 @@ class Event:
 
 
 @attrs.frozen
+class ContextItem:
+    """One piece of memory considered for a prompt: ``kind`` "profile", "memory" (a record
+    retrieved from any session of the user), "summary" or "turn"; ``ref`` names the row
+    ("turn:42", "memory:7", "profile:name", "summary:s1"); ``tokens`` is what it costs in
+    the prompt; ``reason`` says why it was left out, when it was."""
+
+    kind: str
+    ref: str
+    tokens: int
+    reason: str = ""
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "ref": self.ref, "tokens": self.tokens}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.score is not None:
+            out["score"] = round(self.score, 4)
+        return out
+
+
+@attrs.frozen
+class ContextReport:
+    """What the memory manager put in the prompt, what it left out and why.
+
+    ``budget_tokens`` is ``[memory] context_tokens``; ``used_tokens`` (never more)
+    is counted by ``counter`` ("bytes": one token per byte, an upper bound for
+    every byte-level BPE tokenizer). ``summarised`` are the turns folded into the
+    session's summary by this request.
+    """
+
+    budget_tokens: int
+    used_tokens: int
+    counter: str = "bytes"
+    included: tuple[ContextItem, ...] = ()
+    dropped: tuple[ContextItem, ...] = ()
+    summarised: tuple[ContextItem, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_tokens": self.budget_tokens,
+            "used_tokens": self.used_tokens,
+            "counter": self.counter,
+            "included": [i.to_dict() for i in self.included],
+            "dropped": [i.to_dict() for i in self.dropped],
+            "summarised": [i.to_dict() for i in self.summarised],
+            "warnings": list(self.warnings),
+        }
+
+
+@attrs.frozen
 class MemoryContext:
-    """What the memory manager loaded for the planner; empty when no memory plugin runs."""
+    """What the memory manager loaded for the prompts of a request; empty when no memory
+    plugin runs. Every field is data about the user, never instructions: prompts quote it
+    (``agentkeel.models.data.quote_memory``).
+
+    ``turns``: recent messages of the session, oldest first (``{"role", "content",
+    "run_id"}``); ``summary``: the session's older turns, summarised; ``memories``:
+    records retrieved from the user's other turns; ``profile``: (key, value) facts;
+    ``facts``: free-form facts a plugin adds; ``report``: what was included and dropped.
+    """
 
     turns: tuple[Mapping[str, Any], ...] = ()
     facts: tuple[str, ...] = ()
+    profile: tuple[tuple[str, str], ...] = ()
+    summary: str = ""
+    memories: tuple[str, ...] = ()
+    report: ContextReport | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.turns or self.facts or self.profile or self.summary or self.memories)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """The context as data lines, in prompt order: profile, memories, summary, turns, facts."""
+        out: list[dict[str, Any]] = []
+        if self.profile:
+            out.append({"profile": dict(self.profile)})
+        out += [{"memory": m} for m in self.memories]
+        if self.summary:
+            out.append({"summary": self.summary})
+        out += [{"role": str(t.get("role", "user")), "content": str(t.get("content", ""))} for t in self.turns]
+        out += [{"fact": f} for f in self.facts]
+        return out
 
     def render(self) -> str:
+        """Plain lines, for humans; prompts use ``quote_memory``, which quotes them as data."""
         lines = [f"{t.get('role', 'user')}: {t.get('content', '')}" for t in self.turns]
         lines += [f"fact: {f}" for f in self.facts]
         return "\n".join(lines)
@@ -453,6 +536,8 @@ class AgentResponse:
     answer_source: str = ""
     revisions: tuple[PlanRevision, ...] = ()
     """Every revision of the run's plan, oldest first (``plan`` is the latest)."""
+    context: ContextReport | None = None
+    """What memory put in the prompts of the run and what it left out (None: no memory ran)."""
 
     @property
     def ok(self) -> bool:
@@ -483,4 +568,5 @@ class AgentResponse:
             "total_cost_usd": self.total_cost_usd,
             "cost_breakdown": self.cost_breakdown(),
             "duration_s": round(self.duration_s, 6),
+            "context": self.context.to_dict() if self.context is not None else None,
         }

@@ -14,7 +14,7 @@ from agentkeel import hookspecs
 from agentkeel.config import Config
 from agentkeel.errors import ConfigError
 from agentkeel.markers import PROJECT_NAME
-from agentkeel.memory import sqlite as memory_sqlite
+from agentkeel.memory.assemble import DEFAULT_RECENT_TURNS, MemorySettings
 from agentkeel.memory.sqlite import SQLiteMemory
 from agentkeel.plugin.facade import Plugins
 from agentkeel.plugin.manager import LoadedPlugins
@@ -119,7 +119,8 @@ def test_status_and_timestamp_are_stored(plugins: Plugins, config: Config) -> No
 
 
 def test_empty_memory_gives_empty_context(plugins: Plugins, config: Config) -> None:
-    assert load(plugins, config) == MemoryContext()
+    context = load(plugins, config)
+    assert context.empty and context.report is not None and context.report.used_tokens == 0
 
 
 def test_users_never_see_each_others_turns(plugins: Plugins, config: Config) -> None:
@@ -149,25 +150,14 @@ def test_sessions_are_isolated(plugins: Plugins, config: Config) -> None:
     assert load(plugins, config, session="default").turns == ()
 
 
-def test_default_limit_is_the_last_ten_turns(plugins: Plugins, config: Config) -> None:
-    for i in range(8):
+def test_default_limit_is_the_last_twenty_turns(plugins: Plugins, config: Config) -> None:
+    for i in range(12):
         exchange(plugins, config, f"q{i}", f"a{i}")
 
     turns = load(plugins, config).turns
 
-    assert len(turns) == memory_sqlite.DEFAULT_RECENT_TURNS == 10
-    assert [t["content"] for t in turns] == [
-        "q3",
-        "a3",
-        "q4",
-        "a4",
-        "q5",
-        "a5",
-        "q6",
-        "a6",
-        "q7",
-        "a7",
-    ]
+    assert len(turns) == DEFAULT_RECENT_TURNS == 20
+    assert [t["content"] for t in turns] == [f"{r}{i}" for i in range(2, 12) for r in "qa"]
 
 
 def test_configured_limit(
@@ -193,7 +183,7 @@ def test_invalid_limit_is_named_and_falls_back(
 ) -> None:
     config = make_config(tmp_path, {"recent_turns": bad}, monkeypatch)
     with pytest.raises(ConfigError, match=r"plugins\.memory\.recent_turns"):
-        memory_sqlite.recent_turns(config)
+        MemorySettings.from_config(config)
 
     exchange(plugins, config, "q", "a")
     with caplog.at_level(logging.WARNING, logger="agentkeel.memory"):
@@ -273,11 +263,11 @@ def test_shutdown_closes_and_later_calls_reopen(
     memory: SQLiteMemory, plugins: Plugins, config: Config
 ) -> None:
     exchange(plugins, config, "q", "a")
-    assert len(memory._connections) == 1
+    assert len(memory._stores) == 1
 
     plugins.shutdown(config=config, tools={}, sandboxes={}, system=None)
 
-    assert len(memory._connections) == 0
+    assert len(memory._stores) == 0
     assert len(load(plugins, config).turns) == 2
 
 
@@ -288,9 +278,9 @@ def test_each_instance_has_its_own_connections(memory: SQLiteMemory, config: Con
         mine, theirs = plugins_with(memory), plugins_with(other)
         exchange(mine, config, "q", "a")
         assert [t["content"] for t in load(theirs, config).turns] == ["q", "a"]  # same file
-        assert len(memory._connections) == len(other._connections) == 1
+        assert len(memory._stores) == len(other._stores) == 1
         memory.close_connections()
-        assert len(memory._connections) == 0 and len(other._connections) == 1
+        assert len(memory._stores) == 0 and len(other._stores) == 1
         exchange(theirs, config, "still", "open")
         assert len(load(mine, config).turns) == 4
     finally:

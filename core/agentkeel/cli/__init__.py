@@ -23,6 +23,7 @@ from agentkeel.cli.chat import chat
 from agentkeel.cli.common import EXIT_CODES, EXIT_USAGE, one_line, with_disable_hint
 from agentkeel.cli.costs import costs
 from agentkeel.cli.inspect import plugins, tools
+from agentkeel.cli.memory import memory
 from agentkeel.cli.run import run
 from agentkeel.cli.runs import resume, rollback, runs, show
 from agentkeel.cli.sandbox import sandbox
@@ -38,7 +39,7 @@ def cli() -> None:
 
 
 for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, costs, audit,
-                 sandbox):
+                 sandbox, memory):
     cli.add_command(_command)
 
 

@@ -1,24 +1,29 @@
-"""The default memory manager: recent conversation turns in ``<home>/agentkeel.db``.
+"""The default memory manager: profile, retrieved memories, a running summary and the
+recent turns of a session, within ``[memory] context_tokens`` (``agentkeel.memory.assemble``).
 
 Promises:
 
-- ``agentkeel_load_context`` returns the last ``recent_turns`` messages (default
-  10; ``[plugins.memory] recent_turns`` in the config, 0 turns memory off) of the
-  request's (user_id, session_id), oldest first. A turn is one message, as in
-  ``MemoryContext.turns``: ``{"role": "user" | "assistant", "content", "run_id"}``.
-- ``agentkeel_save_turn`` stores the user's message and the assistant's turn of
-  a finished run, with its run_id, status and timestamp, in one statement. The
-  assistant's turn is the responder's answer followed by a compact, size-capped
-  record of the facts the steps returned (``agentkeel.facts``), so a follow-up
-  in the same session can use them (the status line when there is no answer).
-- A user never sees another user's turns, nor a session another session's.
-- Memory never fails a request: when the database cannot be opened, read or
-  written, a warning goes to the ``agentkeel.memory`` logger and the request
-  runs with an empty context (defect 11 of the chapter's sketch).
+- ``agentkeel_load_context`` returns what ``assemble`` builds for the request from
+  the store, with its report (``MemoryContext.report``: what was included,
+  dropped or summarised, and why). Names of registered tools the principal may
+  not call are withheld from it.
+- ``agentkeel_save_turn`` stores the user's message and the assistant's turn of a
+  finished run (one transaction), and a retrievable record of it, as
+  ``[memory] write`` says: "answers" keeps the answer, "facts" the compact,
+  size-capped facts the steps returned (``agentkeel.facts``); ``write = []``
+  stores nothing. A record is cut at ``max_record_bytes``.
+- ``[memory] ttl_days`` (0: keep forever) deletes older rows of every user, at
+  most once an hour, when memory is read.
+- A user never sees another user's turns, records or profile, nor a session
+  another session's turns.
+- Memory never fails a request: when the store cannot be opened, read or
+  written, a warning goes to the ``agentkeel.memory`` logger and the request runs
+  with an empty context (defect 11 of the chapter's sketch).
 
-Connections are opened lazily, one per database path per plugin instance (one
-instance per system), so the plugin follows ``$AGENTKEEL_HOME`` when it changes;
-``agentkeel_shutdown`` closes them.
+The store (``[memory] backend``: "sqlite" in ``<home>/agentkeel.db``, or "memory",
+which follows ``[journal] backend`` by default) is opened lazily, one per home per
+plugin instance (one instance per system), so the plugin follows
+``$AGENTKEEL_HOME`` when it changes; ``agentkeel_shutdown`` closes them.
 """
 
 from __future__ import annotations
@@ -27,129 +32,196 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agentkeel.config import Config
-from agentkeel.errors import ConfigError, StoreError
+from agentkeel.context import RunContext
+from agentkeel.errors import ConfigError, StoreError, ToolError
 from agentkeel.facts import facts
 from agentkeel.markers import hookimpl
-from agentkeel.stores import ConnectionCache, db_path
+from agentkeel.memory.assemble import MemorySettings, assemble
+from agentkeel.memory.store import MemoryStore
+from agentkeel.memory.store import check_fact as check_fact_args
+from agentkeel.stores import db_path
+from agentkeel.tools.decorator import tool
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext
 
 log = logging.getLogger("agentkeel.memory")
 
-DEFAULT_RECENT_TURNS = 10
-MAX_RECENT_TURNS = 10_000
+MAX_FACT_CHARS = 2000
+EXPIRE_EVERY_S = 3600.0
 
 _T = TypeVar("_T")
 
-_SELECT_RECENT = """
-    SELECT role, content, run_id FROM memory_turns
-    WHERE user_id = ? AND session_id = ?
-    ORDER BY id DESC LIMIT ?
-"""
-_INSERT_EXCHANGE = """
-    INSERT INTO memory_turns (user_id, session_id, run_id, role, content, status, ts)
-    VALUES (?, ?, ?, 'user', ?, ?, ?), (?, ?, ?, 'assistant', ?, ?, ?)
-"""
 
-
-MAX_FACT_CHARS = 2000
-
-
-def assistant_turn(response: AgentResponse) -> str:
+def assistant_turn(response: AgentResponse, write: tuple[str, ...] = ("answers", "facts")) -> str:
     """What memory keeps of a response: the answer, then the facts the steps returned."""
-    text = response.answer or response.message
-    found = facts(response.steps, max_chars=MAX_FACT_CHARS)
+    text = (response.answer or response.message) if "answers" in write else response.status.value
+    found = facts(response.steps, max_chars=MAX_FACT_CHARS) if "facts" in write else []
     return f"{text}\n(facts: {'; '.join(found)})" if found else text
 
 
-def recent_turns(config: Config) -> int:
-    """The configured number of turns to load; raises ``ConfigError`` when it is invalid."""
-    value = config.section("plugins", "memory").get("recent_turns", DEFAULT_RECENT_TURNS)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RECENT_TURNS:
-        raise ConfigError(
-            f"invalid configuration in {config.source}: plugins.memory.recent_turns must be an "
-            f"integer from 0 to {MAX_RECENT_TURNS}, got {value!r}"
-        )
-    return value
+def cut(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, saying so."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    note = f" [cut: {len(data)} bytes]"
+    return data[: max(0, max_bytes - len(note))].decode(errors="ignore") + note
+
+
+def settings_of(config: Config) -> MemorySettings:
+    """``[memory]`` checked; a bad value warns and the defaults are used (memory never fails a request)."""
+    try:
+        return MemorySettings.from_config(config)
+    except (ConfigError, TypeError, ValueError) as exc:
+        log.warning("%s; using the defaults", exc)
+        return MemorySettings()
+
+
+def open_store(config: Config, settings: MemorySettings) -> MemoryStore:
+    """The store ``settings.backend`` names for ``config.home``."""
+    if settings.backend == "memory":
+        from agentkeel.memory.memory_store import InProcessMemoryStore
+
+        return InProcessMemoryStore()
+    from agentkeel.memory.sqlite_store import SQLiteMemoryStore
+
+    return SQLiteMemoryStore(config.home)
 
 
 class SQLiteMemory:
-    """The default memory plugin; one per system, with its own connections."""
+    """The default memory plugin; one per system, with its own stores."""
 
     def __init__(self) -> None:
-        self._connections = ConnectionCache()
-        # The hooks run on the event loop thread, but nothing stops a host from calling
-        # them from worker threads; one short lock keeps the connections safe.
+        self._stores: dict[tuple[Path, str], MemoryStore] = {}
+        self._expired_at: dict[tuple[Path, str], float] = {}
         self._lock = threading.Lock()
 
     @hookimpl(trylast=True)
     def agentkeel_startup(self, config: Config) -> None:
-        """Reject a bad ``recent_turns`` before the first request rather than on every one."""
-        recent_turns(config)
+        """Reject a bad ``[memory]`` before the first request rather than on every one."""
+        MemorySettings.from_config(config)
 
     @hookimpl(trylast=True)
-    def agentkeel_load_context(self, request: AgentRequest, config: Config) -> MemoryContext:
-        try:
-            limit = recent_turns(config)
-        except ConfigError as exc:
-            log.warning("%s; using %d", exc, DEFAULT_RECENT_TURNS)
-            limit = DEFAULT_RECENT_TURNS
-        if limit == 0:
+    def agentkeel_load_context(
+        self, request: AgentRequest, config: Config, tools: Mapping[str, Any] | None = None,
+        run: RunContext | None = None,
+    ) -> MemoryContext:
+        settings = settings_of(config)
+        if settings.context_tokens == 0:
             return MemoryContext()
+        withheld = set(run.tools) - set(tools) if run is not None and tools is not None else set()
 
-        def load(conn: sqlite3.Connection) -> MemoryContext:
-            rows = conn.execute(_SELECT_RECENT, (request.user_id, request.session_id, limit)).fetchall()
-            return MemoryContext(
-                turns=tuple(
-                    {"role": role, "content": content, "run_id": run_id}
-                    for role, content, run_id in reversed(rows)
-                )
-            )
+        def load(store: MemoryStore) -> MemoryContext:
+            self._expire(config, settings, store)
+            return assemble(store, request, settings, withheld_tools=withheld)
 
-        return self._guarded(config.home, "load the recent turns", load) or MemoryContext()
+        return self._guarded(config, settings, "load the context", load) or MemoryContext()
 
     @hookimpl
     def agentkeel_save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
-        now = time.time()
-        status = response.status.value
-        content = assistant_turn(response)
-        row_key = (request.user_id, request.session_id, request.run_id)
+        settings = settings_of(config)
+        if not settings.write:
+            return
+        answer = assistant_turn(response, settings.write)
+        record = cut(f"user: {request.message}\nassistant: {answer}", settings.max_record_bytes)
 
-        def save(conn: sqlite3.Connection) -> bool:
-            conn.execute(
-                _INSERT_EXCHANGE,
-                (*row_key, request.message, status, now, *row_key, content, status, now),
-            )
+        def save(store: MemoryStore) -> bool:
+            store.save_exchange(request.user_id, request.session_id, request.run_id, request.message, answer,
+                                status=response.status.value, record=record)
             return True
 
-        self._guarded(config.home, "save the turn", save)
+        self._guarded(config, settings, "save the turn", save)
+
+    @hookimpl
+    def agentkeel_register_tools(self, register: Callable[[Any], None]) -> None:
+        """``remember`` and its rollback ``forget_remembered``: profile facts of the caller,
+        written by a plan like any other step (permission ``memory``)."""
+        plugin = self
+
+        @tool(permissions=["memory"], idempotent=True, rollback="forget_remembered")
+        def remember(key: str, value: str, run: RunContext) -> dict[str, Any]:
+            """Remember a durable fact about the user (name, preference, plan tier) for later sessions."""
+            try:
+                check_fact_args(key, value)
+            except ValueError as exc:
+                raise ToolError(str(exc), retryable=False) from exc
+            previous = plugin.store(run.config).set_fact(run.request.user_id, key.strip(), value,
+                                                         run_id=run.run_id)
+            return {"key": key.strip(), "value": value, "had": previous is not None,
+                    "previous": previous.value if previous is not None else ""}
+
+        @tool(permissions=["memory"], idempotent=True)
+        def forget_remembered(key: str, had: bool, previous: str, run: RunContext) -> dict[str, Any]:
+            """Undo a remember: put the previous value back, or delete the fact if there was none."""
+            store = plugin.store(run.config)
+            if had:
+                store.set_fact(run.request.user_id, key, previous, run_id=run.run_id)
+            else:
+                store.delete_fact(run.request.user_id, key)
+            return {"key": key, "restored": had}
+
+        register(remember)
+        register(forget_remembered)
 
     @hookimpl
     def agentkeel_shutdown(self) -> None:
         self.close_connections()
 
-    def close_connections(self) -> None:
-        """Close every cached connection; the next hook call reopens lazily."""
-        with self._lock:
-            self._connections.close_all()
+    def store(self, config: Config) -> MemoryStore:
+        """The store for ``config`` (opened on first use); raises ``StoreError`` when it cannot be opened."""
+        return self._store(config, settings_of(config))
 
-    def _guarded(self, home: Path, what: str, action: Callable[[sqlite3.Connection], _T]) -> _T | None:
-        """Run ``action`` on the connection for ``home``; on a store failure warn and return None."""
+    def close_connections(self) -> None:
+        """Close every open store; the next hook call reopens lazily."""
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()
+
+    def _store(self, config: Config, settings: MemorySettings) -> MemoryStore:
+        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        with self._lock:
+            store = self._stores.get(key)
+            if store is None:
+                store = self._stores[key] = open_store(config, settings)
+            return store
+
+    def _expire(self, config: Config, settings: MemorySettings, store: MemoryStore) -> None:
+        if settings.ttl_days <= 0:
+            return
+        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        now = time.time()
+        if now - self._expired_at.get(key, 0.0) < EXPIRE_EVERY_S:
+            return
+        self._expired_at[key] = now
+        gone = store.expire(now - settings.ttl_days * 86400)
+        if gone.total:
+            log.info("memory: ttl_days=%s expired %d row(s)", settings.ttl_days, gone.total)
+
+    def _guarded(
+        self, config: Config, settings: MemorySettings, what: str, action: Callable[[MemoryStore], _T]
+    ) -> _T | None:
+        """Run ``action`` on the store for ``config``; on a store failure warn and return None."""
         try:
-            with self._lock:
-                return action(self._connections.get(home))
+            return action(self._store(config, settings))
         except (sqlite3.Error, StoreError, OSError) as exc:
+            key = (Path(config.home).expanduser().resolve(), settings.backend)
             with self._lock:
-                self._connections.discard(home)  # a broken file is reopened (and re-checked) next time
+                broken = self._stores.pop(key, None)  # a broken file is reopened (and re-checked) next time
+            if broken is not None:
+                try:
+                    broken.close()
+                except (sqlite3.Error, StoreError, OSError):
+                    pass
             log.warning(
                 "memory: could not %s in %s (%s: %s); the request goes on without memory. "
                 "If the file is damaged, move it aside to start a fresh memory.",
                 what,
-                db_path(home),
+                db_path(config.home),
                 type(exc).__name__,
                 exc,
             )

@@ -77,7 +77,7 @@ from agentkeel.models.completion import (
     endpoint_configured,
     make_client,
 )
-from agentkeel.models.data import DEFAULT_MAX_DATA_BYTES, MIN_DATA_BYTES, quote_steps
+from agentkeel.models.data import DEFAULT_MAX_DATA_BYTES, MIN_DATA_BYTES, quote_memory, quote_steps
 from agentkeel.planner.plan import parse_plan, plan_wire_schema
 from agentkeel.types import AgentRequest, MemoryContext, Plan, Progress, StepResult, StepStatus, ToolSpec
 
@@ -254,7 +254,7 @@ def build_messages(
     if not tools:
         lines.append("(none: the plan must have no steps)")
     lines += ["", _wire_format(progress.next_step_id if progress is not None else 1)]
-    memory = context.render()
+    memory = quote_memory(context)
     if memory:
         lines += ["", "What you know about this user and conversation:", memory]
     if progress is not None:

@@ -107,8 +107,11 @@ class Plugins:
 
     # --- memory -----------------------------------------------------------------
 
-    def load_context(self, request: AgentRequest, config: Config) -> MemoryContext:
-        result = self.hook.agentkeel_load_context(request=request, config=config)
+    def load_context(
+        self, request: AgentRequest, config: Config, tools: Mapping[str, ToolSpec] | None = None,
+        run: RunContext | None = None,
+    ) -> MemoryContext:
+        result = self.hook.agentkeel_load_context(request=request, config=config, tools=tools, run=run)
         return result if result is not None else MemoryContext()
 
     def save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:

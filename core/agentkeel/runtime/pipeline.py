@@ -195,7 +195,8 @@ class Pipeline:
             if exhausted is not None:
                 raise BudgetExceededError(exhausted)
             visible = visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
-            context = self.plugins.load_context(request, self.config)
+            context = self.plugins.load_context(request, self.config, visible, run)
+            run.context_report = context.report
             plan = await self.plugins.plan(request, context, visible, run, self.templates)
             if plan is None:
                 raise PlanningError("no planner produced a plan for this request")
@@ -475,8 +476,9 @@ class Pipeline:
             if state.run.status == RunStatus.ROLLING_BACK.value:
                 final = RunStatus(state.run.then_status or RunStatus.FAILED.value)
                 return await self._finish_rollback(run, revisions, held, state, started, final, state.run.detail)
-            context = self.plugins.load_context(request, self.config)
             visible = visible_tools(run.principal, self.tools.as_mapping(), self.plugins.authorize)
+            context = self.plugins.load_context(request, self.config, visible, run)
+            run.context_report = context.report
             return await self._execute(run, context, visible, revisions, held, state, started)
 
     async def rollback(self, run_id: str, sink: Sink | None = None) -> AgentResponse:
@@ -564,6 +566,7 @@ class Pipeline:
             answer=answer.text,
             answer_source=answer.source,
             revisions=tuple(revisions),
+            context=run.context_report if run is not None else None,
         )
         if remember:
             self.plugins.save_turn(request, response, self.config)

@@ -20,6 +20,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SPEC_ATTR = "__agentkeel_tool__"
 IDEMPOTENCY_KEY_ARG = "idempotency_key"
+RUN_ARG = "run"
+"""A tool parameter of this name receives the call's ``RunContext`` (``inprocess`` tools only)."""
 
 _SIMPLE_TYPES: dict[Any, dict[str, Any]] = {
     str: {"type": "string"},
@@ -56,13 +58,13 @@ def schema_for_annotation(annotation: Any) -> dict[str, Any]:
 def schema_from_signature(fn: Callable[..., Any]) -> dict[str, Any]:
     """Build the arguments' JSON Schema from ``fn``'s signature and type hints.
 
-    ``idempotency_key`` is supplied by the runtime, so it is not part of the schema.
+    ``idempotency_key`` and ``run`` are supplied by the runtime, so they are not part of the schema.
     """
     hints = typing.get_type_hints(fn)
     properties: dict[str, Any] = {}
     required: list[str] = []
     for name, param in inspect.signature(fn).parameters.items():
-        if name == IDEMPOTENCY_KEY_ARG:
+        if name in (IDEMPOTENCY_KEY_ARG, RUN_ARG):
             continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
@@ -131,6 +133,11 @@ def tool(
     derived from the type hints. A parameter named ``idempotency_key`` marks the
     tool as accepting the runtime's stable key (``run_id:step_id``).
 
+    A parameter named ``run`` receives the call's ``RunContext`` (who asked: the
+    request, its user and session, the principal; the run's budget), so a tool can
+    act for the caller without the plan naming it; only ``inprocess`` tools may
+    take it (a RunContext does not cross a process boundary).
+
     A sync tool in the ``inprocess`` sandbox runs on a thread that nothing can
     stop at its timeout: the call is abandoned, not ended, and its effect may
     still happen. For a tool that is not retry-safe (neither ``idempotent`` nor
@@ -157,6 +164,11 @@ def tool(
         except (NameError, TypeError) as exc:
             raise ToolSpecError(func.__module__, f"tool {tool_name!r}: cannot derive argument schema: {exc}") from exc
         target = inspect.unwrap(func)
+        accepts_run = RUN_ARG in inspect.signature(func).parameters
+        if accepts_run and isolation != "inprocess":
+            raise ToolSpecError(
+                func.__module__, f"tool {tool_name!r}: only an inprocess tool may take the {RUN_ARG!r} parameter "
+                f"(isolation is {isolation!r})")
         spec = ToolSpec(
             name=tool_name,
             description=(description or inspect.getdoc(func) or "").strip(),
@@ -172,6 +184,7 @@ def tool(
             rate_limit=rate_limit,
             cost_usd=cost_usd,
             accepts_key=IDEMPOTENCY_KEY_ARG in inspect.signature(func).parameters,
+            accepts_run=accepts_run,
             is_async=inspect.iscoroutinefunction(target),
             image=image,
             allow_uncancellable=bool(allow_uncancellable),

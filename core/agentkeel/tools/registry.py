@@ -131,6 +131,11 @@ class ToolRegistry:
                     f"tools.{tool_name}.isolation: no sandbox {isolation!r} is registered "
                     f"(registered: {', '.join(sorted(sandboxes))})"
                 )
+            if spec.accepts_run and isolation != spec.isolation:
+                raise ConfigError(
+                    f"tools.{tool_name}.isolation: tool {tool_name!r} takes the run's context (a 'run' "
+                    f"parameter), which cannot leave the process: it runs {spec.isolation!r} only"
+                )
             if sandboxes[isolation].strength < sandboxes[spec.isolation].strength:
                 raise ConfigError(
                     f"tools.{tool_name}.isolation: {isolation!r} is weaker than the {spec.isolation!r} "

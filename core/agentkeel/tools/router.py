@@ -21,7 +21,7 @@ from agentkeel.journal.base import StepRecord
 from agentkeel.markers import hookimpl
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 from agentkeel.tools.breaker import BreakerBoard
-from agentkeel.tools.decorator import IDEMPOTENCY_KEY_ARG
+from agentkeel.tools.decorator import IDEMPOTENCY_KEY_ARG, RUN_ARG
 from agentkeel.tools.ratelimit import RateLimiterBoard
 from agentkeel.types import CostRecord, ToolSpec
 
@@ -100,6 +100,8 @@ class ToolRouter:
                 breaker.release(token)
                 raise
             call_args = {**args, IDEMPOTENCY_KEY_ARG: key} if spec.accepts_key else args
+            if spec.accepts_run:
+                call_args = {**call_args, RUN_ARG: run}
             call = ToolCall(spec, call_args, spec.timeout, run.run_id, step_id, kind, attempt)
             sandbox = self.sandboxes[spec.isolation]
             sent = True

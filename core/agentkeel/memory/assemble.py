@@ -1,0 +1,260 @@
+"""Context assembly: what memory contributes to a prompt, within ``[memory] context_tokens``.
+
+Order and shares of the budget ``B``:
+
+1. the user's **profile** (at most ``profile_share`` of B; facts by key, each whole or not at all);
+2. the **retrieved memories** most relevant to the message (records of the user's
+   other turns, BM25, score >= ``min_score``, at most ``max_records``; at most
+   ``memories_share`` of B, best first);
+3. the session's **recent turns**, newest kept first, and the running **summary** of
+   the older ones (at most ``summary_share`` of what is left), in what is left.
+
+Nothing over the budget is sent. A turn that does not fit, and every turn older
+than it, is folded into the session's running summary (extractive: the opening of
+each turn, newest kept first when the summary is full), which is stored and
+reused next time instead of the turns it covers. Every item is counted as the
+data line it becomes in the prompt (ASCII JSON: bytes, one token per byte at
+most), so the budget is a true upper bound on the tokens memory adds.
+
+Memory is data, not instructions: the context is quoted as untrusted data in the
+prompt (``agentkeel.models.data.quote_memory``), and the names of registered
+tools the principal may not call are withheld from it (replaced by
+``[withheld tool]``), even when an earlier turn named them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import attrs
+
+from agentkeel.config import Config
+from agentkeel.errors import ConfigError
+from agentkeel.memory.store import MemoryStore, Summary, Turn
+from agentkeel.models.data import QUOTE_OVERHEAD_BYTES, dumps_line
+from agentkeel.types import AgentRequest, ContextItem, ContextReport, MemoryContext
+
+DEFAULT_CONTEXT_TOKENS = 2000
+DEFAULT_RECENT_TURNS = 20
+MAX_RECENT_TURNS = 10_000
+WITHHELD = "[withheld tool]"
+SUMMARY_LINE_CHARS = 240
+"""How much of each folded turn the extractive summary keeps."""
+
+
+@attrs.frozen
+class MemorySettings:
+    """``[memory]`` of the configuration, checked. ``context_tokens`` 0 turns reading memory off."""
+
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    recent_turns: int = DEFAULT_RECENT_TURNS
+    profile_share: float = 0.2
+    memories_share: float = 0.3
+    summary_share: float = 0.3
+    max_records: int = 5
+    min_score: float = 0.0
+    write: tuple[str, ...] = ("answers", "facts")
+    max_record_bytes: int = 4096
+    ttl_days: float = 0.0
+    backend: str = "sqlite"
+
+    @classmethod
+    def from_config(cls, config: Config) -> MemorySettings:
+        section = config.section("memory")
+        legacy = config.section("plugins", "memory").get("recent_turns")
+        if legacy is not None and (isinstance(legacy, bool) or not isinstance(legacy, int)
+                                   or not 0 <= legacy <= MAX_RECENT_TURNS):
+            raise ConfigError(
+                f"invalid configuration in {config.source}: plugins.memory.recent_turns must be an "
+                f"integer from 0 to {MAX_RECENT_TURNS}, got {legacy!r}"
+            )
+        turns = section.get("recent_turns", legacy if legacy is not None else DEFAULT_RECENT_TURNS)
+        shares = {"profile_share": float(section.get("profile_share", 0.2)),
+                  "memories_share": float(section.get("memories_share", 0.3))}
+        if shares["profile_share"] + shares["memories_share"] > 1:
+            raise ConfigError(
+                f"invalid configuration in {config.source}: memory.profile_share + memory.memories_share "
+                f"must be at most 1, got {shares['profile_share']} + {shares['memories_share']}"
+            )
+        tokens = section.get("context_tokens")
+        if tokens is None:
+            tokens = default_context_tokens(config)
+        return cls(
+            context_tokens=int(tokens) if turns else 0,
+            recent_turns=int(turns),
+            profile_share=shares["profile_share"],
+            memories_share=shares["memories_share"],
+            summary_share=float(section.get("summary_share", 0.3)),
+            max_records=int(section.get("max_records", 5)),
+            min_score=float(section.get("min_score", 0.0)),
+            write=tuple(section.get("write", ("answers", "facts"))),
+            max_record_bytes=int(section.get("max_record_bytes", 4096)),
+            ttl_days=float(section.get("ttl_days", 0.0)),
+            backend=str(section.get("backend", config.section("journal").get("backend", "sqlite"))),
+        )
+
+
+def default_context_tokens(config: Config) -> int:
+    """Sized for the smallest configured tier: twice its ``max_tokens``, and never below
+    ``DEFAULT_CONTEXT_TOKENS`` (a prompt's memory block needs room for a few turns)."""
+    if not config.tiers:
+        return DEFAULT_CONTEXT_TOKENS
+    return max(DEFAULT_CONTEXT_TOKENS, 2 * min(t.max_tokens for t in config.tiers))
+
+
+def tokens(line: Mapping[str, Any]) -> int:
+    """What one data line costs in a prompt, at most: its ASCII bytes and the newline."""
+    return len(dumps_line(line)) + 1
+
+
+class _Redactor:
+    """Replaces the names of tools the principal may not call (whole words) by ``WITHHELD``."""
+
+    def __init__(self, withheld: Collection[str]) -> None:
+        names = sorted((n for n in withheld if n), key=len, reverse=True)
+        self._pattern = (re.compile(r"(?<![\w.])(?:" + "|".join(map(re.escape, names)) + r")(?![\w])")
+                         if names else None)
+        self.hits = 0
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is None:
+            return text
+        out, n = self._pattern.subn(WITHHELD, text)
+        self.hits += n
+        return out
+
+
+def assemble(
+    store: MemoryStore,
+    request: AgentRequest,
+    settings: MemorySettings,
+    *,
+    withheld_tools: Collection[str] = (),
+    warnings: tuple[str, ...] = (),
+) -> MemoryContext:
+    """The context for ``request``: profile, retrieved memories, summary and recent turns
+    within ``settings.context_tokens``, with the report of what went in and what did not.
+    May write the session's summary (folding turns that no longer fit)."""
+    budget = settings.context_tokens
+    if budget <= 0:
+        return MemoryContext(report=ContextReport(0, 0, warnings=warnings))
+    redact = _Redactor(withheld_tools)
+    room = budget - QUOTE_OVERHEAD_BYTES
+    included: list[ContextItem] = []
+    dropped: list[ContextItem] = []
+
+    # 1. profile
+    profile: list[tuple[str, str]] = []
+    share = int(budget * settings.profile_share)
+    used = tokens({"profile": {}})
+    for fact in store.profile(request.user_id):
+        key, value = redact(fact.key), redact(fact.value)
+        cost = tokens({key: value})
+        item = ContextItem("profile", f"profile:{fact.key}", cost)
+        if used + cost <= share and used + cost <= room:
+            used += cost
+            profile.append((key, value))
+            included.append(item)
+        else:
+            dropped.append(attrs.evolve(item, reason="over the profile's share"))
+    room -= used if profile else 0
+
+    # 3a. which turns are recent (retrieval leaves their runs out: they are in context already)
+    summary = store.summary(request.user_id, request.session_id)
+    after = summary.upto_turn_id if summary is not None else 0
+    recent = store.recent_turns(request.user_id, request.session_id, limit=settings.recent_turns, after_id=after)
+
+    # 2. retrieved memories
+    memories: list[str] = []
+    share = min(int(budget * settings.memories_share), room)
+    spent = 0
+    if settings.max_records and share > 0:
+        hits = store.search(request.user_id, request.message, limit=settings.max_records,
+                            exclude_runs={t.run_id for t in recent})
+        for hit in hits:
+            item = ContextItem("memory", f"memory:{hit.record.id}", 0, score=hit.score)
+            if hit.score < settings.min_score:
+                dropped.append(attrs.evolve(item, reason=f"score below min_score {settings.min_score}"))
+                continue
+            text = redact(hit.record.text)
+            cost = tokens({"memory": text})
+            item = attrs.evolve(item, tokens=cost)
+            if spent + cost <= share:
+                spent += cost
+                memories.append(text)
+                included.append(item)
+            else:
+                dropped.append(attrs.evolve(item, reason="over the memories' share"))
+    room -= spent
+
+    # 3b. recent turns, newest first; what does not fit is folded into the summary
+    summary_room = int(room * settings.summary_share) if (summary is not None or recent) else 0
+    turn_room = room - summary_room
+    kept: list[Turn] = []
+    folded: list[Turn] = []
+    spent = 0
+    for turn in recent:  # newest first
+        cost = tokens({"role": turn.role, "content": redact(turn.content)})
+        if not folded and spent + cost <= turn_room:
+            spent += cost
+            kept.append(turn)
+        else:
+            folded.append(turn)
+    turn_room -= spent
+    summary_text = ""
+    summarised: list[ContextItem] = []
+    if folded:
+        summary = fold(store, request, summary, folded, max_bytes=max(0, summary_room + turn_room))
+        summarised = [ContextItem("turn", f"turn:{t.id}", tokens({"role": t.role, "content": t.content}),
+                                  reason="folded into the summary") for t in folded]
+    if summary is not None and summary.text:
+        text = redact(summary.text)
+        cost = tokens({"summary": text})
+        item = ContextItem("summary", f"summary:{request.session_id}", cost)
+        if cost <= summary_room + turn_room:
+            summary_text = text
+            included.append(item)
+        else:
+            dropped.append(attrs.evolve(item, reason="over the summary's share"))
+    turns = tuple(
+        {"role": t.role, "content": redact(t.content), "run_id": t.run_id} for t in reversed(kept)
+    )
+    included += [ContextItem("turn", f"turn:{t.id}", tokens({"role": t.role, "content": t.content}))
+                 for t in reversed(kept)]
+    used_total = QUOTE_OVERHEAD_BYTES + sum(i.tokens for i in included) + (
+        tokens({"profile": {}}) if profile else 0)
+    notes = warnings + ((f"withheld {redact.hits} mention(s) of tools this principal may not call",)
+                        if redact.hits else ())
+    report = ContextReport(budget, min(used_total, budget) if included else 0, "bytes", tuple(included),
+                           tuple(dropped), tuple(summarised), notes)
+    return MemoryContext(turns=turns, profile=tuple(profile), summary=summary_text, memories=tuple(memories),
+                         report=report)
+
+
+def fold(
+    store: MemoryStore, request: AgentRequest, previous: Summary | None, turns: list[Turn], *, max_bytes: int
+) -> Summary:
+    """The running summary with ``turns`` (newest first) folded in, extractively: the previous
+    summary's lines, then one line per turn (its opening), newest kept when over ``max_bytes``;
+    stored unless a newer summary is there already (then that one is used)."""
+    lines = previous.text.splitlines() if previous is not None and previous.text else []
+    lines += [_gist(t) for t in reversed(turns)]
+    while lines and tokens({"summary": "\n".join(lines)}) > max_bytes:
+        lines.pop(0)  # the oldest goes first
+    summary = Summary(request.user_id, request.session_id, "\n".join(lines),
+                      upto_turn_id=max(t.id for t in turns), run_id=request.run_id, source="extractive")
+    if not store.save_summary(summary):
+        newer = store.summary(request.user_id, request.session_id)
+        if newer is not None:
+            return newer
+    return summary
+
+
+def _gist(turn: Turn) -> str:
+    """One line of the extractive summary: who said it and its first sentences, cut short."""
+    text = " ".join(turn.content.split())
+    if len(text) > SUMMARY_LINE_CHARS:
+        text = text[: SUMMARY_LINE_CHARS - 3].rstrip() + "..."
+    return f"{turn.role}: {text}"

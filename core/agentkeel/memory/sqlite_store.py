@@ -1,0 +1,207 @@
+"""The memory store in ``<home>/agentkeel.db``: turns, summaries, profile, and records
+indexed by SQLite FTS5 (BM25).
+
+A record's full-text row (``memory_records_fts``, rowid = the record's id) is
+written and deleted in the same transaction as the record, so the index never
+holds a forgotten record. Each full-text row carries its user as one indexed
+token (``owner``: a hash of the user id), and a search matches that token AND
+the query's terms, so it reads one user's postings only; the join on
+``memory_records.user_id`` checks the user again. The query reaches FTS5 only as
+``query_terms`` quoted as phrases: no character of it is FTS5 syntax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from agentkeel.memory.store import (
+    ForgetReport,
+    Hit,
+    ProfileFact,
+    Record,
+    SessionInfo,
+    Summary,
+    Turn,
+    check_fact,
+    query_terms,
+)
+from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, ProcessConnection, atomic
+
+__all__ = ["SQLiteMemoryStore", "owner_token"]
+
+
+def owner_token(user_id: str) -> str:
+    """The one FTS5 token standing for ``user_id`` in the index (letters and digits only)."""
+    return "u" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+_INSERT_TURN = ("INSERT INTO memory_turns (user_id, session_id, run_id, role, content, status, ts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_SEARCH = """
+    SELECT r.id, r.user_id, r.session_id, r.run_id, r.text, r.ts, bm25(memory_records_fts, 1.0, 0.0) AS rank
+    FROM memory_records_fts JOIN memory_records AS r ON r.id = memory_records_fts.rowid
+    WHERE memory_records_fts MATCH ? AND r.user_id = ?
+    ORDER BY rank LIMIT ?
+"""
+
+
+class SQLiteMemoryStore:
+    """``MemoryStore`` on SQLite; safe across threads and processes."""
+
+    def __init__(self, home: str | os.PathLike[str], *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        self._db = ProcessConnection(home, "memory store", busy_timeout_s=busy_timeout_s)
+
+    # --- turns and records ---------------------------------------------------
+
+    def save_exchange(
+        self, user_id: str, session_id: str, run_id: str, message: str, answer: str, *, status: str = "",
+        record: str | None = None, ts: float = 0.0,
+    ) -> None:
+        now = ts or time.time()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT_TURN, [(user_id, session_id, run_id, "user", message, status, now),
+                                            (user_id, session_id, run_id, "assistant", answer, status, now)])
+            if record is not None:
+                rid = conn.execute(
+                    "INSERT INTO memory_records (user_id, session_id, run_id, text, ts) VALUES (?, ?, ?, ?, ?)",
+                    (user_id, session_id, run_id, record, now)).lastrowid
+                conn.execute("INSERT INTO memory_records_fts (rowid, text, owner) VALUES (?, ?, ?)",
+                             (rid, record, owner_token(user_id)))
+
+        self._db.run("save the exchange", lambda conn: atomic(conn, write))
+
+    def recent_turns(self, user_id: str, session_id: str, *, limit: int, after_id: int = 0) -> list[Turn]:
+        rows = self._db.run("read the recent turns", lambda conn: conn.execute(
+            "SELECT id, user_id, session_id, run_id, role, content, ts, coalesce(status, '') FROM memory_turns "
+            "WHERE user_id = ? AND session_id = ? AND id > ? ORDER BY id DESC LIMIT ?",
+            (user_id, session_id, after_id, limit)).fetchall())
+        return [Turn(*row) for row in rows]
+
+    def search(self, user_id: str, query: str, *, limit: int, exclude_runs: Iterable[str] = ()) -> list[Hit]:
+        terms = query_terms(query)
+        if not terms or limit <= 0:
+            return []
+        excluded = set(exclude_runs)
+        expression = f'owner : "{owner_token(user_id)}" AND (' + " OR ".join(f'"{t}"' for t in terms) + ")"
+
+        def find(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(_SEARCH, (expression, user_id, limit + len(excluded))).fetchall()
+
+        hits = [Hit(Record(*row[:6]), -float(row[6])) for row in self._db.run("search the records", find)]
+        return [h for h in hits if h.record.run_id not in excluded][:limit]
+
+    def records(self, user_id: str, *, limit: int = 100) -> list[Record]:
+        rows = self._db.run("list the records", lambda conn: conn.execute(
+            "SELECT id, user_id, session_id, run_id, text, ts FROM memory_records WHERE user_id = ? "
+            "ORDER BY id DESC LIMIT ?", (user_id, limit)).fetchall())
+        return [Record(*row) for row in rows]
+
+    # --- summaries -----------------------------------------------------------
+
+    def summary(self, user_id: str, session_id: str) -> Summary | None:
+        row = self._db.run("read the summary", lambda conn: conn.execute(
+            "SELECT user_id, session_id, text, upto_turn_id, run_id, source, ts FROM memory_summaries "
+            "WHERE user_id = ? AND session_id = ?", (user_id, session_id)).fetchone())
+        return Summary(*row) if row is not None else None
+
+    def save_summary(self, summary: Summary) -> bool:
+        s = summary
+        changed = self._db.run("save the summary", lambda conn: conn.execute(
+            "INSERT INTO memory_summaries (user_id, session_id, text, upto_turn_id, run_id, source, ts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, session_id) DO UPDATE SET "
+            "text = excluded.text, upto_turn_id = excluded.upto_turn_id, run_id = excluded.run_id, "
+            "source = excluded.source, ts = excluded.ts "
+            "WHERE excluded.upto_turn_id > memory_summaries.upto_turn_id",
+            (s.user_id, s.session_id, s.text, s.upto_turn_id, s.run_id, s.source, s.ts or time.time())).rowcount)
+        return bool(changed)
+
+    # --- profile -------------------------------------------------------------
+
+    def set_fact(self, user_id: str, key: str, value: str, *, run_id: str) -> ProfileFact | None:
+        check_fact(key, value)
+
+        def write(conn: sqlite3.Connection) -> ProfileFact | None:
+            row = conn.execute("SELECT user_id, key, value, run_id, ts FROM memory_profile "
+                               "WHERE user_id = ? AND key = ?", (user_id, key)).fetchone()
+            conn.execute("INSERT INTO memory_profile (user_id, key, value, run_id, ts) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value, "
+                         "run_id = excluded.run_id, ts = excluded.ts", (user_id, key, value, run_id, time.time()))
+            return ProfileFact(*row) if row is not None else None
+
+        return self._db.run("set a profile fact", lambda conn: atomic(conn, write))
+
+    def delete_fact(self, user_id: str, key: str) -> ProfileFact | None:
+        def delete(conn: sqlite3.Connection) -> ProfileFact | None:
+            row = conn.execute("DELETE FROM memory_profile WHERE user_id = ? AND key = ? "
+                               "RETURNING user_id, key, value, run_id, ts", (user_id, key)).fetchone()
+            return ProfileFact(*row) if row is not None else None
+
+        return self._db.run("delete a profile fact", lambda conn: atomic(conn, delete))
+
+    def profile(self, user_id: str) -> list[ProfileFact]:
+        rows = self._db.run("read the profile", lambda conn: conn.execute(
+            "SELECT user_id, key, value, run_id, ts FROM memory_profile WHERE user_id = ? ORDER BY key",
+            (user_id,)).fetchall())
+        return [ProfileFact(*row) for row in rows]
+
+    # --- inventory -----------------------------------------------------------
+
+    def sessions(self, user_id: str) -> list[SessionInfo]:
+        rows = self._db.run("list the sessions", lambda conn: conn.execute(
+            "SELECT t.session_id, count(*), min(t.ts), max(t.ts), coalesce(max(s.upto_turn_id), 0) "
+            "FROM memory_turns AS t LEFT JOIN memory_summaries AS s "
+            "ON s.user_id = t.user_id AND s.session_id = t.session_id "
+            "WHERE t.user_id = ? GROUP BY t.session_id ORDER BY max(t.ts) DESC, t.session_id",
+            (user_id,)).fetchall())
+        return [SessionInfo(*row) for row in rows]
+
+    def users(self) -> list[str]:
+        rows = self._db.run("list the users", lambda conn: conn.execute(
+            "SELECT user_id FROM memory_turns UNION SELECT user_id FROM memory_records "
+            "UNION SELECT user_id FROM memory_profile UNION SELECT user_id FROM memory_summaries "
+            "ORDER BY 1").fetchall())
+        return [row[0] for row in rows]
+
+    # --- forgetting ----------------------------------------------------------
+
+    def forget(self, user_id: str, *, session_id: str | None = None, before: float | None = None) -> ForgetReport:
+        where, args = "user_id = ?", [user_id]
+        if session_id is not None:
+            where, args = where + " AND session_id = ?", [*args, session_id]
+        return self._delete(where, args, before, profile=session_id is None)
+
+    def expire(self, before: float) -> ForgetReport:
+        return self._delete("1 = 1", [], before, profile=True)
+
+    def _delete(self, where: str, args: list[Any], before: float | None, *, profile: bool) -> ForgetReport:
+        timed, targs = (f"{where} AND ts < ?", [*args, before]) if before is not None else (where, args)
+
+        def delete(conn: sqlite3.Connection) -> ForgetReport:
+            conn.execute(f"DELETE FROM memory_records_fts WHERE rowid IN "
+                         f"(SELECT id FROM memory_records WHERE {timed})", targs)
+            records = conn.execute(f"DELETE FROM memory_records WHERE {timed}", targs).rowcount
+            turns = conn.execute(f"DELETE FROM memory_turns WHERE {timed}", targs).rowcount
+            summaries = conn.execute(f"DELETE FROM memory_summaries WHERE {timed}", targs).rowcount
+            # profile facts belong to the user, not to a session: only a forget without one takes them
+            facts = (conn.execute(f"DELETE FROM memory_profile WHERE {timed}", targs).rowcount
+                     if profile else 0)
+            return ForgetReport(turns, records, summaries, facts)
+
+        return self._db.run("forget", lambda conn: atomic(conn, delete))
+
+    def vacuum(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO memory_records_fts (memory_records_fts) VALUES ('optimize')")
+            conn.execute("VACUUM")
+
+        self._db.run("vacuum", run)
+
+    def close(self) -> None:
+        self._db.close()
+
