@@ -240,6 +240,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             # so a search intersects the user's rows with the terms' inside the index instead of
             # ranking every user's matches and filtering them afterwards.
             "CREATE VIRTUAL TABLE memory_records_fts USING fts5(text, owner, tokenize='unicode61')",
+            # how many records hold each term: a search leaves out terms that most records hold
+            "CREATE VIRTUAL TABLE memory_records_vocab USING fts5vocab(memory_records_fts, 'row')",
             """
             CREATE TABLE memory_profile (
                 user_id TEXT NOT NULL,
@@ -251,6 +253,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
         ),
+    ),
+    Migration(
+        7,
+        "journal",
+        # what memory put in the run's prompts and left out (ContextReport.to_dict(), JSON; "" for none)
+        ("ALTER TABLE runs ADD COLUMN context TEXT NOT NULL DEFAULT ''",),
     ),
 )
 

@@ -413,7 +413,7 @@ class ContextItem:
         if self.reason:
             out["reason"] = self.reason
         if self.score is not None:
-            out["score"] = round(self.score, 4)
+            out["score"] = float(f"{self.score:.4g}")
         return out
 
 
@@ -445,6 +445,17 @@ class ContextReport:
             "summarised": [i.to_dict() for i in self.summarised],
             "warnings": list(self.warnings),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ContextReport:
+        """The report ``to_dict`` wrote (as the journal keeps it)."""
+        def items(key: str) -> tuple[ContextItem, ...]:
+            return tuple(ContextItem(str(i["kind"]), str(i["ref"]), int(i["tokens"]), str(i.get("reason", "")),
+                                     i.get("score")) for i in data.get(key, ()))
+
+        return cls(int(data["budget_tokens"]), int(data["used_tokens"]), str(data.get("counter", "bytes")),
+                   items("included"), items("dropped"), items("summarised"),
+                   tuple(str(w) for w in data.get("warnings", ())))
 
 
 @attrs.frozen

@@ -27,9 +27,10 @@ CLI_MODULES = (
     "agentkeel.cli.costs",
     "agentkeel.cli.audit",
     "agentkeel.cli.sandbox",
+    "agentkeel.cli.memory",
 )
 COMMANDS = {"run", "chat", "tools", "plugins", "runs", "show", "resume", "rollback", "approvals", "approve", "deny",
-            "costs", "audit", "sandbox"}
+            "costs", "audit", "sandbox", "memory"}
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)

@@ -72,7 +72,7 @@ class TestSQLiteBudgetStore(BudgetStoreConformance):
 
 def test_the_cost_migration_creates_the_tables_and_indexes(tmp_path: Path) -> None:
     SQLiteBudgetStore(tmp_path).close()
-    assert MIGRATIONS[-1].component == "cost"
+    assert MIGRATIONS[4].component == "cost"
     conn = open_db(tmp_path)
     try:
         assert schema_version(conn) == len(MIGRATIONS)

@@ -228,3 +228,14 @@ def test_a_tool_taking_run_must_be_inprocess() -> None:
         @tool(isolation="subprocess")
         def leaky(run: Any) -> None:
             return None
+
+
+async def test_the_context_report_is_journaled() -> None:
+    recorder = Recorder()
+    async with system_with(recorder) as system:
+        await ask(system, "first")
+        second = await ask(system, "second")
+        shown = system.show(second.run_id)
+    assert second.context is not None and second.context.included
+    assert shown.context == second.context
+    assert shown.to_dict()["context"]["included"][0]["kind"] == "turn"

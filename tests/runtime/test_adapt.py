@@ -459,9 +459,12 @@ def test_a_follow_up_in_the_same_session_sees_the_first_answer_and_its_facts(ope
     planner_prompt = json.dumps(server.requests[2]["messages"])
     assert "Order 7 has shipped; it totals 12.50." in planner_prompt
     assert "lookup(order=7): order 7, total 12.50, status shipped" in planner_prompt
-    # another session of the same user does not see it (the scripted server has no more replies)
+    # another session of the same user has none of these turns; it may retrieve them as a memory
+    # of the user's (the scripted server has no more replies)
     assert elsewhere.status is RunStatus.FAILED
-    assert "Order 7 has shipped" not in json.dumps(server.requests[4]["messages"])
+    other = server.requests[4]["messages"][0]["content"]
+    assert '"role":"assistant","content":"Order 7 has shipped' not in other
+    assert '{"memory":"user: where is order 7?\\nassistant: Order 7 has shipped' in other
 
 
 # --- hostile values in answers -----------------------------------------------------------------

@@ -144,6 +144,8 @@ class RunRecord:
     journaled yet (a resume plans it)."""
     answer: str = ""
     """The user-facing answer the responder wrote when the run last stopped."""
+    context: dict[str, Any] | None = None
+    """What memory put in the run's prompts and what it left out (``ContextReport.to_dict()``)."""
 
 
 @attrs.frozen
@@ -243,9 +245,11 @@ class Journal(Protocol):
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
         planning_cost_usd: float = 0.0,
+        context: dict[str, Any] | None = None,
     ) -> Lease:
         """Record a new run in status ``"running"`` held by ``owner`` at epoch 1,
-        with ``plan`` as its revision 1 (reason ``"initial"``, ``planning_cost_usd``).
+        with ``plan`` as its revision 1 (reason ``"initial"``, ``planning_cost_usd``)
+        and ``context``, the memory report of its prompts (JSON).
 
         Raises ``RunExistsError`` when ``run_id`` is taken, ``JournalRecordError``
         when ``plan`` is not JSON.

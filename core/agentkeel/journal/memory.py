@@ -106,8 +106,10 @@ class MemoryJournal:
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
         planning_cost_usd: float = 0.0,
+        context: dict[str, Any] | None = None,
     ) -> Lease:
         plan_json = encode(plan, f"the plan of run {run_id!r}")
+        context_copy = None if context is None else decode(encode(context, f"the memory report of run {run_id!r}"))
         with self._lock:
             if run_id in self._runs:
                 raise RunExistsError(
@@ -133,6 +135,7 @@ class MemoryJournal:
                 epoch=1,
                 lease_expires_at=lease.expires_at,
                 planning_cost_usd=float(planning_cost_usd),
+                context=context_copy,
             )
             run = _Run(record, plan_json, next(self._seq))
             run.revisions.append((1, "initial", plan_json, record.planning_cost_usd, now))

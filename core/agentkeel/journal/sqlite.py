@@ -72,7 +72,7 @@ _T = TypeVar("_T")
 
 _RUN_COLUMNS = (
     "run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
-    "created_at, updated_at, owner, epoch, lease_expires_at, planning_cost_usd"
+    "created_at, updated_at, owner, epoch, lease_expires_at, planning_cost_usd, context"
 )
 # Step writes do not touch the run row (one statement per step); a run's
 # updated_at is read as the later of its own and its last step's timestamp.
@@ -80,7 +80,7 @@ _SELECT_RUNS = (
     "SELECT run_id, user_id, session_id, message, principal, budget_usd, plan, status, detail, "
     "created_at, MAX(updated_at, COALESCE((SELECT ts FROM steps WHERE steps.run_id = runs.run_id "
     "ORDER BY seq DESC LIMIT 1), updated_at)), owner, epoch, lease_expires_at, planning_cost_usd, "
-    "then_status, answer FROM runs"
+    "then_status, answer, context FROM runs"
 )
 _INSERT_STEP = (
     f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) "
@@ -156,8 +156,10 @@ class SQLiteJournal:
         owner: str,
         ttl_s: float = DEFAULT_TTL_S,
         planning_cost_usd: float = 0.0,
+        context: dict[str, Any] | None = None,
     ) -> Lease:
         plan_json = encode(plan, f"the plan of run {run_id!r}")
+        context_json = "" if context is None else encode(context, f"the memory report of run {run_id!r}")
         budget = None if budget_usd is None else float(budget_usd)
         cost = float(planning_cost_usd)
 
@@ -167,7 +169,7 @@ class SQLiteJournal:
             try:
                 conn.execute(
                     f"INSERT INTO runs ({_RUN_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, 1, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, 1, ?, ?, ?)",
                     (
                         run_id,
                         user_id,
@@ -181,6 +183,7 @@ class SQLiteJournal:
                         owner,
                         lease.expires_at,
                         cost,
+                        context_json,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -491,6 +494,7 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         planning_cost_usd,
         then_status,
         answer,
+        context,
     ) = row
     return RunRecord(
         run_id=run_id,
@@ -510,4 +514,5 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         planning_cost_usd=planning_cost_usd,
         then_status=then_status,
         answer=answer,
+        context=decode(context) if context else None,
     )

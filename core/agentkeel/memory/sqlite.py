@@ -8,7 +8,8 @@ Promises:
   dropped or summarised, and why). Names of registered tools the principal may
   not call are withheld from it.
 - ``agentkeel_save_turn`` stores the user's message and the assistant's turn of a
-  finished run (one transaction), and a retrievable record of it, as
+  finished run (one transaction), and, when it succeeded (or degraded), a
+  retrievable record of it, as
   ``[memory] write`` says: "answers" keeps the answer, "facts" the compact,
   size-capped facts the steps returned (``agentkeel.facts``); ``write = []``
   stores nothing. A record is cut at ``max_record_bytes``.
@@ -46,7 +47,7 @@ from agentkeel.memory.store import MemoryStore
 from agentkeel.memory.store import check_fact as check_fact_args
 from agentkeel.stores import db_path
 from agentkeel.tools.decorator import tool
-from agentkeel.types import AgentRequest, AgentResponse, MemoryContext
+from agentkeel.types import AgentRequest, AgentResponse, MemoryContext, RunStatus
 
 log = logging.getLogger("agentkeel.memory")
 
@@ -127,7 +128,9 @@ class SQLiteMemory:
         if not settings.write:
             return
         answer = assistant_turn(response, settings.write)
-        record = cut(f"user: {request.message}\nassistant: {answer}", settings.max_record_bytes)
+        # a record is what the turn taught: a run that failed, was denied or refused taught nothing
+        record = (cut(f"user: {request.message}\nassistant: {answer}", settings.max_record_bytes)
+                  if response.status in (RunStatus.SUCCEEDED, RunStatus.DEGRADED) else None)
 
         def save(store: MemoryStore) -> bool:
             store.save_exchange(request.user_id, request.session_id, request.run_id, request.message, answer,

@@ -40,6 +40,9 @@ def owner_token(user_id: str) -> str:
     return "u" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+COMMON_SHARE = 0.05
+COMMON_MIN = 1000
+
 _INSERT_TURN = ("INSERT INTO memory_turns (user_id, session_id, run_id, role, content, status, ts) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)")
 _SEARCH = """
@@ -88,13 +91,32 @@ class SQLiteMemoryStore:
         if not terms or limit <= 0:
             return []
         excluded = set(exclude_runs)
-        expression = f'owner : "{owner_token(user_id)}" AND (' + " OR ".join(f'"{t}"' for t in terms) + ")"
 
         def find(conn: sqlite3.Connection) -> list[Any]:
+            chosen = self._selective(conn, terms)
+            expression = f'owner : "{owner_token(user_id)}" AND (' + " OR ".join(f'"{t}"' for t in chosen) + ")"
             return conn.execute(_SEARCH, (expression, user_id, limit + len(excluded))).fetchall()
 
         hits = [Hit(Record(*row[:6]), -float(row[6])) for row in self._db.run("search the records", find)]
         return [h for h in hits if h.record.run_id not in excluded][:limit]
+
+    @staticmethod
+    def _selective(conn: sqlite3.Connection, terms: list[str]) -> list[str]:
+        """The terms worth searching for: ranking every record that holds a word most records
+        hold costs time and tells little (its idf is near zero), so terms held by more than
+        ``COMMON_SHARE`` of the records (and at least ``COMMON_MIN``) are left out, unless
+        every term is that common (then the rarest one is kept)."""
+        # max(id) is read from the index at once; it counts deleted records too, which only
+        # makes the cap a little more generous
+        total = conn.execute("SELECT coalesce(max(id), 0) FROM memory_records").fetchone()[0]
+        cap = max(COMMON_MIN, int(total * COMMON_SHARE))
+        if total <= cap:
+            return terms
+        marks = ",".join("?" * len(terms))
+        docs = dict(conn.execute(f"SELECT term, doc FROM memory_records_vocab WHERE term IN ({marks})",
+                                 terms).fetchall())
+        chosen = [t for t in terms if docs.get(t, 0) <= cap]
+        return chosen or [min(terms, key=lambda t: docs.get(t, 0))]
 
     def records(self, user_id: str, *, limit: int = 100) -> list[Record]:
         rows = self._db.run("list the records", lambda conn: conn.execute(

@@ -45,6 +45,7 @@ from agentkeel.types import (
     AgentRequest,
     AgentResponse,
     Answer,
+    ContextReport,
     CostRecord,
     Decision,
     Event,
@@ -217,6 +218,7 @@ class Pipeline:
                     run_id=request.run_id, user_id=request.user_id, session_id=request.session_id,
                     message=request.message, principal=principal.name, budget_usd=request.budget_usd,
                     plan=plan.to_dict(), owner=self.owner, ttl_s=self.lease_ttl_s, planning_cost_usd=planning,
+                    context=run.context_report.to_dict() if run.context_report is not None else None,
                 )
                 with HeldLease(self.stores.journal, lease, self.lease_ttl_s) as held:
                     revisions = [PlanRevision(1, "initial", plan, planning)]
@@ -536,6 +538,7 @@ class Pipeline:
             plan=revisions[-1].plan if revisions else None,
             steps=tuple(steps), total_cost_usd=record.planning_cost_usd + sum(s.cost_usd for s in steps),
             duration_s=run_duration(state), answer=record.answer, revisions=tuple(revisions),
+            context=ContextReport.from_dict(record.context) if record.context else None,
         )
 
     # --- responses ------------------------------------------------------------------
