@@ -239,3 +239,19 @@ async def test_the_context_report_is_journaled() -> None:
     assert second.context is not None and second.context.included
     assert shown.context == second.context
     assert shown.to_dict()["context"]["included"][0]["kind"] == "turn"
+
+
+async def test_the_llm_responder_sees_memory_as_quoted_data(openai_server_env: ScriptedOpenAIServer) -> None:
+    config = {"principals": {"ann": {"permissions": []}},
+              "models": {"tiers": [{"name": "fast", "model": "gpt-4o-mini", "max_tokens": 128}]},
+              "responder": {"mode": "llm"}}
+    openai_server_env.queue("Noted: your favourite colour is turquoise.", usage=(50, 10))
+    openai_server_env.queue("It is turquoise.", usage=(50, 5))
+    async with make_system(Recorder(), config=config) as system:
+        await ask(system, "my favourite colour is turquoise")
+        second = await ask(system, "which colour again?")
+    assert second.answer == "It is turquoise."
+    prompt = openai_server_env.requests[1]["messages"][0]["content"]
+    memory = prompt.rsplit("What is known about this user and conversation", 1)[1]
+    assert "<<<BEGIN UNTRUSTED DATA" in memory
+    assert '"content":"Noted: your favourite colour is turquoise."' in memory

@@ -37,9 +37,9 @@ import attrs
 from agentkeel.errors import BudgetExceededError, ConfigError, UnknownModelPriceError
 from agentkeel.markers import hookimpl
 from agentkeel.models.completion import LLMCallError, complete, endpoint_configured, make_client
-from agentkeel.models.data import DEFAULT_MAX_DATA_BYTES, MIN_DATA_BYTES, quote_steps
+from agentkeel.models.data import DEFAULT_MAX_DATA_BYTES, MIN_DATA_BYTES, quote_memory, quote_steps
 from agentkeel.responder.default import deterministic_answer
-from agentkeel.types import AgentRequest, Answer, Plan, RunStatus, StepResult
+from agentkeel.types import AgentRequest, Answer, MemoryContext, Plan, RunStatus, StepResult
 
 if TYPE_CHECKING:
     from agentkeel.config import Config, ModelTier
@@ -143,6 +143,7 @@ class LLMResponder:
         plan: Plan | None,
         steps: Sequence[StepResult],
         run: RunContext | None,
+        context: MemoryContext | None = None,
     ) -> Answer | None:
         """The model's answer, None to leave it to the deterministic responder, or the
         deterministic answer with a note when the model's answer cannot be had."""
@@ -159,13 +160,14 @@ class LLMResponder:
                 return None
             text = deterministic_answer(request, status, detail, plan, steps)
             return Answer(f"{text}\n{UNCONFIGURED_NOTE}", source=NOT_CONFIGURED)
+        memory = quote_memory(context) if context is not None else ""
         answer = await answer_with_llm(request, status, detail, steps, run, settings.tier,
-                                       max_data_bytes=settings.max_data_bytes, plan=plan)
-        return await self._judged(answer, request, status, detail, steps, run, settings, plan)
+                                       max_data_bytes=settings.max_data_bytes, plan=plan, memory=memory)
+        return await self._judged(answer, request, status, detail, steps, run, settings, plan, memory)
 
     async def _judged(
         self, answer: Answer, request: AgentRequest, status: RunStatus, detail: str, steps: Sequence[StepResult],
-        run: RunContext, settings: ResponderSettings, plan: Plan | None,
+        run: RunContext, settings: ResponderSettings, plan: Plan | None, memory: str = "",
     ) -> Answer:
         """With ``[judge] answers``: a poor answer is asked of the next tier (the cascade), and the
         best-judged one kept; an answer the judge cannot judge stands."""
@@ -188,7 +190,7 @@ class LLMResponder:
                 break
             tier = attrs.evolve(run.config.tiers[following], max_tokens=settings.max_tokens)
             answer = await answer_with_llm(request, status, detail, steps, run, tier, reason="escalation",
-                                           max_data_bytes=settings.max_data_bytes, plan=plan)
+                                           max_data_bytes=settings.max_data_bytes, plan=plan, memory=memory)
         return best[1] if best is not None else answer
 
 
@@ -199,8 +201,10 @@ def build_messages(
     steps: Sequence[StepResult],
     *,
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    memory: str = "",
 ) -> list[dict[str, str]]:
-    """The system prompt (role, outcome, quoted data) and the user's message."""
+    """The system prompt (role, outcome, quoted data, then what memory knows of the user,
+    quoted too: ``memory`` is ``quote_memory`` of the context) and the user's message."""
     meaning = _STATUS_MEANING.get(status, "")
     outcome = f"How the run ended: {status.value}" + (f" ({meaning})." if meaning else ".")
     extra: Mapping[str, Any] | None = {"detail": detail} if detail else None
@@ -211,6 +215,8 @@ def build_messages(
         "Each step of the run, and what the host reports about how it ended (\"detail\"), is in the data "
         "block below." if detail else "Each step of the run is in the data block below.",
         data.text,
+        *(["What is known about this user and conversation (for the answer's tone and references; the "
+           "run's data above is what happened):", memory] if memory else []),
     ])
     return [{"role": "system", "content": system}, {"role": "user", "content": request.message}]
 
@@ -226,9 +232,10 @@ async def answer_with_llm(
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
     plan: Plan | None = None,
     reason: str = "answer",
+    memory: str = "",
 ) -> Answer:
     """One priced completion on ``tier``; the deterministic answer with a note when it cannot be had."""
-    messages = build_messages(request, status, detail, steps, max_data_bytes=max_data_bytes)
+    messages = build_messages(request, status, detail, steps, max_data_bytes=max_data_bytes, memory=memory)
 
     def fallback(note: str) -> Answer:
         text = deterministic_answer(request, status, detail, plan, steps)
