@@ -67,6 +67,15 @@ class MemoryStoreConformance:
         assert {h.record.run_id for h in store.search("ann", "team", limit=5, exclude_runs={"r1"})} == {"r3"}
         assert store.search("ann", "", limit=5) == []
 
+    def test_excluded_runs_do_not_take_the_places_of_others(self, store: MemoryStore) -> None:
+        # r1 holds the best two matches; leaving it out must still fill the limit from the rest
+        store.save_exchange("ann", "s1", "r1", "m", "a", record="team team team")
+        store.save_exchange("ann", "s1", "r1", "m", "a", record="team team")
+        store.save_exchange("ann", "s2", "r3", "m", "a", record="the team meeting moved to friday")
+        hits = store.search("ann", "team", limit=1, exclude_runs=["r1"])
+        assert [h.record.run_id for h in hits] == ["r3"]
+        assert store.search("ann", "team", limit=5, exclude_runs=["r1", "r3"]) == []
+
     def test_summary_is_compare_and_set(self, store: MemoryStore) -> None:
         assert store.summary("ann", "s1") is None
         assert store.save_summary(Summary("ann", "s1", "first", upto_turn_id=4, run_id="r1"))

@@ -13,6 +13,7 @@ the query's terms, so it reads one user's postings only; the join on
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -49,6 +50,7 @@ _SEARCH = """
     SELECT r.id, r.user_id, r.session_id, r.run_id, r.text, r.ts, bm25(memory_records_fts, 1.0, 0.0) AS rank
     FROM memory_records_fts JOIN memory_records AS r ON r.id = memory_records_fts.rowid
     WHERE memory_records_fts MATCH ? AND r.user_id = ?
+      AND r.run_id NOT IN (SELECT value FROM json_each(?))
     ORDER BY rank LIMIT ?
 """
 
@@ -90,15 +92,15 @@ class SQLiteMemoryStore:
         terms = query_terms(query)
         if not terms or limit <= 0:
             return []
-        excluded = set(exclude_runs)
+        # the excluded runs go in as one JSON array: left out in SQL, before LIMIT, whatever their number
+        excluded = json.dumps(sorted(set(exclude_runs)))
 
         def find(conn: sqlite3.Connection) -> list[Any]:
             chosen = self._selective(conn, terms)
             expression = f'owner : "{owner_token(user_id)}" AND (' + " OR ".join(f'"{t}"' for t in chosen) + ")"
-            return conn.execute(_SEARCH, (expression, user_id, limit + len(excluded))).fetchall()
+            return conn.execute(_SEARCH, (expression, user_id, excluded, limit)).fetchall()
 
-        hits = [Hit(Record(*row[:6]), -float(row[6])) for row in self._db.run("search the records", find)]
-        return [h for h in hits if h.record.run_id not in excluded][:limit]
+        return [Hit(Record(*row[:6]), -float(row[6])) for row in self._db.run("search the records", find)]
 
     @staticmethod
     def _selective(conn: sqlite3.Connection, terms: list[str]) -> list[str]:
