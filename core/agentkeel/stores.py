@@ -260,6 +260,28 @@ MIGRATIONS: tuple[Migration, ...] = (
         # what memory put in the run's prompts and left out (ContextReport.to_dict(), JSON; "" for none)
         ("ALTER TABLE runs ADD COLUMN context TEXT NOT NULL DEFAULT ''",),
     ),
+    Migration(
+        8,
+        "memory",
+        (
+            # One vector per (record, model): the unit-length float32 bytes of the record's embedding.
+            # id only grows (AUTOINCREMENT: never reused), so (count, max id) of a user's vectors
+            # changes whenever one is added or deleted (what the in-process matrix cache checks).
+            """
+            CREATE TABLE memory_vectors (
+                id        INTEGER PRIMARY KEY AUTOINCREMENT,
+                record_id INTEGER NOT NULL,
+                user_id   TEXT NOT NULL,
+                run_id    TEXT NOT NULL,
+                model     TEXT NOT NULL,
+                dims      INTEGER NOT NULL,
+                vector    BLOB NOT NULL,
+                UNIQUE (record_id, model)
+            )
+            """,
+            "CREATE INDEX memory_vectors_by_user ON memory_vectors (user_id, model, dims, id)",
+        ),
+    ),
 )
 
 

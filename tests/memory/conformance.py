@@ -187,3 +187,89 @@ class MemoryStoreConformance:
             store.recent_turns("ann", "s1", limit=1)
         with pytest.raises(StoreError):
             store.save_exchange("ann", "s1", "r", "q", "a")
+
+    # --- vectors (semantic retrieval) -------------------------------------------------
+
+    def _records(self, store: MemoryStore, user: str, texts: list[str]) -> list[int]:
+        for i, text in enumerate(texts):
+            store.save_exchange(user, "s", f"{user}-r{i}", "q", "a", record=text)
+        return [r.id for r in reversed(store.records(user, limit=1000))]
+
+    def test_nearest_ranks_by_cosine_per_user_and_model(self, store: MemoryStore) -> None:
+        pytest.importorskip("numpy")
+        a, b, c = self._records(store, "ann", ["east", "north-east", "west"])
+        (bob,) = self._records(store, "bob", ["bob east"])
+        assert store.save_vectors("ann", "m1", {a: [1.0, 0.0], b: [1.0, 1.0], c: [-3.0, 0.0]}) == 3
+        assert store.save_vectors("bob", "m1", {bob: [1.0, 0.0]}) == 1
+        hits = store.nearest("ann", "m1", [2.0, 0.0], limit=5)
+        assert [h.record.id for h in hits] == [a, b, c]
+        assert [round(h.score, 4) for h in hits] == [1.0, 0.7071, -1.0]
+        assert all(h.record.user_id == "ann" for h in hits)
+        assert [h.record.id for h in store.nearest("bob", "m1", [1.0, 0.0], limit=5)] == [bob]
+        assert store.nearest("ann", "m2", [1.0, 0.0], limit=5) == []  # another model's space
+        assert store.nearest("ann", "m1", [1.0, 0.0, 0.0], limit=5) == []  # another length
+        assert [h.record.id for h in store.nearest("ann", "m1", [1.0, 0.0], limit=1)] == [a]
+        assert [h.record.id for h in store.nearest("ann", "m1", [1.0, 0.0], limit=5,
+                                                   exclude_runs={"ann-r0"})] == [b, c]
+
+    def test_vectors_of_another_users_records_are_refused(self, store: MemoryStore) -> None:
+        pytest.importorskip("numpy")
+        (bob,) = self._records(store, "bob", ["bob's secret"])
+        assert store.save_vectors("ann", "m1", {bob: [1.0, 0.0], 999_999: [0.0, 1.0]}) == 0
+        assert store.nearest("ann", "m1", [1.0, 0.0], limit=5) == []
+        assert [r.id for r in store.unembedded("bob", "m1", limit=5)] == [bob]
+
+    @pytest.mark.parametrize(("vectors", "problem"), [
+        ([[1.0, 0.0], [1.0]], "equal-length"), ([[float("nan"), 1.0]], "finite"), ([[0.0, 0.0]], "zeros"),
+        ([["x", 1.0]], "numbers"), ([[]], "1 to"),
+    ])
+    def test_bad_vectors_are_refused_and_nothing_is_stored(
+        self, store: MemoryStore, vectors: list[list[object]], problem: str
+    ) -> None:
+        pytest.importorskip("numpy")
+        ids = self._records(store, "ann", ["one", "two"])
+        with pytest.raises(ValueError, match=problem):
+            store.save_vectors("ann", "m1", dict(zip(ids, vectors, strict=False)))  # type: ignore[arg-type]
+        assert len(store.unembedded("ann", "m1", limit=5)) == 2
+
+    def test_unembedded_newest_first_and_a_vector_is_kept(self, store: MemoryStore) -> None:
+        pytest.importorskip("numpy")
+        a, b, c = self._records(store, "ann", ["one", "two", "three"])
+        assert [r.id for r in store.unembedded("ann", "m1", limit=5)] == [c, b, a]
+        store.save_vectors("ann", "m1", {b: [0.0, 1.0]})
+        assert [r.id for r in store.unembedded("ann", "m1", limit=1)] == [c]
+        assert store.save_vectors("ann", "m1", {b: [1.0, 0.0]}) == 0  # b keeps its vector
+        assert store.nearest("ann", "m1", [0.0, 1.0], limit=1)[0].record.id == b
+        assert [r.id for r in store.unembedded("ann", "m2", limit=5)] == [c, b, a]
+
+    def test_forget_deletes_vectors_and_search_sees_new_ones_at_once(self, store: MemoryStore) -> None:
+        pytest.importorskip("numpy")
+        a, b = self._records(store, "ann", ["one", "two"])
+        store.save_vectors("ann", "m1", {a: [1.0, 0.0], b: [0.0, 1.0]})
+        assert len(store.nearest("ann", "m1", [1.0, 0.0], limit=5)) == 2  # warms any cache
+        store.save_exchange("ann", "s2", "late", "q", "a", record="three")
+        (c,) = [r.id for r in store.unembedded("ann", "m1", limit=5)]
+        store.save_vectors("ann", "m1", {c: [1.0, 0.1]})
+        assert [h.record.id for h in store.nearest("ann", "m1", [1.0, 0.0], limit=2)] == [a, c]
+        gone = store.forget("ann", session_id="s2")
+        assert gone.embeddings == 1
+        assert [h.record.id for h in store.nearest("ann", "m1", [1.0, 0.0], limit=5)] == [a, b]
+        gone = store.forget("ann")
+        assert gone.embeddings == 2
+        assert store.nearest("ann", "m1", [1.0, 0.0], limit=5) == []
+        # a new record that takes a forgotten record's place has no vector until it is embedded
+        self._records(store, "ann", ["four"])
+        assert store.nearest("ann", "m1", [1.0, 0.0], limit=5) == []
+
+    def test_another_store_on_the_same_data_sees_vectors_and_deletions(self, store: MemoryStore) -> None:
+        pytest.importorskip("numpy")
+        if self.reopen is None:
+            pytest.skip("this backend is not shared between store objects")
+        other = self.reopen()
+        a, b = self._records(store, "ann", ["one", "two"])
+        store.save_vectors("ann", "m1", {a: [1.0, 0.0]})
+        assert [h.record.id for h in other.nearest("ann", "m1", [1.0, 0.0], limit=5)] == [a]
+        store.save_vectors("ann", "m1", {b: [0.9, 0.1]})
+        assert [h.record.id for h in other.nearest("ann", "m1", [1.0, 0.0], limit=5)] == [a, b]
+        store.forget("ann")
+        assert other.nearest("ann", "m1", [1.0, 0.0], limit=5) == []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import attrs
 
@@ -25,6 +25,7 @@ from agentkeel.memory.store import (
     query_terms,
     words,
 )
+from agentkeel.memory.vectors import cosine_top_k, numpy_module, unit_vectors
 
 __all__ = ["InProcessMemoryStore"]
 
@@ -42,6 +43,7 @@ class InProcessMemoryStore:
         self._words: dict[int, Counter[str]] = {}
         self._summaries: dict[tuple[str, str], Summary] = {}
         self._profile: dict[tuple[str, str], ProfileFact] = {}
+        self._vectors: dict[tuple[int, str], Any] = {}  # (record id, model) -> unit float32 vector
         self._next_turn = 1
         self._next_record = 1
 
@@ -101,6 +103,44 @@ class InProcessMemoryStore:
 
     def records(self, user_id: str, *, limit: int = 100) -> list[Record]:
         return self._locked(lambda: [r for r in reversed(self._records) if r.user_id == user_id][:limit])
+
+    def save_vectors(self, user_id: str, model: str, vectors: Mapping[int, Sequence[float]]) -> int:
+        if not vectors:
+            return 0
+        ids = list(vectors)
+        matrix = unit_vectors([vectors[i] for i in ids])
+
+        def write() -> int:
+            mine = {r.id for r in self._records if r.user_id == user_id}
+            stored = 0
+            for n, rid in enumerate(ids):
+                if rid in mine and (rid, model) not in self._vectors:
+                    self._vectors[(rid, model)] = matrix[n]
+                    stored += 1
+            return stored
+
+        return self._locked(write)
+
+    def unembedded(self, user_id: str, model: str, *, limit: int) -> list[Record]:
+        return self._locked(lambda: [r for r in reversed(self._records)
+                                     if r.user_id == user_id and (r.id, model) not in self._vectors][:max(0, limit)])
+
+    def nearest(
+        self, user_id: str, model: str, vector: Sequence[float], *, limit: int, exclude_runs: Iterable[str] = ()
+    ) -> list[Hit]:
+        query = unit_vectors([vector])[0]
+        excluded = set(exclude_runs)
+
+        def find() -> list[Hit]:
+            mine = [(r, self._vectors[(r.id, model)]) for r in self._records
+                    if r.user_id == user_id and r.run_id not in excluded and (r.id, model) in self._vectors
+                    and self._vectors[(r.id, model)].shape == query.shape]
+            if not mine or limit <= 0:
+                return []
+            matrix = numpy_module().stack([v for _, v in mine])
+            return [Hit(mine[i][0], score) for i, score in cosine_top_k(matrix, query, limit)]
+
+        return self._locked(find)
 
     def summary(self, user_id: str, session_id: str) -> Summary | None:
         return self._locked(lambda: self._summaries.get((user_id, session_id)))
@@ -168,15 +208,20 @@ class InProcessMemoryStore:
         self._turns = [t for t in self._turns if not match(t.user_id, t.session_id, t.ts)]
         gone = [r for r in self._records if match(r.user_id, r.session_id, r.ts)]
         self._records = [r for r in self._records if not match(r.user_id, r.session_id, r.ts)]
+        gone_ids = {r.id for r in gone}
         for r in gone:
             self._words.pop(r.id, None)
+        vectors = [key for key in self._vectors if key[0] in gone_ids]
+        for key in vectors:
+            del self._vectors[key]
         summaries = [k for k, s in self._summaries.items() if match(s.user_id, s.session_id, s.ts)]
         for k in summaries:
             del self._summaries[k]
         facts = [k for k, f in self._profile.items() if match(f.user_id, None, f.ts)] if profile else []
         for k in facts:
             del self._profile[k]
-        return ForgetReport(n_turns - len(self._turns), n_records - len(self._records), len(summaries), len(facts))
+        return ForgetReport(n_turns - len(self._turns), n_records - len(self._records), len(summaries), len(facts),
+                            len(vectors))
 
     def vacuum(self) -> None:
         self._locked(lambda: None)

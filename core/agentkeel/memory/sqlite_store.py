@@ -8,6 +8,12 @@ token (``owner``: a hash of the user id), and a search matches that token AND
 the query's terms, so it reads one user's postings only; the join on
 ``memory_records.user_id`` checks the user again. The query reaches FTS5 only as
 ``query_terms`` quoted as phrases: no character of it is FTS5 syntax.
+
+A record's vectors (``memory_vectors``, one per embedding model) are deleted in
+the same transaction as the record. ``nearest`` ranks a user's vectors of one
+model with numpy, on a matrix kept in the process between searches
+(``agentkeel.memory.vectors.VectorCache``) and checked against the file on every
+search, so a write by another process is seen at once.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from agentkeel.memory.store import (
@@ -31,6 +37,7 @@ from agentkeel.memory.store import (
     check_fact,
     query_terms,
 )
+from agentkeel.memory.vectors import CachedMatrix, VectorCache, cosine_top_k, from_blobs, to_blob, unit_vectors
 from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, ProcessConnection, atomic
 
 __all__ = ["SQLiteMemoryStore", "owner_token"]
@@ -60,6 +67,7 @@ class SQLiteMemoryStore:
 
     def __init__(self, home: str | os.PathLike[str], *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self._db = ProcessConnection(home, "memory store", busy_timeout_s=busy_timeout_s)
+        self._vectors = VectorCache()
 
     # --- turns and records ---------------------------------------------------
 
@@ -125,6 +133,101 @@ class SQLiteMemoryStore:
             "SELECT id, user_id, session_id, run_id, text, ts FROM memory_records WHERE user_id = ? "
             "ORDER BY id DESC LIMIT ?", (user_id, limit)).fetchall())
         return [Record(*row) for row in rows]
+
+    # --- vectors -------------------------------------------------------------
+
+    def save_vectors(self, user_id: str, model: str, vectors: Mapping[int, Sequence[float]]) -> int:
+        if not vectors:
+            return 0
+        ids = list(vectors)
+        matrix = unit_vectors([vectors[i] for i in ids])
+        dims = int(matrix.shape[1])
+        rows = [(model, dims, to_blob(matrix[n]), int(rid), user_id) for n, rid in enumerate(ids)]
+
+        def write(conn: sqlite3.Connection) -> int:
+            stored = 0
+            for row in rows:
+                stored += conn.execute(
+                    "INSERT INTO memory_vectors (record_id, user_id, run_id, model, dims, vector) "
+                    "SELECT id, user_id, run_id, ?, ?, ? FROM memory_records WHERE id = ? AND user_id = ? "
+                    "ON CONFLICT (record_id, model) DO NOTHING", row).rowcount
+            return stored
+
+        return self._db.run("save the vectors", lambda conn: atomic(conn, write))
+
+    def unembedded(self, user_id: str, model: str, *, limit: int) -> list[Record]:
+        if limit <= 0:
+            return []
+
+        def find(conn: sqlite3.Connection) -> list[Any]:
+            records = conn.execute("SELECT count(*) FROM memory_records WHERE user_id = ?", (user_id,)).fetchone()[0]
+            embedded = conn.execute("SELECT count(*) FROM memory_vectors WHERE user_id = ? AND model = ?",
+                                    (user_id, model)).fetchone()[0]
+            if embedded >= records:  # every vector belongs to a record of the user: none is missing
+                return []
+            return conn.execute(
+                "SELECT r.id, r.user_id, r.session_id, r.run_id, r.text, r.ts FROM memory_records AS r "
+                "WHERE r.user_id = ? AND NOT EXISTS (SELECT 1 FROM memory_vectors AS v "
+                "WHERE v.record_id = r.id AND v.model = ?) ORDER BY r.id DESC LIMIT ?",
+                (user_id, model, limit)).fetchall()
+
+        return [Record(*row) for row in self._db.run("find records without vectors", find)]
+
+    def nearest(
+        self, user_id: str, model: str, vector: Sequence[float], *, limit: int, exclude_runs: Iterable[str] = ()
+    ) -> list[Hit]:
+        query = unit_vectors([vector])[0]
+        if limit <= 0:
+            return []
+        dims = int(query.shape[0])
+        entry = self._db.run("read the vectors", lambda conn: self._matrix(conn, user_id, model, dims))
+        if not entry.record_ids:
+            return []
+        excluded = set(exclude_runs)
+        keep = None
+        if excluded:
+            from agentkeel.memory.vectors import numpy_module
+
+            keep = numpy_module().fromiter((r not in excluded for r in entry.run_ids), dtype=bool,
+                                           count=len(entry.run_ids))
+        ranked = cosine_top_k(entry.matrix, query, limit, keep)
+        if not ranked:
+            return []
+        ids = [entry.record_ids[i] for i, _ in ranked]
+        marks = ",".join("?" * len(ids))
+        rows = self._db.run("read the nearest records", lambda conn: conn.execute(
+            f"SELECT id, user_id, session_id, run_id, text, ts FROM memory_records "
+            f"WHERE user_id = ? AND id IN ({marks})", (user_id, *ids)).fetchall())
+        by_id = {row[0]: Record(*row) for row in rows}
+        return [Hit(by_id[rid], score) for rid, (_, score) in zip(ids, ranked, strict=True) if rid in by_id]
+
+    def _matrix(self, conn: sqlite3.Connection, user_id: str, model: str, dims: int) -> CachedMatrix:
+        """The user's vectors of ``model`` and ``dims``, from the cache when it is current."""
+        from agentkeel.memory.vectors import numpy_module
+
+        np = numpy_module()
+        count, max_id = conn.execute(
+            "SELECT count(*), coalesce(max(id), 0) FROM memory_vectors WHERE user_id = ? AND model = ? AND dims = ?",
+            (user_id, model, dims)).fetchone()
+        key = (user_id, model, dims)
+        entry = self._vectors.get(key)
+        if entry is not None and (entry.count, entry.max_id) == (count, max_id):
+            return entry
+        select = ("SELECT id, record_id, run_id, vector FROM memory_vectors "
+                  "WHERE user_id = ? AND model = ? AND dims = ? AND id > ? ORDER BY id")
+        if entry is not None and max_id > entry.max_id:
+            rows = conn.execute(select, (user_id, model, dims, entry.max_id)).fetchall()
+            if entry.count + len(rows) == count:  # only additions since: append them
+                entry = CachedMatrix(entry.record_ids + [r[1] for r in rows], entry.run_ids + [r[2] for r in rows],
+                                     np.concatenate([entry.matrix, from_blobs((r[3] for r in rows), dims)]),
+                                     count, max_id)
+                self._vectors.put(key, entry)
+                return entry
+        rows = conn.execute(select, (user_id, model, dims, 0)).fetchall()
+        entry = CachedMatrix([r[1] for r in rows], [r[2] for r in rows],
+                             from_blobs((r[3] for r in rows), dims), len(rows), rows[-1][0] if rows else 0)
+        self._vectors.put(key, entry)
+        return entry
 
     # --- summaries -----------------------------------------------------------
 
@@ -207,6 +310,8 @@ class SQLiteMemoryStore:
         timed, targs = (f"{where} AND ts < ?", [*args, before]) if before is not None else (where, args)
 
         def delete(conn: sqlite3.Connection) -> ForgetReport:
+            embeddings = conn.execute(f"DELETE FROM memory_vectors WHERE record_id IN "
+                                      f"(SELECT id FROM memory_records WHERE {timed})", targs).rowcount
             conn.execute(f"DELETE FROM memory_records_fts WHERE rowid IN "
                          f"(SELECT id FROM memory_records WHERE {timed})", targs)
             records = conn.execute(f"DELETE FROM memory_records WHERE {timed}", targs).rowcount
@@ -215,7 +320,7 @@ class SQLiteMemoryStore:
             # profile facts belong to the user, not to a session: only a forget without one takes them
             facts = (conn.execute(f"DELETE FROM memory_profile WHERE {timed}", targs).rowcount
                      if profile else 0)
-            return ForgetReport(turns, records, summaries, facts)
+            return ForgetReport(turns, records, summaries, facts, embeddings)
 
         return self._db.run("forget", lambda conn: atomic(conn, delete))
 
@@ -227,5 +332,6 @@ class SQLiteMemoryStore:
         self._db.run("vacuum", run)
 
     def close(self) -> None:
+        self._vectors.clear()
         self._db.close()
 

@@ -10,11 +10,14 @@ Per user, a memory store holds:
   retrievable by ``search`` across every session of the same user, ranked
   lexically (BM25 over ``query_terms``);
 - **profile**: durable key/value facts about the user, with the run that wrote
-  each one (provenance).
+  each one (provenance);
+- **vectors**: per record and embedding model, the record's embedding (unit
+  length), retrievable by ``nearest`` (cosine similarity), for semantic retrieval.
 
 A user never reads another user's rows, and a session never reads another
 session's turns (records are shared across the sessions of one user, by design).
-``forget`` really deletes (rows gone, the full-text index updated).
+``forget`` really deletes (rows gone, the full-text index updated, a forgotten
+record's vectors gone with it).
 
 Backends: ``agentkeel.memory.sqlite_store.SQLiteMemoryStore`` (``<home>/agentkeel.db``,
 FTS5) and ``agentkeel.memory.memory_store.InProcessMemoryStore``. Both pass
@@ -27,9 +30,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "ForgetReport",
@@ -157,14 +163,16 @@ class ForgetReport:
     records: int = 0
     summaries: int = 0
     profile: int = 0
+    embeddings: int = 0
 
     @property
     def total(self) -> int:
-        return self.turns + self.records + self.summaries + self.profile
+        return self.turns + self.records + self.summaries + self.profile + self.embeddings
 
     def __add__(self, other: ForgetReport) -> ForgetReport:
         return ForgetReport(self.turns + other.turns, self.records + other.records,
-                            self.summaries + other.summaries, self.profile + other.profile)
+                            self.summaries + other.summaries, self.profile + other.profile,
+                            self.embeddings + other.embeddings)
 
 
 @runtime_checkable
@@ -208,6 +216,25 @@ class MemoryStore(Protocol):
         at most ``limit``, leaving out records of ``exclude_runs``. No terms: no hits."""
         ...
 
+    def save_vectors(self, user_id: str, model: str, vectors: Mapping[int, Sequence[float]]) -> int:
+        """Store the embeddings ``model`` made of the user's records (record id -> vector), as
+        unit vectors. Records that are gone, or another user's, are skipped; a record keeps the
+        vector of ``model`` it has. Returns how many were stored. ``ValueError`` naming the problem
+        when a vector is not equal-length finite numbers, or is all zeros."""
+        ...
+
+    def unembedded(self, user_id: str, model: str, *, limit: int) -> list[Record]:
+        """The user's records without a vector of ``model``, newest first, at most ``limit``."""
+        ...
+
+    def nearest(
+        self, user_id: str, model: str, vector: Sequence[float], *, limit: int, exclude_runs: Iterable[str] = ()
+    ) -> list[Hit]:
+        """The user's records whose ``model`` vectors (of the same length as ``vector``) are most
+        similar to it, best first (``Hit.score``: cosine similarity, -1 to 1), at most ``limit``,
+        leaving out records of ``exclude_runs``."""
+        ...
+
     def set_fact(self, user_id: str, key: str, value: str, *, run_id: str) -> ProfileFact | None:
         """Set a profile fact (``check_fact`` rules); returns the fact it replaced, if any."""
         ...
@@ -235,7 +262,7 @@ class MemoryStore(Protocol):
     def forget(self, user_id: str, *, session_id: str | None = None, before: float | None = None) -> ForgetReport:
         """Delete what is kept of a user: everything, or only ``session_id`` (its turns,
         summary and records; profile facts belong to the user, not a session), or only
-        rows older than ``before``. The full-text index forgets them too."""
+        rows older than ``before``. The full-text index and the vectors forget them too."""
         ...
 
     def expire(self, before: float) -> ForgetReport:

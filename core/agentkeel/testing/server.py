@@ -19,6 +19,12 @@ or ``response_format``. When nothing is queued the server answers 500 with a
 message saying so and ``x-should-retry: false``, so a test that forgot a reply
 fails at once instead of after the client's retries.
 
+``POST /v1/embeddings`` answers every request from ``embed`` (a function of one
+text to its vector; by default ``hashed_embedding``: words hashed into 64
+dimensions, so texts sharing words are close), with ``prompt_tokens`` the
+number of words. ``queue_embedding_error`` makes the next embeddings request
+fail with an HTTP status. Its request bodies are kept in ``embedding_requests``.
+
     with ScriptedOpenAIServer() as server:
         server.queue({"reasoning": "...", "steps": []}, usage=(120, 30))
         client = openai.OpenAI(base_url=server.base_url, api_key="test")
@@ -28,17 +34,32 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
-__all__ = ["OpenAIServer", "ScriptedOpenAIServer", "ScriptedReply"]
+__all__ = ["OpenAIServer", "ScriptedOpenAIServer", "ScriptedReply", "hashed_embedding"]
+
+EMBEDDING_DIMS = 64
+
+
+def hashed_embedding(text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
+    """A deterministic unit vector for ``text``: each lower-cased word adds one to a
+    dimension chosen by its hash (zero words: the first axis)."""
+    vector = [0.0] * dims
+    for word in "".join(c if c.isalnum() else " " for c in text.lower()).split():
+        vector[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dims] += 1.0
+    norm = math.sqrt(sum(x * x for x in vector))
+    if not norm:
+        vector[0] = norm = 1.0
+    return [x / norm for x in vector]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +125,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self.path.rstrip("/") == "/v1/embeddings":
+            try:
+                self.server.owner._handle_embeddings(self, json.loads(raw or b"null"))
+            except json.JSONDecodeError as exc:
+                self._send(400, _error_body(f"request body is not JSON: {exc}", error_type="invalid_request_error"))
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._send(
                 404, _error_body(f"no route POST {self.path}", error_type="invalid_request_error")
@@ -183,8 +210,12 @@ class ScriptedOpenAIServer:
         supports_json_schema: bool = True,
         api_key: str | None = None,
         models: Iterable[str] = ("gpt-4o-mini", "gpt-4o"),
+        embed: Callable[[str], Sequence[float]] = hashed_embedding,
     ) -> None:
         self.supports_json_schema = supports_json_schema
+        self.embed = embed
+        self.embedding_requests: list[dict[str, Any]] = []
+        self._embedding_errors: collections.deque[int] = collections.deque()
         self.api_key = api_key
         self.models = list(models)
         self.requests: list[dict[str, Any]] = []
@@ -326,6 +357,11 @@ class ScriptedOpenAIServer:
         with self._lock:
             self._replies[-1] = dataclasses.replace(self._replies[-1], cut_after=after_chunks)
 
+    def queue_embedding_error(self, status: int = 500) -> None:
+        """Make the next ``/v1/embeddings`` request fail with ``status`` (no retry asked for)."""
+        with self._lock:
+            self._embedding_errors.append(status)
+
     def _push(self, reply: ScriptedReply) -> None:
         with self._lock:
             self._replies.append(reply)
@@ -340,6 +376,8 @@ class ScriptedOpenAIServer:
         """Forget queued replies and recorded requests."""
         with self._lock:
             self._replies.clear()
+            self._embedding_errors.clear()
+            self.embedding_requests.clear()
             self.requests.clear()
             self.request_headers.clear()
 
@@ -404,6 +442,34 @@ class ScriptedOpenAIServer:
                 handler._send(200, self._completion(body, reply), cut=reply.cut_after is not None)
         except (BrokenPipeError, ConnectionResetError):  # the client hung up (a deadline): nothing to do
             handler.close_connection = True
+
+    def _handle_embeddings(self, handler: _Handler, body: Any) -> None:
+        with self._lock:
+            self.embedding_requests.append(body)
+            status = self._embedding_errors.popleft() if self._embedding_errors else None
+        if self.api_key is not None and handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+            handler._send(401, _error_body("invalid API key", error_type="authentication_error",
+                                           code="invalid_api_key"))
+            return
+        if status is not None:
+            handler._send(status, _error_body(f"scripted embeddings error {status}", error_type="server_error"),
+                          {"x-should-retry": "false"})
+            return
+        texts = body.get("input") if isinstance(body, dict) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            handler._send(400, _error_body("input must be a string or a non-empty list of strings",
+                                           error_type="invalid_request_error", param="input"))
+            return
+        words = sum(len(t.split()) for t in texts)
+        handler._send(200, {
+            "object": "list",
+            "model": body.get("model"),
+            "data": [{"object": "embedding", "index": i, "embedding": list(self.embed(t))}
+                     for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": words, "total_tokens": words},
+        })
 
     def _stream(self, handler: _Handler, request: Mapping[str, Any], reply: ScriptedReply) -> None:
         """The reply as Server-Sent Events of ``chat.completion.chunk`` objects."""
