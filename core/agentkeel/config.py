@@ -141,6 +141,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "write": {"type": "array", "items": {"enum": ["answers", "facts"]}, "uniqueItems": True},
                 "max_record_bytes": {"type": "integer", "minimum": 64, "maximum": 1_048_576},
                 "ttl_days": {"type": "number", "minimum": 0},
+                "embedding_model": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
+                "min_similarity": {"type": "number", "minimum": -1, "maximum": 1},
+                "embed_backfill": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "summary": {"enum": ["extractive", "llm"]},
+                "summary_tier": {"type": "string", "minLength": 1},
             },
         },
         "responder": {

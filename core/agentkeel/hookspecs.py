@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agentkeel.context import RunContext
     from agentkeel.cost.store import BudgetStore
     from agentkeel.journal.base import Journal
+    from agentkeel.memory.embed import Embedder
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
     from agentkeel.types import (
@@ -208,20 +209,42 @@ def agentkeel_open_budget_store(config: Config) -> BudgetStore | None:
 
 @hookspec(firstresult=True)
 def agentkeel_load_context(
-    request: AgentRequest, config: Config, tools: Mapping[str, ToolSpec] | None, run: RunContext | None
-) -> MemoryContext | None:
+    request: AgentRequest,
+    config: Config,
+    tools: Mapping[str, ToolSpec] | None,
+    run: RunContext | None,
+    embedder: Embedder | None,
+) -> MemoryContext | Awaitable[MemoryContext | None] | None:
     """Load the context the prompts of a request see (planner and responder).
 
     :param request: the request being served.
     :param config: the validated configuration.
     :param tools: the tools the principal may call (None when not known); names of
         other registered tools (``run.tools``) must not reach the context.
-    :param run: the run's context (its budget, its principal), or None.
+    :param run: the run's context (its budget, its principal), or None. Priced
+        calls made while loading (embeddings, an LLM summary) reserve from it.
+    :param embedder: what ``agentkeel_embedder`` built for ``[memory]
+        embedding_model`` (None: semantic retrieval is off).
 
     :return: a ``MemoryContext`` (profile, retrieved memories, summary, recent
-        turns, with the report of what was included and dropped), or None to
-        abstain. firstresult. With no memory plugin the request runs with an empty
-        context. Memory is data: prompts quote it as untrusted.
+        turns, with the report of what was included and dropped), None to
+        abstain, or an awaitable resolving to either. firstresult. With no
+        memory plugin the request runs with an empty context. Memory is data:
+        prompts quote it as untrusted.
+    """
+
+
+@hookspec(firstresult=True)
+def agentkeel_embedder(config: Config) -> Embedder | None:
+    """Build the embedder for ``[memory] embedding_model`` (semantic retrieval).
+
+    :param config: the validated configuration.
+
+    :return: an ``Embedder`` (``agentkeel.memory.embed``) for the configured model,
+        or None to let the next plugin answer (a plugin serving models locally
+        answers only for the names it serves). firstresult. The default
+        (``trylast``) embeds through the OpenAI-compatible embeddings API of the
+        configured endpoint when a model is set. Called once per system.
     """
 
 

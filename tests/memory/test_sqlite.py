@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -81,9 +83,9 @@ def exchange(
 def load(
     plugins: Plugins, config: Config, *, user: str = "alice", session: str = "default"
 ) -> MemoryContext:
-    return plugins.load_context(
+    return asyncio.run(plugins.load_context(
         AgentRequest(message="next", user_id=user, session_id=session), config
-    )
+    ))
 
 
 def test_round_trip_oldest_first_with_run_ids(plugins: Plugins, config: Config) -> None:

@@ -4,8 +4,13 @@ Order and shares of the budget ``B``:
 
 1. the user's **profile** (at most ``profile_share`` of B; facts by key, each whole or not at all);
 2. the **retrieved memories** most relevant to the message (records of the user's
-   other turns, BM25, score >= ``min_score``, at most ``max_records``; at most
-   ``memories_share`` of B, best first);
+   other turns, at most ``max_records``; at most ``memories_share`` of B, best
+   first): lexically (BM25, score >= ``min_score``) and, with ``embedding_model``,
+   semantically (cosine similarity of embeddings >= ``min_similarity``), the two
+   rankings fused by reciprocal rank (RRF, k = 60) when both are on. Records not
+   embedded yet (written before the model was set, or while the embedder was
+   down) are embedded lazily, at most ``embed_backfill`` per request, in the same
+   call as the message;
 3. the session's **recent turns**, newest kept first, and the running **summary** of
    the older ones (at most ``summary_share`` of what is left), in what is left.
 
@@ -26,15 +31,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from agentkeel.config import Config
-from agentkeel.errors import ConfigError
-from agentkeel.memory.store import MemoryStore, Summary, Turn
+from agentkeel.errors import AgentkeelError, ConfigError, StoreError
+from agentkeel.memory.embed import Embedder, embedding_model
+from agentkeel.memory.store import Hit, MemoryStore, Summary, Turn
 from agentkeel.models.data import QUOTE_OVERHEAD_BYTES, dumps_line
 from agentkeel.types import AgentRequest, ContextItem, ContextReport, MemoryContext
+
+if TYPE_CHECKING:
+    from agentkeel.context import RunContext
 
 DEFAULT_CONTEXT_TOKENS = 2000
 DEFAULT_RECENT_TURNS = 20
@@ -42,6 +51,10 @@ MAX_RECENT_TURNS = 10_000
 WITHHELD = "[withheld tool]"
 SUMMARY_LINE_CHARS = 240
 """How much of each folded turn the extractive summary keeps."""
+RRF_K = 60
+"""Reciprocal rank fusion's constant: a record at rank r of a ranking scores 1 / (RRF_K + r)."""
+CANDIDATES = 4
+"""Each ranking offers ``CANDIDATES`` times ``max_records`` records to the fusion."""
 
 
 @attrs.frozen
@@ -59,6 +72,9 @@ class MemorySettings:
     max_record_bytes: int = 4096
     ttl_days: float = 0.0
     backend: str = "sqlite"
+    embedding_model: str = ""
+    min_similarity: float = 0.3
+    embed_backfill: int = 32
 
     @classmethod
     def from_config(cls, config: Config) -> MemorySettings:
@@ -93,6 +109,9 @@ class MemorySettings:
             max_record_bytes=int(section.get("max_record_bytes", 4096)),
             ttl_days=float(section.get("ttl_days", 0.0)),
             backend=str(section.get("backend", config.section("journal").get("backend", "sqlite"))),
+            embedding_model=embedding_model(config),
+            min_similarity=float(section.get("min_similarity", 0.3)),
+            embed_backfill=int(section.get("embed_backfill", 32)),
         )
 
 
@@ -126,13 +145,15 @@ class _Redactor:
         return out
 
 
-def assemble(
+async def assemble(
     store: MemoryStore,
     request: AgentRequest,
     settings: MemorySettings,
     *,
     withheld_tools: Collection[str] = (),
     warnings: tuple[str, ...] = (),
+    embedder: Embedder | None = None,
+    run: RunContext | None = None,
 ) -> MemoryContext:
     """The context for ``request``: profile, retrieved memories, summary and recent turns
     within ``settings.context_tokens``, with the report of what went in and what did not.
@@ -170,14 +191,13 @@ def assemble(
     memories: list[str] = []
     share = min(int(budget * settings.memories_share), room)
     spent = 0
+    notes: tuple[str, ...] = ()
     if settings.max_records and share > 0:
-        hits = store.search(request.user_id, request.message, limit=settings.max_records,
-                            exclude_runs={t.run_id for t in recent})
+        hits, below, notes = await retrieve(store, request, settings, {t.run_id for t in recent}, embedder, run)
+        dropped += [ContextItem("memory", f"memory:{hit.record.id}", 0, score=hit.score, reason=why)
+                    for hit, why in below]
         for hit in hits:
             item = ContextItem("memory", f"memory:{hit.record.id}", 0, score=hit.score)
-            if hit.score < settings.min_score:
-                dropped.append(attrs.evolve(item, reason=f"score below min_score {settings.min_score}"))
-                continue
             text = redact(hit.record.text)
             cost = tokens({"memory": text})
             item = attrs.evolve(item, tokens=cost)
@@ -225,12 +245,74 @@ def assemble(
                  for t in reversed(kept)]
     used_total = QUOTE_OVERHEAD_BYTES + sum(i.tokens for i in included) + (
         tokens({"profile": {}}) if profile else 0)
-    notes = warnings + ((f"withheld {redact.hits} mention(s) of tools this principal may not call",)
-                        if redact.hits else ())
+    notes = warnings + notes + ((f"withheld {redact.hits} mention(s) of tools this principal may not call",)
+                                if redact.hits else ())
     report = ContextReport(budget, min(used_total, budget) if included else 0, "bytes", tuple(included),
                            tuple(dropped), tuple(summarised), notes)
     return MemoryContext(turns=turns, profile=tuple(profile), summary=summary_text, memories=tuple(memories),
                          report=report)
+
+
+async def retrieve(
+    store: MemoryStore,
+    request: AgentRequest,
+    settings: MemorySettings,
+    exclude_runs: set[str],
+    embedder: Embedder | None,
+    run: RunContext | None,
+) -> tuple[list[Hit], list[tuple[Hit, str]], tuple[str, ...]]:
+    """The records to offer, best first (at most ``max_records``), the hits left out for
+    their score (with why), and notes for the report (semantic retrieval unavailable)."""
+    wanted = settings.max_records
+    offered = wanted * CANDIDATES if embedder is not None else wanted
+    lexical = store.search(request.user_id, request.message, limit=offered, exclude_runs=exclude_runs)
+    below = [(h, f"score below min_score {settings.min_score}") for h in lexical if h.score < settings.min_score]
+    lexical = [h for h in lexical if h.score >= settings.min_score]
+    if embedder is None:
+        return lexical[:wanted], below, ()
+    try:
+        semantic = await _nearest(store, request, settings, exclude_runs, embedder, run, offered)
+    except (AgentkeelError, ValueError, OSError) as exc:  # StoreError, EmbeddingError, budget errors
+        if isinstance(exc, StoreError):
+            raise
+        return lexical[:wanted], below, (
+            f"semantic retrieval unavailable ({type(exc).__name__}: {exc}); lexical only",)
+    below += [(h, f"similarity below min_similarity {settings.min_similarity}") for h in semantic
+              if h.score < settings.min_similarity and h.record.id not in {x.record.id for x in lexical}]
+    semantic = [h for h in semantic if h.score >= settings.min_similarity]
+    return fuse(lexical, semantic)[:wanted], below, ()
+
+
+async def _nearest(
+    store: MemoryStore, request: AgentRequest, settings: MemorySettings, exclude_runs: set[str],
+    embedder: Embedder, run: RunContext | None, limit: int,
+) -> list[Hit]:
+    """Embed the message (and up to ``embed_backfill`` records without a vector, in the same
+    call), store the records' vectors, and rank the user's records by similarity."""
+    model = embedder.model
+    missing = store.unembedded(request.user_id, model, limit=settings.embed_backfill)
+    if not missing and not store.records(request.user_id, limit=1):
+        return []  # nothing to find: the message is not embedded (nor billed)
+    embedded = await embedder.embed([request.message, *(r.text for r in missing)], run)
+    vectors = list(embedded.vectors)
+    if len(vectors) != 1 + len(missing):
+        raise ValueError(f"embedder {model!r} returned {len(vectors)} vectors for {1 + len(missing)} texts")
+    if missing:
+        store.save_vectors(request.user_id, model, {r.id: v for r, v in zip(missing, vectors[1:], strict=True)})
+    return store.nearest(request.user_id, model, vectors[0], limit=limit, exclude_runs=exclude_runs)
+
+
+def fuse(*rankings: list[Hit]) -> list[Hit]:
+    """Reciprocal rank fusion: each record scores the sum over rankings of 1 / (RRF_K + rank),
+    rank from 1; best first, ties to the newer record."""
+    scores: dict[int, float] = {}
+    records = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            scores[hit.record.id] = scores.get(hit.record.id, 0.0) + 1.0 / (RRF_K + rank)
+            records[hit.record.id] = hit.record
+    order = sorted(scores, key=lambda rid: (-scores[rid], -rid))
+    return [Hit(records[rid], scores[rid]) for rid in order]
 
 
 def fold(

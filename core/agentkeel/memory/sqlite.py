@@ -43,8 +43,10 @@ from agentkeel.errors import ConfigError, StoreError, ToolError
 from agentkeel.facts import facts
 from agentkeel.markers import hookimpl
 from agentkeel.memory.assemble import MemorySettings, assemble
+from agentkeel.memory.embed import Embedder, OpenAIEmbedder
 from agentkeel.memory.store import MemoryStore
 from agentkeel.memory.store import check_fact as check_fact_args
+from agentkeel.memory.vectors import numpy_module
 from agentkeel.stores import db_path
 from agentkeel.tools.decorator import tool
 from agentkeel.types import AgentRequest, AgentResponse, MemoryContext, RunStatus
@@ -104,23 +106,37 @@ class SQLiteMemory:
     @hookimpl(trylast=True)
     def agentkeel_startup(self, config: Config) -> None:
         """Reject a bad ``[memory]`` before the first request rather than on every one."""
-        MemorySettings.from_config(config)
+        settings = MemorySettings.from_config(config)
+        if settings.embedding_model:
+            numpy_module()  # semantic retrieval needs numpy: say so now, not on every request
 
     @hookimpl(trylast=True)
-    def agentkeel_load_context(
+    def agentkeel_embedder(self, config: Config) -> Embedder | None:
+        """The OpenAI-compatible embeddings API, for any ``[memory] embedding_model`` no
+        other plugin serves."""
+        model = settings_of(config).embedding_model
+        if not model:
+            return None
+        numpy_module()
+        return OpenAIEmbedder(config, model)
+
+    @hookimpl(trylast=True)
+    async def agentkeel_load_context(
         self, request: AgentRequest, config: Config, tools: Mapping[str, Any] | None = None,
-        run: RunContext | None = None,
+        run: RunContext | None = None, embedder: Embedder | None = None,
     ) -> MemoryContext:
         settings = settings_of(config)
         if settings.context_tokens == 0:
             return MemoryContext()
         withheld = set(run.tools) - set(tools) if run is not None and tools is not None else set()
-
-        def load(store: MemoryStore) -> MemoryContext:
+        try:
+            store = self._store(config, settings)
             self._expire(config, settings, store)
-            return assemble(store, request, settings, withheld_tools=withheld)
-
-        return self._guarded(config, settings, "load the context", load) or MemoryContext()
+            return await assemble(store, request, settings, withheld_tools=withheld,
+                                  embedder=embedder if settings.embedding_model else None, run=run)
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            self._failed(config, settings, "load the context", exc)
+            return MemoryContext()
 
     @hookimpl
     def agentkeel_save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
@@ -212,20 +228,23 @@ class SQLiteMemory:
         try:
             return action(self._store(config, settings))
         except (sqlite3.Error, StoreError, OSError) as exc:
-            key = (Path(config.home).expanduser().resolve(), settings.backend)
-            with self._lock:
-                broken = self._stores.pop(key, None)  # a broken file is reopened (and re-checked) next time
-            if broken is not None:
-                try:
-                    broken.close()
-                except (sqlite3.Error, StoreError, OSError):
-                    pass
-            log.warning(
-                "memory: could not %s in %s (%s: %s); the request goes on without memory. "
-                "If the file is damaged, move it aside to start a fresh memory.",
-                what,
-                db_path(config.home),
-                type(exc).__name__,
-                exc,
-            )
+            self._failed(config, settings, what, exc)
             return None
+
+    def _failed(self, config: Config, settings: MemorySettings, what: str, exc: BaseException) -> None:
+        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        with self._lock:
+            broken = self._stores.pop(key, None)  # a broken file is reopened (and re-checked) next time
+        if broken is not None:
+            try:
+                broken.close()
+            except (sqlite3.Error, StoreError, OSError):
+                pass
+        log.warning(
+            "memory: could not %s in %s (%s: %s); the request goes on without memory. "
+            "If the file is damaged, move it aside to start a fresh memory.",
+            what,
+            db_path(config.home),
+            type(exc).__name__,
+            exc,
+        )

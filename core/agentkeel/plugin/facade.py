@@ -8,6 +8,7 @@ nobody does), and the planners in call order.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from agentkeel.types import (
 if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
+    from agentkeel.memory.embed import Embedder
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 
@@ -55,6 +57,7 @@ class Plugins:
         impls = self.hook.agentkeel_call_tool.get_hookimpls()
         self.wraps_tool_calls = any(i.wrapper or i.hookwrapper for i in impls) or _replaced_default(impls)
         self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
+        self._embedders: dict[int, tuple[Config, Embedder | None]] = {}
 
     # --- registration -----------------------------------------------------------
 
@@ -107,12 +110,31 @@ class Plugins:
 
     # --- memory -----------------------------------------------------------------
 
-    def load_context(
+    async def load_context(
         self, request: AgentRequest, config: Config, tools: Mapping[str, ToolSpec] | None = None,
         run: RunContext | None = None,
     ) -> MemoryContext:
-        result = self.hook.agentkeel_load_context(request=request, config=config, tools=tools, run=run)
-        return result if result is not None else MemoryContext()
+        result = self.hook.agentkeel_load_context(request=request, config=config, tools=tools, run=run,
+                                                  embedder=self.embedder(config))
+        if inspect.isawaitable(result):
+            result = await result
+        return result if isinstance(result, MemoryContext) else MemoryContext()
+
+    def embedder(self, config: Config) -> Embedder | None:
+        """The embedder for ``config`` (built once); a plugin that fails to build one is
+        logged and semantic retrieval is off (memory never fails a request)."""
+        cached = self._embedders.get(id(config))
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        try:
+            embedder: Embedder | None = self.hook.agentkeel_embedder(config=config)
+        except Exception as exc:  # noqa: BLE001 - any plugin's failure: retrieval goes on lexically
+            logging.getLogger("agentkeel.memory").warning(
+                "memory: no embedder for memory.embedding_model (%s: %s); retrieval is lexical only",
+                type(exc).__name__, exc)
+            embedder = None
+        self._embedders[id(config)] = (config, embedder)
+        return embedder
 
     def save_turn(self, request: AgentRequest, response: AgentResponse, config: Config) -> None:
         self.hook.agentkeel_save_turn(request=request, response=response, config=config)

@@ -196,7 +196,7 @@ class Pipeline:
             if exhausted is not None:
                 raise BudgetExceededError(exhausted)
             visible = visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
-            context = self.plugins.load_context(request, self.config, visible, run)
+            context = await self.plugins.load_context(request, self.config, visible, run)
             run.context_report = context.report
             plan = await self.plugins.plan(request, context, visible, run, self.templates)
             if plan is None:
@@ -479,7 +479,7 @@ class Pipeline:
                 final = RunStatus(state.run.then_status or RunStatus.FAILED.value)
                 return await self._finish_rollback(run, revisions, held, state, started, final, state.run.detail)
             visible = visible_tools(run.principal, self.tools.as_mapping(), self.plugins.authorize)
-            context = self.plugins.load_context(request, self.config, visible, run)
+            context = await self.plugins.load_context(request, self.config, visible, run)
             run.context_report = context.report
             return await self._execute(run, context, visible, revisions, held, state, started)
 
