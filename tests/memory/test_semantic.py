@@ -52,9 +52,8 @@ async def test_a_paraphrase_is_found_semantically_for_its_user_only(openai_serve
     assert ann.memories[0].startswith("user: teal is my favourite colour")
     # each request embeds its message first, and records not embedded yet with it (lazily, once each)
     sent = [r["input"] for r in openai_server_env.embedding_requests]
-    # (the first request had no records to search: nothing was embedded for it)
-    assert [batch[0] for batch in sent] == ["lunch is at noon on fridays", "which hue do I like?",
-                                            "which hue do I like?"]
+    # (ann's first request and bob's had no records to search: nothing was embedded for them)
+    assert [batch[0] for batch in sent] == ["lunch is at noon on fridays", "which hue do I like?"]
     backfilled = [t for batch in sent for t in batch[1:]]
     assert len([t for t in backfilled if "teal" in t]) == 1
     assert all(r["model"] == "embed-test" for r in openai_server_env.embedding_requests)
