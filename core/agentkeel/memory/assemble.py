@@ -43,7 +43,12 @@ from agentkeel.models.data import QUOTE_OVERHEAD_BYTES, dumps_line
 from agentkeel.types import AgentRequest, ContextItem, ContextReport, MemoryContext
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
     from agentkeel.context import RunContext
+
+    Summariser = Callable[[str, Sequence[Turn], int, RunContext | None], Awaitable[str]]
+    """(previous summary, turns to fold, at most this many characters, the run) -> the new summary."""
 
 DEFAULT_CONTEXT_TOKENS = 2000
 DEFAULT_RECENT_TURNS = 20
@@ -154,6 +159,7 @@ async def assemble(
     warnings: tuple[str, ...] = (),
     embedder: Embedder | None = None,
     run: RunContext | None = None,
+    summarise: Summariser | None = None,
 ) -> MemoryContext:
     """The context for ``request``: profile, retrieved memories, summary and recent turns
     within ``settings.context_tokens``, with the report of what went in and what did not.
@@ -226,7 +232,9 @@ async def assemble(
     summary_text = ""
     summarised: list[ContextItem] = []
     if folded:
-        summary = fold(store, request, summary, folded, max_bytes=max(0, summary_room + turn_room))
+        summary, note = await fold(store, request, summary, folded, max_bytes=max(0, summary_room + turn_room),
+                                   summarise=summarise, run=run)
+        notes += (note,) if note else ()
         summarised = [ContextItem("turn", f"turn:{t.id}", tokens({"role": t.role, "content": t.content}),
                                   reason="folded into the summary") for t in folded]
     if summary is not None and summary.text:
@@ -315,23 +323,46 @@ def fuse(*rankings: list[Hit]) -> list[Hit]:
     return [Hit(records[rid], scores[rid]) for rid in order]
 
 
-def fold(
-    store: MemoryStore, request: AgentRequest, previous: Summary | None, turns: list[Turn], *, max_bytes: int
-) -> Summary:
-    """The running summary with ``turns`` (newest first) folded in, extractively: the previous
-    summary's lines, then one line per turn (its opening), newest kept when over ``max_bytes``;
-    stored unless a newer summary is there already (then that one is used)."""
-    lines = previous.text.splitlines() if previous is not None and previous.text else []
-    lines += [_gist(t) for t in reversed(turns)]
-    while lines and tokens({"summary": "\n".join(lines)}) > max_bytes:
-        lines.pop(0)  # the oldest goes first
-    summary = Summary(request.user_id, request.session_id, "\n".join(lines),
-                      upto_turn_id=max(t.id for t in turns), run_id=request.run_id, source="extractive")
+async def fold(
+    store: MemoryStore, request: AgentRequest, previous: Summary | None, turns: list[Turn], *, max_bytes: int,
+    summarise: Summariser | None = None, run: RunContext | None = None,
+) -> tuple[Summary, str]:
+    """The running summary with ``turns`` (newest first) folded in, and a note when the
+    model's summary could not be had. With ``summarise``, a model writes it; otherwise (or
+    when that fails) extractively: the previous summary's lines, then one line per turn
+    (its opening), newest kept when over ``max_bytes``. Either way at most ``max_bytes``
+    as a data line, and stored unless a newer summary is there already (then that one is used)."""
+    note = ""
+    text, source = "", "extractive"
+    if summarise is not None and max_bytes > tokens({"summary": ""}):
+        try:
+            written = await summarise(previous.text if previous is not None else "", turns,
+                                      max_bytes - tokens({"summary": ""}), run)
+            text, source = _fit(written, max_bytes), "llm"
+        except (AgentkeelError, ValueError) as exc:
+            note = f"the model's summary could not be had ({type(exc).__name__}: {exc}); summarised extractively"
+    if source == "extractive":
+        lines = previous.text.splitlines() if previous is not None and previous.text else []
+        lines += [_gist(t) for t in reversed(turns)]
+        while lines and tokens({"summary": "\n".join(lines)}) > max_bytes:
+            lines.pop(0)  # the oldest goes first
+        text = "\n".join(lines)
+    summary = Summary(request.user_id, request.session_id, text,
+                      upto_turn_id=max(t.id for t in turns), run_id=request.run_id, source=source)
     if not store.save_summary(summary):
         newer = store.summary(request.user_id, request.session_id)
         if newer is not None:
-            return newer
-    return summary
+            return newer, note
+    return summary, note
+
+
+def _fit(text: str, max_bytes: int) -> str:
+    """``text`` cut (at a word where it can) so that its data line is at most ``max_bytes``."""
+    while text and tokens({"summary": text}) > max_bytes:
+        over = tokens({"summary": text}) - max_bytes
+        cut = text[: max(0, len(text) - max(over, 8))]
+        text = cut.rsplit(" ", 1)[0] if " " in cut[-40:] else cut
+    return text
 
 
 def _gist(turn: Turn) -> str:

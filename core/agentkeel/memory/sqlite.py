@@ -46,6 +46,7 @@ from agentkeel.memory.assemble import MemorySettings, assemble
 from agentkeel.memory.embed import Embedder, OpenAIEmbedder
 from agentkeel.memory.store import MemoryStore
 from agentkeel.memory.store import check_fact as check_fact_args
+from agentkeel.memory.summarise import LLMSummariser, summary_mode
 from agentkeel.memory.vectors import numpy_module
 from agentkeel.stores import db_path
 from agentkeel.tools.decorator import tool
@@ -101,6 +102,7 @@ class SQLiteMemory:
     def __init__(self) -> None:
         self._stores: dict[tuple[Path, str], MemoryStore] = {}
         self._expired_at: dict[tuple[Path, str], float] = {}
+        self._summarisers: dict[int, tuple[Config, LLMSummariser]] = {}
         self._lock = threading.Lock()
 
     @hookimpl(trylast=True)
@@ -133,7 +135,8 @@ class SQLiteMemory:
             store = self._store(config, settings)
             self._expire(config, settings, store)
             return await assemble(store, request, settings, withheld_tools=withheld,
-                                  embedder=embedder if settings.embedding_model else None, run=run)
+                                  embedder=embedder if settings.embedding_model else None, run=run,
+                                  summarise=self._summariser(config))
         except (sqlite3.Error, StoreError, OSError) as exc:
             self._failed(config, settings, "load the context", exc)
             return MemoryContext()
@@ -189,6 +192,16 @@ class SQLiteMemory:
     @hookimpl
     def agentkeel_shutdown(self) -> None:
         self.close_connections()
+
+    def _summariser(self, config: Config) -> LLMSummariser | None:
+        """The model summariser when ``[memory] summary`` resolves to "llm" (one per config)."""
+        if summary_mode(config) != "llm":
+            return None
+        with self._lock:
+            cached = self._summarisers.get(id(config))
+            if cached is None or cached[0] is not config:
+                cached = self._summarisers[id(config)] = (config, LLMSummariser(config))
+            return cached[1]
 
     def store(self, config: Config) -> MemoryStore:
         """The store for ``config`` (opened on first use); raises ``StoreError`` when it cannot be opened."""
