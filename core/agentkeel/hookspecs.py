@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
     from agentkeel.cost.store import BudgetStore
+    from agentkeel.cost.tokens import Tokenizer
     from agentkeel.journal.base import Journal
     from agentkeel.memory.embed import Embedder
     from agentkeel.planner.plan import PlanTemplate
@@ -214,6 +215,7 @@ def agentkeel_load_context(
     tools: Mapping[str, ToolSpec] | None,
     run: RunContext | None,
     embedder: Embedder | None,
+    tokenizer: Tokenizer | None,
 ) -> MemoryContext | Awaitable[MemoryContext | None] | None:
     """Load the context the prompts of a request see (planner and responder).
 
@@ -225,12 +227,29 @@ def agentkeel_load_context(
         calls made while loading (embeddings, an LLM summary) reserve from it.
     :param embedder: what ``agentkeel_embedder`` built for ``[memory]
         embedding_model`` (None: semantic retrieval is off).
+    :param tokenizer: counts tokens for every configured tier's model (the
+        largest count of their tokenizers), or None when one of them has no known
+        tokenizer: then count bytes (an upper bound).
 
     :return: a ``MemoryContext`` (profile, retrieved memories, summary, recent
         turns, with the report of what was included and dropped), None to
         abstain, or an awaitable resolving to either. firstresult. With no
         memory plugin the request runs with an empty context. Memory is data:
         prompts quote it as untrusted.
+    """
+
+
+@hookspec(firstresult=True)
+def agentkeel_tokenizer(model: str, config: Config) -> Tokenizer | None:
+    """The exact tokenizer of ``model``, to count what memory puts in its prompts.
+
+    :param model: a model name of ``[[models.tiers]]``.
+    :param config: the validated configuration.
+
+    :return: a ``Tokenizer`` (``agentkeel.cost.tokens``), or None when not known
+        (then bytes are counted). firstresult. The default (``trylast``) knows
+        OpenAI's encodings when ``bpe-openai`` is installed. Called once per
+        model per system.
     """
 
 

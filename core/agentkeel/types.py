@@ -422,8 +422,9 @@ class ContextReport:
     """What the memory manager put in the prompt, what it left out and why.
 
     ``budget_tokens`` is ``[memory] context_tokens``; ``used_tokens`` (never more)
-    is counted by ``counter`` ("bytes": one token per byte, an upper bound for
-    every byte-level BPE tokenizer). ``summarised`` are the turns folded into the
+    is counted by ``counter``: the tokenizer of the tiers' models (e.g.
+    "o200k_base"; "max(a, b)" for several), or "bytes" (one token per byte, an
+    upper bound for every byte-level BPE tokenizer) when one is not known. ``summarised`` are the turns folded into the
     session's summary by this request.
     """
 

@@ -17,9 +17,12 @@ Order and shares of the budget ``B``:
 Nothing over the budget is sent. A turn that does not fit, and every turn older
 than it, is folded into the session's running summary (extractive: the opening of
 each turn, newest kept first when the summary is full), which is stored and
-reused next time instead of the turns it covers. Every item is counted as the
-data line it becomes in the prompt (ASCII JSON: bytes, one token per byte at
-most), so the budget is a true upper bound on the tokens memory adds.
+reused next time instead of the turns it covers (with ``[memory] summary`` "llm",
+a model writes it: ``agentkeel.memory.summarise``). Every item is counted as the
+data line it becomes in the prompt (ASCII JSON), in tokens of the tiers' models
+when their tokenizers are known (``agentkeel_tokenizer``; the largest count of
+them) and else in bytes (one token per byte at most), so the budget holds for
+every model that reads the context.
 
 Memory is data, not instructions: the context is quoted as untrusted data in the
 prompt (``agentkeel.models.data.quote_memory``), and the names of registered
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from agentkeel.config import Config
+from agentkeel.cost.tokens import Tokenizer
 from agentkeel.errors import AgentkeelError, ConfigError, StoreError
 from agentkeel.memory.embed import Embedder, embedding_model
 from agentkeel.memory.store import Hit, MemoryStore, Summary, Turn
@@ -128,9 +132,12 @@ def default_context_tokens(config: Config) -> int:
     return max(DEFAULT_CONTEXT_TOKENS, 2 * min(t.max_tokens for t in config.tiers))
 
 
-def tokens(line: Mapping[str, Any]) -> int:
-    """What one data line costs in a prompt, at most: its ASCII bytes and the newline."""
-    return len(dumps_line(line)) + 1
+def tokens(line: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> int:
+    """What one data line costs in a prompt: with ``tokenizer``, its tokens and the newline's;
+    else, at most, its ASCII bytes and the newline. (Every encoding's pre-tokenizer splits at a
+    newline, so the lines of a block cost what the block costs.)"""
+    text = dumps_line(line)
+    return (tokenizer.count(text) if tokenizer is not None else len(text)) + 1
 
 
 class _Redactor:
@@ -160,11 +167,16 @@ async def assemble(
     embedder: Embedder | None = None,
     run: RunContext | None = None,
     summarise: Summariser | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> MemoryContext:
     """The context for ``request``: profile, retrieved memories, summary and recent turns
     within ``settings.context_tokens``, with the report of what went in and what did not.
     May write the session's summary (folding turns that no longer fit)."""
     budget = settings.context_tokens
+
+    def measure(line: Mapping[str, Any]) -> int:
+        return tokens(line, tokenizer)
+
     if budget <= 0:
         return MemoryContext(report=ContextReport(0, 0, warnings=warnings))
     redact = _Redactor(withheld_tools)
@@ -175,10 +187,10 @@ async def assemble(
     # 1. profile
     profile: list[tuple[str, str]] = []
     share = int(budget * settings.profile_share)
-    used = tokens({"profile": {}})
+    used = measure({"profile": {}})
     for fact in store.profile(request.user_id):
         key, value = redact(fact.key), redact(fact.value)
-        cost = tokens({key: value})
+        cost = measure({key: value})
         item = ContextItem("profile", f"profile:{fact.key}", cost)
         if used + cost <= share and used + cost <= room:
             used += cost
@@ -205,7 +217,7 @@ async def assemble(
         for hit in hits:
             item = ContextItem("memory", f"memory:{hit.record.id}", 0, score=hit.score)
             text = redact(hit.record.text)
-            cost = tokens({"memory": text})
+            cost = measure({"memory": text})
             item = attrs.evolve(item, tokens=cost)
             if spent + cost <= share:
                 spent += cost
@@ -222,7 +234,7 @@ async def assemble(
     folded: list[Turn] = []
     spent = 0
     for turn in recent:  # newest first
-        cost = tokens({"role": turn.role, "content": redact(turn.content)})
+        cost = measure({"role": turn.role, "content": redact(turn.content)})
         if not folded and spent + cost <= turn_room:
             spent += cost
             kept.append(turn)
@@ -233,13 +245,13 @@ async def assemble(
     summarised: list[ContextItem] = []
     if folded:
         summary, note = await fold(store, request, summary, folded, max_bytes=max(0, summary_room + turn_room),
-                                   summarise=summarise, run=run)
+                                   summarise=summarise, run=run, tokenizer=tokenizer)
         notes += (note,) if note else ()
-        summarised = [ContextItem("turn", f"turn:{t.id}", tokens({"role": t.role, "content": t.content}),
+        summarised = [ContextItem("turn", f"turn:{t.id}", measure({"role": t.role, "content": t.content}),
                                   reason="folded into the summary") for t in folded]
     if summary is not None and summary.text:
         text = redact(summary.text)
-        cost = tokens({"summary": text})
+        cost = measure({"summary": text})
         item = ContextItem("summary", f"summary:{request.session_id}", cost)
         if cost <= summary_room + turn_room:
             summary_text = text
@@ -249,13 +261,14 @@ async def assemble(
     turns = tuple(
         {"role": t.role, "content": redact(t.content), "run_id": t.run_id} for t in reversed(kept)
     )
-    included += [ContextItem("turn", f"turn:{t.id}", tokens({"role": t.role, "content": t.content}))
+    included += [ContextItem("turn", f"turn:{t.id}", measure({"role": t.role, "content": t.content}))
                  for t in reversed(kept)]
     used_total = QUOTE_OVERHEAD_BYTES + sum(i.tokens for i in included) + (
-        tokens({"profile": {}}) if profile else 0)
+        measure({"profile": {}}) if profile else 0)
     notes = warnings + notes + ((f"withheld {redact.hits} mention(s) of tools this principal may not call",)
                                 if redact.hits else ())
-    report = ContextReport(budget, min(used_total, budget) if included else 0, "bytes", tuple(included),
+    report = ContextReport(budget, min(used_total, budget) if included else 0,
+                           tokenizer.name if tokenizer is not None else "bytes", tuple(included),
                            tuple(dropped), tuple(summarised), notes)
     return MemoryContext(turns=turns, profile=tuple(profile), summary=summary_text, memories=tuple(memories),
                          report=report)
@@ -325,7 +338,7 @@ def fuse(*rankings: list[Hit]) -> list[Hit]:
 
 async def fold(
     store: MemoryStore, request: AgentRequest, previous: Summary | None, turns: list[Turn], *, max_bytes: int,
-    summarise: Summariser | None = None, run: RunContext | None = None,
+    summarise: Summariser | None = None, run: RunContext | None = None, tokenizer: Tokenizer | None = None,
 ) -> tuple[Summary, str]:
     """The running summary with ``turns`` (newest first) folded in, and a note when the
     model's summary could not be had. With ``summarise``, a model writes it; otherwise (or
@@ -338,13 +351,13 @@ async def fold(
         try:
             written = await summarise(previous.text if previous is not None else "", turns,
                                       max_bytes - tokens({"summary": ""}), run)
-            text, source = _fit(written, max_bytes), "llm"
+            text, source = _fit(written, max_bytes, tokenizer), "llm"
         except (AgentkeelError, ValueError) as exc:
             note = f"the model's summary could not be had ({type(exc).__name__}: {exc}); summarised extractively"
     if source == "extractive":
         lines = previous.text.splitlines() if previous is not None and previous.text else []
         lines += [_gist(t) for t in reversed(turns)]
-        while lines and tokens({"summary": "\n".join(lines)}) > max_bytes:
+        while lines and tokens({"summary": "\n".join(lines)}, tokenizer) > max_bytes:
             lines.pop(0)  # the oldest goes first
         text = "\n".join(lines)
     summary = Summary(request.user_id, request.session_id, text,
@@ -356,10 +369,10 @@ async def fold(
     return summary, note
 
 
-def _fit(text: str, max_bytes: int) -> str:
+def _fit(text: str, max_bytes: int, tokenizer: Tokenizer | None) -> str:
     """``text`` cut (at a word where it can) so that its data line is at most ``max_bytes``."""
-    while text and tokens({"summary": text}) > max_bytes:
-        over = tokens({"summary": text}) - max_bytes
+    while text and tokens({"summary": text}, tokenizer) > max_bytes:
+        over = tokens({"summary": text}, tokenizer) - max_bytes
         cut = text[: max(0, len(text) - max(over, 8))]
         text = cut.rsplit(" ", 1)[0] if " " in cut[-40:] else cut
     return text

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 from agentkeel.config import Config
 from agentkeel.context import RunContext
+from agentkeel.cost.tokens import Tokenizer, known_tokenizer
 from agentkeel.errors import ConfigError, StoreError, ToolError
 from agentkeel.facts import facts
 from agentkeel.markers import hookimpl
@@ -113,6 +114,11 @@ class SQLiteMemory:
             numpy_module()  # semantic retrieval needs numpy: say so now, not on every request
 
     @hookimpl(trylast=True)
+    def agentkeel_tokenizer(self, model: str) -> Tokenizer | None:
+        """OpenAI's encodings, offline, when ``bpe-openai`` is installed."""
+        return known_tokenizer(model)
+
+    @hookimpl(trylast=True)
     def agentkeel_embedder(self, config: Config) -> Embedder | None:
         """The OpenAI-compatible embeddings API, for any ``[memory] embedding_model`` no
         other plugin serves."""
@@ -125,7 +131,7 @@ class SQLiteMemory:
     @hookimpl(trylast=True)
     async def agentkeel_load_context(
         self, request: AgentRequest, config: Config, tools: Mapping[str, Any] | None = None,
-        run: RunContext | None = None, embedder: Embedder | None = None,
+        run: RunContext | None = None, embedder: Embedder | None = None, tokenizer: Tokenizer | None = None,
     ) -> MemoryContext:
         settings = settings_of(config)
         if settings.context_tokens == 0:
@@ -136,7 +142,7 @@ class SQLiteMemory:
             self._expire(config, settings, store)
             return await assemble(store, request, settings, withheld_tools=withheld,
                                   embedder=embedder if settings.embedding_model else None, run=run,
-                                  summarise=self._summariser(config))
+                                  summarise=self._summariser(config), tokenizer=tokenizer)
         except (sqlite3.Error, StoreError, OSError) as exc:
             self._failed(config, settings, "load the context", exc)
             return MemoryContext()

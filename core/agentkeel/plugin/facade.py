@@ -39,6 +39,7 @@ from agentkeel.types import (
 if TYPE_CHECKING:
     from agentkeel.config import Config
     from agentkeel.context import RunContext
+    from agentkeel.cost.tokens import Tokenizer
     from agentkeel.memory.embed import Embedder
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
@@ -58,6 +59,7 @@ class Plugins:
         self.wraps_tool_calls = any(i.wrapper or i.hookwrapper for i in impls) or _replaced_default(impls)
         self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
         self._embedders: dict[int, tuple[Config, Embedder | None]] = {}
+        self._tokenizers: dict[int, tuple[Config, Tokenizer | None]] = {}
 
     # --- registration -----------------------------------------------------------
 
@@ -115,10 +117,34 @@ class Plugins:
         run: RunContext | None = None,
     ) -> MemoryContext:
         result = self.hook.agentkeel_load_context(request=request, config=config, tools=tools, run=run,
-                                                  embedder=self.embedder(config))
+                                                  embedder=self.embedder(config), tokenizer=self.tokenizer(config))
         if inspect.isawaitable(result):
             result = await result
         return result if isinstance(result, MemoryContext) else MemoryContext()
+
+    def tokenizer(self, config: Config) -> Tokenizer | None:
+        """What counts tokens for every tier of ``config`` (the largest of their counts), or
+        None when a tier's model has no known tokenizer (built once per config)."""
+        cached = self._tokenizers.get(id(config))
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        from agentkeel.cost.tokens import MostOf
+
+        found: list[Tokenizer] = []
+        for model in dict.fromkeys(t.model for t in config.tiers):
+            try:
+                tokenizer: Tokenizer | None = self.hook.agentkeel_tokenizer(model=model, config=config)
+            except Exception as exc:  # noqa: BLE001 - any plugin's failure: bytes are counted
+                logging.getLogger("agentkeel.memory").warning(
+                    "memory: no tokenizer for %s (%s: %s); counting bytes", model, type(exc).__name__, exc)
+                tokenizer = None
+            if tokenizer is None:
+                found = []
+                break
+            found.append(tokenizer)
+        combined: Tokenizer | None = MostOf(found) if found else None
+        self._tokenizers[id(config)] = (config, combined)
+        return combined
 
     def embedder(self, config: Config) -> Embedder | None:
         """The embedder for ``config`` (built once); a plugin that fails to build one is
