@@ -1,6 +1,6 @@
 """``agentkeel memory show|forget``: what memory keeps of a user, and deleting it.
 
-``forget`` deletes turns, summaries, records (and their full-text index entries)
+``forget`` deletes turns, summaries, records (and their full-text index entries and embeddings)
 and, unless ``--session`` is given, profile facts; ``--before`` only rows older
 than a date. The deletion is written to the audit log (action ``memory_forget``);
 ``--vacuum`` gives the space back to the file system afterwards.
@@ -112,14 +112,15 @@ def forget(user_id: str, session_id: str | None, before: str | None, vacuum: boo
     try:
         system.stores.audit.record(
             run_id="", principal=user_id, action="memory_forget", tool="", decision="allow",
-            reason=f"{scope}: {gone.turns} turns, {gone.records} records, {gone.summaries} summaries, "
-                   f"{gone.profile} profile facts", arg_keys=(),
+            reason=f"{scope}: {gone.turns} turns, {gone.records} records, {gone.embeddings} embeddings, "
+                   f"{gone.summaries} summaries, {gone.profile} profile facts", arg_keys=(),
         )
     finally:
         system.close()
     if as_json:
         echo_json({"user": user_id, "session": session_id, "before": cutoff, "turns": gone.turns,
-                   "records": gone.records, "summaries": gone.summaries, "profile": gone.profile})
+                   "records": gone.records, "embeddings": gone.embeddings, "summaries": gone.summaries,
+                   "profile": gone.profile})
         return
-    click.echo(f"forgot {gone.turns} turns, {gone.records} records, {gone.summaries} summaries and "
-               f"{gone.profile} profile facts of user {printable(user_id)} ({printable(scope)})")
+    click.echo(f"forgot {gone.turns} turns, {gone.records} records, {gone.embeddings} embeddings, "
+               f"{gone.summaries} summaries and {gone.profile} profile facts of user {printable(user_id)} ({printable(scope)})")
