@@ -29,7 +29,7 @@ Matrix = Any
 __all__ = ["VectorCache", "cosine_top_k", "numpy_module", "to_blob", "unit_vectors"]
 
 MAX_DIMS = 8192
-DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
 
 
 def numpy_module() -> Any:
