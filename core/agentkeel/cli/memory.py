@@ -123,4 +123,5 @@ def forget(user_id: str, session_id: str | None, before: str | None, vacuum: boo
                    "profile": gone.profile})
         return
     click.echo(f"forgot {gone.turns} turns, {gone.records} records, {gone.embeddings} embeddings, "
-               f"{gone.summaries} summaries and {gone.profile} profile facts of user {printable(user_id)} ({printable(scope)})")
+               f"{gone.summaries} summaries and {gone.profile} profile facts of user {printable(user_id)} "
+               f"({printable(scope)})")
