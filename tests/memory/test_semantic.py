@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from agentkeel import AgentRequest
+from agentkeel import hookimpl
 from agentkeel.memory.assemble import fuse
 from agentkeel.memory.store import Hit, Record
 from agentkeel.testing import make_system
@@ -152,3 +152,20 @@ async def test_offline_embedder_finds_a_paraphrase_for_its_user_and_forget_remov
         assert store.nearest("ann", "all-MiniLM-L6-v2", [1.0] * 384, limit=5) == []
     finally:
         store.close()
+
+
+class NoEmbedder:
+    @hookimpl(tryfirst=True)
+    def agentkeel_embedder(self, config: Any) -> Any:
+        raise RuntimeError("model files damaged")
+
+
+async def test_an_embedder_that_cannot_be_built_is_reported(openai_server_env: ScriptedOpenAIServer) -> None:
+    recorder = Recorder()
+    async with make_system(recorder, NoEmbedder(), config=config()) as system:
+        await ask(system, "my locker code is 4417", session="a")
+        response = await ask(system, "what is my locker code?", session="b")
+    assert response.status.value == "succeeded"
+    assert any("has no embedder" in w for w in recorder.seen[-1].report.warnings)
+    assert any("4417" in m for m in recorder.seen[-1].memories)
+    assert openai_server_env.embedding_requests == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 import logging
 import sqlite3
 from collections.abc import Iterator, Mapping

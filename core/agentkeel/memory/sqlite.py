@@ -140,7 +140,11 @@ class SQLiteMemory:
         try:
             store = self._store(config, settings)
             self._expire(config, settings, store)
-            return await assemble(store, request, settings, withheld_tools=withheld,
+            lexical_only: tuple[str, ...] = ()
+            if settings.embedding_model and embedder is None:
+                lexical_only = (f"memory.embedding_model {settings.embedding_model!r} has no embedder "
+                                f"(see the log); retrieval is lexical only",)
+            return await assemble(store, request, settings, withheld_tools=withheld, warnings=lexical_only,
                                   embedder=embedder if settings.embedding_model else None, run=run,
                                   summarise=self._summariser(config), tokenizer=tokenizer)
         except (sqlite3.Error, StoreError, OSError) as exc:
