@@ -25,13 +25,14 @@ import attrs
 
 from agentkeel.cost.budget import prompt_token_upper_bound
 from agentkeel.errors import AgentkeelError, ConfigError
-from agentkeel.types import CostRecord, Usage
+from agentkeel.types import Usage
 
 if TYPE_CHECKING:
     import openai
 
     from agentkeel.config import Config
     from agentkeel.context import RunContext
+    from agentkeel.cost.budget import Reservation
 
 __all__ = ["Embedder", "EmbeddingError", "Embeddings", "OpenAIEmbedder", "embedding_model"]
 
@@ -150,13 +151,9 @@ class OpenAIEmbedder:
         self._settle(run, reservation, reported if usable else bound, estimated=not usable)  # type: ignore[arg-type]
         return Embeddings(_vectors(answer, len(texts), self._model), reported if usable else bound)  # type: ignore[arg-type]
 
-    def _settle(self, run: RunContext, reservation: Any, tokens: int, *, estimated: bool) -> None:
-        usage = Usage(input_tokens=tokens, output_tokens=0)
-        cost = run.pricer.cost(self._model, usage)
-        record = CostRecord(kind="llm", cost_usd=cost, model=self._model, tier=None, usage=usage,
-                            estimated=estimated, purpose=reservation.purpose, reason=reservation.reason)
-        reservation.settle(cost, record)
-        run.costs.append(record)
+    def _settle(self, run: RunContext, reservation: Reservation, tokens: int, *, estimated: bool) -> None:
+        run.settle_llm(reservation, model=self._model, tier=None, usage=Usage(input_tokens=tokens, output_tokens=0),
+                       estimated=estimated)
 
 
 def _vectors(answer: Any, expected: int, model: str) -> list[Sequence[float]]:
