@@ -126,6 +126,21 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"ttl_s": _POSITIVE, "allow_self": {"type": "boolean"}},
         },
+        "server": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "host": {"type": "string", "minLength": 1},
+                "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                "max_inflight": {"type": "integer", "minimum": 1, "maximum": 10_000},
+                "max_queue": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+                "max_body_bytes": {"type": "integer", "minimum": 1024, "maximum": 1 << 30},
+                "shutdown_grace_s": {"type": "number", "minimum": 0},
+                "cancel_wait_s": {"type": "number", "minimum": 0},
+                "heartbeat_s": _POSITIVE,
+                "public_metrics": {"type": "boolean"},
+            },
+        },
         "memory": {
             "type": "object",
             "additionalProperties": False,

@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from agentkeel.cost.budget import Budget, Pricer, Reservation
 
 
+@attrs.frozen
+class Stop:
+    """A request to stop a run at its next step boundary (``RunContext.request_stop``)."""
+
+    kind: str
+    """``"cancel"`` or ``"pause"``."""
+    reason: str
+
+
 @attrs.define(eq=False)
 class RunContext:
     """What a hook needs to know about the run it serves, and the budget it spends from.
@@ -43,6 +52,17 @@ class RunContext:
     """The caller's listener for this run's events (``AgentSystem.stream``), if any."""
     context_report: ContextReport | None = attrs.field(default=None, repr=False)
     """What the memory manager put in this run's prompts and left out (``MemoryContext.report``)."""
+    stop: Stop | None = attrs.field(default=None, repr=False)
+    """Set by ``request_stop``: the executor stops at the next step boundary."""
+
+    def request_stop(self, kind: str, reason: str) -> None:
+        """Stop the run before its next step: ``"cancel"`` ends it ``cancelled`` (the steps
+        that took effect are compensated); ``"pause"`` leaves it ``running`` and resumable
+        (a server shutting down). The first request wins; a cancel overrides a pause."""
+        if kind not in ("cancel", "pause"):
+            raise ValueError(f"stop kind must be 'cancel' or 'pause', got {kind!r}")
+        if self.stop is None or (kind == "cancel" and self.stop.kind == "pause"):
+            self.stop = Stop(kind, reason)
 
     @property
     def run_id(self) -> str:

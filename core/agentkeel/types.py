@@ -40,6 +40,8 @@ class RunStatus(str, enum.Enum):
     RUNNING = "running"
     ROLLING_BACK = "rolling_back"
     ROLLED_BACK = "rolled_back"
+    CANCELLED = "cancelled"
+    """Stopped on request at a step boundary; the steps that took effect were compensated."""
 
 
 def _new_run_id() -> str:

@@ -175,7 +175,7 @@ def test_exit_codes_keep_every_code_and_add_degraded() -> None:
     assert EXIT_CODES == {
         RunStatus.SUCCEEDED: 0, RunStatus.FAILED: 1, RunStatus.DENIED: 3, RunStatus.BUDGET_EXHAUSTED: 4,
         RunStatus.REJECTED: 5, RunStatus.IN_DOUBT: 6, RunStatus.WAITING: 7, RunStatus.RUNNING: 8,
-        RunStatus.ROLLING_BACK: 8, RunStatus.ROLLED_BACK: 9, RunStatus.DEGRADED: 10,
+        RunStatus.ROLLING_BACK: 8, RunStatus.ROLLED_BACK: 9, RunStatus.DEGRADED: 10, RunStatus.CANCELLED: 11,
     }
     assert set(EXIT_CODES) == set(RunStatus)
 

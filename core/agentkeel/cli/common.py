@@ -38,6 +38,7 @@ EXIT_CODES: dict[RunStatus, int] = {
     RunStatus.ROLLING_BACK: 8,
     RunStatus.ROLLED_BACK: 9,
     RunStatus.DEGRADED: 10,
+    RunStatus.CANCELLED: 11,
 }
 EXIT_USAGE = 2
 """Usage or configuration error: bad arguments, a bad agentkeel.toml, a broken plugin."""

@@ -327,8 +327,9 @@ class Journal(Protocol):
         """The run and all its records. ``RunNotFoundError`` if there is no such run."""
         ...
 
-    def list_runs(self, limit: int = 50) -> list[RunRecord]:
-        """Up to ``limit`` runs, newest first (``created_at`` descending, then latest created)."""
+    def list_runs(self, limit: int = 50, *, user_id: str | None = None) -> list[RunRecord]:
+        """Up to ``limit`` runs, newest first (``created_at`` descending, then latest created);
+        only ``user_id``'s when given."""
         ...
 
     def close(self) -> None:

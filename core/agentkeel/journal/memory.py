@@ -298,9 +298,10 @@ class MemoryJournal:
             tuple(PlanRecord(n, why, decode(plan), cost, ts) for n, why, plan, cost, ts in revisions),
         )
 
-    def list_runs(self, limit: int = 50) -> list[RunRecord]:
+    def list_runs(self, limit: int = 50, *, user_id: str | None = None) -> list[RunRecord]:
         with self._lock:
-            runs = sorted(self._runs.values(), key=lambda r: (r.record.created_at, r.seq))
+            runs = sorted((r for r in self._runs.values() if user_id is None or r.record.user_id == user_id),
+                          key=lambda r: (r.record.created_at, r.seq))
             runs = runs[::-1][: max(0, limit)]
             return [run.snapshot() for run in runs]
 

@@ -428,12 +428,18 @@ class SQLiteJournal:
 
         return self._run("load", read)
 
-    def list_runs(self, limit: int = 50) -> list[RunRecord]:
+    def list_runs(self, limit: int = 50, *, user_id: str | None = None) -> list[RunRecord]:
         def read(conn: sqlite3.Connection) -> list[RunRecord]:
-            rows = conn.execute(
-                f"{_SELECT_RUNS} ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                (max(0, int(limit)),),
-            ).fetchall()
+            if user_id is None:
+                rows = conn.execute(
+                    f"{_SELECT_RUNS} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                    (max(0, int(limit)),),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"{_SELECT_RUNS} WHERE user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                    (user_id, max(0, int(limit))),
+                ).fetchall()
             return [_run_record(row) for row in rows]
 
         return self._run("list_runs", read)

@@ -137,7 +137,13 @@ def deterministic_answer(
     if status is RunStatus.ROLLED_BACK:
         parts.append(f"Run {run_id} was rolled back" + (f": {_listed(undone)} undone." if undone else "."))
         return " ".join(parts)
-    if status is RunStatus.DENIED:
+    if status is RunStatus.RUNNING:
+        parts.append(f"I stopped before finishing ({_first_line(detail or 'interrupted')}). Nothing is lost: "
+                     f"`agentkeel resume {run_id}` continues where the run stopped.")
+        return " ".join(parts)
+    if status is RunStatus.CANCELLED:
+        parts.append(f"The run was cancelled ({_first_line(detail or 'on request')}).")
+    elif status is RunStatus.DENIED:
         parts.append(f"I may not do this: {_first_line(detail)}.")
         parts.append("Nothing that needed it was run; ask an administrator for access if you should have it.")
     elif status is RunStatus.BUDGET_EXHAUSTED:

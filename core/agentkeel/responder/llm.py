@@ -76,6 +76,8 @@ _STATUS_MEANING = {
     RunStatus.RUNNING: "the run has not finished",
     RunStatus.ROLLING_BACK: "the run is being undone",
     RunStatus.ROLLED_BACK: "the run's completed steps were undone",
+    RunStatus.CANCELLED: "the run was cancelled on request before it finished; the steps it had completed "
+                         "were undone (compensated) where they could be",
 }
 
 _ROLE = """\

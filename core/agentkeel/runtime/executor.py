@@ -215,12 +215,20 @@ class PlanExecutor:
         out: list[StepResult] = []
         stopped_at: PlanStep | None = None
         run = self.run
+        stopped_before: PlanStep | None = None  # a stop requested (cancel or pause) before this step
         for step in plan.steps:
             result = self._recorded(step)
             if result is None:
                 if self.state is not None and self._in_doubt(step):
                     out.append(self.outcomes[step.step_id])
                     stopped_at = step
+                    break
+                if run.stop is not None:
+                    cancel = run.stop.kind == "cancel"
+                    self.status = RunStatus.CANCELLED if cancel else RunStatus.RUNNING
+                    self.detail = (f"{'cancelled' if cancel else 'paused'} before step {step.step_id} "
+                                   f"({step.tool_name}): {run.stop.reason}")
+                    stopped_before = step
                     break
                 self.lease.keep()
                 if run.listened:
@@ -274,7 +282,14 @@ class PlanExecutor:
                 self.detail = f"step {step.step_id} ({result.tool_name}) {result.status.value}: {result.error}"
                 stopped_at = step
                 break
-        if stopped_at is not None:
+        if stopped_before is not None:
+            paused = self.status is RunStatus.RUNNING
+            status = StepStatus.PENDING if paused else StepStatus.SKIPPED
+            for step in plan.steps:
+                if step.step_id >= stopped_before.step_id and step.step_id not in self.outcomes:
+                    out.append(StepResult(step.step_id, step.tool_name, status, step.tool_args,
+                                          error=f"not run: {self.detail}"))
+        elif stopped_at is not None:
             paused = self.status is RunStatus.WAITING
             reason = "run paused" if paused else "run stopped"
             status = StepStatus.PENDING if paused else StepStatus.SKIPPED

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.context import RunContext
+from agentkeel.context import RunContext, Stop
 from agentkeel.cost.budget import Budget, LedgerOwner, Pricer
 from agentkeel.cost.scopes import scopes_for
 from agentkeel.errors import (
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from agentkeel.plugin.facade import Plugins
     from agentkeel.tools.registry import ToolRegistry
 
-ABORTED = (RunStatus.FAILED, RunStatus.DENIED, RunStatus.BUDGET_EXHAUSTED)
+ABORTED = (RunStatus.FAILED, RunStatus.DENIED, RunStatus.BUDGET_EXHAUSTED, RunStatus.CANCELLED)
 UNFINISHED = (RunStatus.WAITING, RunStatus.IN_DOUBT, RunStatus.RUNNING, RunStatus.ROLLING_BACK)
 """A run that stops in one of these is not over: its turn is remembered when it finishes."""
 
@@ -153,6 +153,25 @@ class Pipeline:
     stores: Stores
     owner: str
     lease_ttl_s: float
+    live: dict[str, RunContext] = attrs.field(factory=dict)
+    """The runs this process is serving now, by run id (``request_stop`` reaches them)."""
+    pending_stops: dict[str, Stop] = attrs.field(factory=dict)
+    """Stops requested for runs about to be served here (queued): taken when the run starts."""
+
+    def request_stop(self, run_id: str, kind: str, reason: str, *, pending: bool = False) -> bool:
+        """Ask a run this process serves to stop at its next step boundary (``RunContext.request_stop``);
+        ``pending=True`` also records the stop for a run that has not started yet. False when
+        the run is not served here (and not recorded)."""
+        run = self.live.get(run_id)
+        if run is not None:
+            run.request_stop(kind, reason)
+            return True
+        if pending:
+            if kind not in ("cancel", "pause"):
+                raise ValueError(f"stop kind must be 'cancel' or 'pause', got {kind!r}")
+            self.pending_stops[run_id] = Stop(kind, reason)
+            return True
+        return False
 
     def _run_context(self, request: AgentRequest, principal: Principal, sink: Sink | None) -> RunContext:
         config = self.config
@@ -165,6 +184,8 @@ class Pipeline:
         run = RunContext(request, principal, config, budget, self.pricer, self.tools.as_mapping(),
                          observers=self.plugins.event if self.plugins.has_observers else None, sink=sink)
         run.on_refused = functools.partial(self._audit_planner_refusal, run)
+        run.stop = self.pending_stops.pop(request.run_id, None)
+        self.live[request.run_id] = run  # removed when serve, resume or rollback returns
         return run
 
     # --- one request ----------------------------------------------------------------
@@ -172,6 +193,12 @@ class Pipeline:
     async def serve(self, request: AgentRequest, sink: Sink | None = None) -> AgentResponse:
         """Serve one request. Failures of the request are reported in the response
         status, never raised; only bugs and invalid configuration raise."""
+        try:
+            return await self._serve(request, sink)
+        finally:
+            self.live.pop(request.run_id, None)
+
+    async def _serve(self, request: AgentRequest, sink: Sink | None) -> AgentResponse:
         started = perf_counter()
         principal = self.plugins.resolve_principal(request.user_id, self.config)
         if principal is None:
@@ -192,6 +219,7 @@ class Pipeline:
         config_error = False
         context = MemoryContext()
         try:
+            _check_cancelled(run, "planning")
             exhausted = run.budget.exhausted_scope()
             if exhausted is not None:
                 raise BudgetExceededError(exhausted)
@@ -201,9 +229,12 @@ class Pipeline:
             plan = await self.plugins.plan(request, context, visible, run, self.templates)
             if plan is None:
                 raise PlanningError("no planner produced a plan for this request")
+            _check_cancelled(run, "its first step")
             refusal = self._check_plan(run, plan, visible)
             if refusal is not None:
                 status, message = refusal
+        except _Cancelled as exc:
+            status, message = RunStatus.CANCELLED, str(exc)
         except BudgetExceededError as exc:
             status, message = RunStatus.BUDGET_EXHAUSTED, str(exc)
         except PlanRejectedError as exc:
@@ -445,6 +476,14 @@ class Pipeline:
     async def resume(
         self, run_id: str, resolutions: Mapping[int, bool] | None = None, sink: Sink | None = None
     ) -> AgentResponse:
+        try:
+            return await self._resume(run_id, resolutions, sink)
+        finally:
+            self.live.pop(run_id, None)
+
+    async def _resume(
+        self, run_id: str, resolutions: Mapping[int, bool] | None, sink: Sink | None
+    ) -> AgentResponse:
         started = perf_counter()
         journal = self.stores.journal
         if journal.load(run_id).run.status not in RESUMABLE:
@@ -485,6 +524,43 @@ class Pipeline:
 
     async def rollback(self, run_id: str, sink: Sink | None = None) -> AgentResponse:
         """Compensate the steps of a finished run that took effect, last first."""
+        try:
+            return await self._rollback(run_id, sink)
+        finally:
+            self.live.pop(run_id, None)
+
+    async def cancel(self, run_id: str, reason: str, sink: Sink | None = None) -> AgentResponse:
+        """Cancel an unfinished run that no process is serving (waiting for an approval, in
+        doubt, or left running by a process that stopped): compensate its steps that took
+        effect and end it ``cancelled``. A finished run is left as it is (the response says so)."""
+        try:
+            return await self._cancel(run_id, reason, sink)
+        finally:
+            self.live.pop(run_id, None)
+
+    async def _cancel(self, run_id: str, reason: str, sink: Sink | None) -> AgentResponse:
+        started = perf_counter()
+        journal = self.stores.journal
+        if journal.load(run_id).run.status not in RESUMABLE:
+            response = self.show(run_id)
+            return attrs.evolve(response, message=f"run {run_id} has already finished "
+                                                  f"({response.status.value}); nothing to cancel")
+        held, state = take(journal, self.tools, run_id, self.owner, self.lease_ttl_s)
+        with held:
+            if state.run.status not in RESUMABLE:  # another process finished it while we waited
+                return self.show(run_id)
+            run, request = self._context_for(state.run, sink)
+            revisions = revisions_of(state)
+            detail = f"cancelled: {reason}"
+            if run is None:
+                answer = Answer(deterministic_answer(request, RunStatus.CANCELLED, detail, None, []), "template")
+                held.set_status(RunStatus.CANCELLED, detail, answer=answer.text)
+                return self._respond(request, None, RunStatus.CANCELLED, started, [], [], detail, answer,
+                                     revisions, remember=False, sink=sink)
+            held.set_status(RunStatus.ROLLING_BACK, detail, then_status=RunStatus.CANCELLED)
+            return await self._finish_rollback(run, revisions, held, state, started, RunStatus.CANCELLED, detail)
+
+    async def _rollback(self, run_id: str, sink: Sink | None) -> AgentResponse:
         started = perf_counter()
         held, state = take(self.stores.journal, self.tools, run_id, self.owner, self.lease_ttl_s)
         with held:
@@ -580,6 +656,15 @@ class Pipeline:
             if sink is not None:
                 sink(Event(kind="run_finished", run_id=request.run_id, data={"response": response}))
         return response
+
+
+class _Cancelled(Exception):
+    """A cancel reached a run before anything of it was journaled."""
+
+
+def _check_cancelled(run: RunContext, before: str) -> None:
+    if run.stop is not None and run.stop.kind == "cancel":
+        raise _Cancelled(f"cancelled before {before}: {run.stop.reason}")
 
 
 def _superseded(steps: list[StepResult], revisions: Sequence[PlanRevision]) -> list[StepResult]:

@@ -279,6 +279,43 @@ class AgentSystem:
         finally:
             self.pipeline.stores.flush()
 
+    async def cancel(
+        self, run_id: str, *, by: str = "", reason: str = "", on_event: Callable[[Event], None] | None = None
+    ) -> AgentResponse | None:
+        """Cancel a run: it stops at its next step boundary, its steps that took effect are
+        compensated (last first) and it ends ``cancelled``.
+
+        A run this system is serving now is told to stop and None is returned: the call
+        serving it returns the cancelled response. A run no process is serving (waiting
+        for an approval, in doubt, or left running by a process that died) is cancelled
+        here, and its response returned; a finished run is left as it is (the response's
+        message says so). Audited with ``by``. Raises ``RunNotFoundError`` for an unknown
+        run and ``LeaseHeldError`` when another live process is serving it."""
+        self._check_open()
+        why = reason or (f"cancelled by {by}" if by else "cancelled on request")
+        live = self.pipeline.live.get(run_id)
+        principal = by or (live.principal.name if live is not None else "")
+        self._audit_record(run_id=run_id, principal=principal, action="cancel", tool="", decision="allow",
+                           reason=why, arg_keys=())
+        if self.pipeline.request_stop(run_id, "cancel", why):
+            return None
+        await self.start()
+        try:
+            return await self.pipeline.cancel(run_id, why, on_event)
+        finally:
+            self.pipeline.stores.flush()
+
+    def request_stop(self, run_id: str, kind: str, reason: str, *, pending: bool = False) -> bool:
+        """Ask a run this system serves to stop at its next step boundary: ``"cancel"`` (it
+        ends ``cancelled``, compensated) or ``"pause"`` (it stays ``running``, resumable; a
+        server shutting down). ``pending=True`` records the stop for a run about to start
+        (a queued request). False when the run is not served here."""
+        return self.pipeline.request_stop(run_id, kind, reason, pending=pending)
+
+    def live_runs(self) -> list[str]:
+        """The ids of the runs this system is serving now."""
+        return list(self.pipeline.live)
+
     # --- costs --------------------------------------------------------------------
 
     @property
