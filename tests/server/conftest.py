@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from agentkeel.permissions.keys_sqlite import SQLiteKeyStore  # noqa: E402
+from agentkeel.permissions.keys_sqlite import SQLiteKeyStore
 
 REPO = Path(__file__).resolve().parents[2]
 

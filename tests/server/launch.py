@@ -8,6 +8,7 @@ import sys
 from agentkeel.config import Config
 from agentkeel.runtime.system import AgentSystem
 from agentkeel.server.serve import serve
+
 from tests.server import slow_plugin
 
 
