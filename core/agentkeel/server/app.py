@@ -543,14 +543,15 @@ def _routes(router: APIRouter) -> None:
 
     # --- sessions -------------------------------------------------------------------
 
-    @router.get("/sessions/{session_id}/turns", response_model=list[TurnOut], summary="A session's turns")
+    @router.get("/sessions/{session_id}/turns", response_model=list[TurnOut],
+                summary="A session's most recent turns, oldest first")
     async def session_turns(
         session_id: Annotated[str, Path(min_length=1, max_length=MAX_ID)], caller: CallerDep, service: ServiceDep,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         user: Annotated[str | None, Query(min_length=1, max_length=MAX_ID)] = None,
     ) -> list[TurnOut]:
         owner = _owner(caller, user)
-        turns = service.memory_store().recent_turns(owner, session_id, limit=limit)
+        turns = sorted(service.memory_store().recent_turns(owner, session_id, limit=limit), key=lambda t: t.id)
         return [TurnOut(id=t.id, run_id=t.run_id, role=t.role, content=t.content, status=t.status, ts=t.ts)
                 for t in turns]
 
@@ -663,38 +664,38 @@ class BodyLimit:
                 if not value.isdigit() or int(value) > self.limit:
                     await _send_problem(send, Problem(413 if value.isdigit() else 400, self._why(value)))
                     return
+        # The body is read here, up to the limit, before the app sees it (bodies are small:
+        # JSON requests), so a body sent without a Content-Length is refused the same way.
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def limited() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited, tracking)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
                 await _send_problem(send, Problem(413, self._why(str(received).encode())))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     def _why(self, value: bytes) -> str:
         if not value.isdigit():
             return "the Content-Length header is not a number"
         return f"the request body is larger than the {self.limit} bytes this server accepts ([server] max_body_bytes)"
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _send_problem(send: Send, problem: Problem) -> None:
