@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import math
+import re
 import time
 import zoneinfo
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -33,7 +34,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -98,7 +99,8 @@ class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     message: str = Field(min_length=1, max_length=MAX_TEXT, description="The user's message")
     session_id: str = Field("default", min_length=1, max_length=MAX_ID)
-    budget_usd: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD for this request")
+    budget_usd: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True,
+                                     description="USD for this request (a number; default: [budget] default_usd)")
 
 
 class RunAccepted(BaseModel):
@@ -132,15 +134,19 @@ class RunSummary(BaseModel):
     live: bool
 
 
+StepKey = Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,5}$")]
+"""A step id as a JSON object key."""
+
+
 class ResumeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    resolve: dict[str, Literal["done", "not-done"]] = Field(
+    resolve: dict[StepKey, Literal["done", "not-done"]] = Field(
         default_factory=dict, description="In-doubt steps settled by an operator: step id -> done | not-done")
 
 
 class ResolveIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: dict[str, Literal["done", "not-done"]] = Field(
+    steps: dict[StepKey, Literal["done", "not-done"]] = Field(
         min_length=1, description="step id -> done (it took effect) | not-done (run it again)")
 
 
@@ -369,7 +375,7 @@ def _request(caller: Caller, body: RunIn) -> AgentRequest:
 def _resolutions(raw: Mapping[str, str], field: str) -> dict[int, bool]:
     out: dict[int, bool] = {}
     for key, value in raw.items():
-        if not key.isdigit() or not 0 < int(key) < 1_000_000:
+        if not re.fullmatch(r"[1-9][0-9]{0,5}", key):
             raise Problem(422, f"{field}: {key!r} is not a step id", errors=[{"field": f"/{field}/{key}",
                                                                               "message": "not a step id"}])
         out[int(key)] = value == "done"
@@ -415,13 +421,17 @@ def _last_event_id(header: str | None, after: int | None) -> int:
     if header is None:
         return 0
     header = header.strip()
-    return int(header) if header.isdigit() and len(header) < 10 else 0
+    return int(header) if re.fullmatch(r"[0-9]{1,9}", header) else 0
 
 
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "Server-Sent Events of the run, each with an `id`; the last is `run_finished` "
                          "(its data holds the response) or `run_error`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "description": "One event; `data` is the JSON of {kind, run_id, data}",
+              "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
+                             "data": {"type": "string"}, "retry": {"type": "integer"}}}}}},
 }
 
 
