@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from agentkeel.cost.tokens import Tokenizer
     from agentkeel.journal.base import Journal
     from agentkeel.memory.embed import Embedder
+    from agentkeel.permissions.keys import KeyStore
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
     from agentkeel.types import (
@@ -172,6 +173,19 @@ def agentkeel_authorize(
         allowed only when at least one implementation allows it and none denies
         it (deny by default). ``Decision(False, reason, wait=True)`` pauses the
         run as ``waiting`` instead of denying.
+    """
+
+
+@hookspec(firstresult=True)
+def agentkeel_open_key_store(config: Config) -> KeyStore | None:
+    """Open the store of the HTTP service's API keys (``agentkeel serve``, ``agentkeel keys``).
+
+    :param config: the validated configuration.
+
+    :return: a ``KeyStore`` (``agentkeel.permissions.keys``), or None to let the next
+        plugin open one. firstresult. The default (``trylast``) is SQLite in
+        ``<home>/agentkeel.db``, or in memory with ``[journal] backend = "memory"``.
+        Called once per service or command, not by runs.
     """
 
 

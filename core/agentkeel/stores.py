@@ -282,6 +282,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX memory_vectors_by_user ON memory_vectors (user_id, model, dims, id)",
         ),
     ),
+    Migration(
+        9,
+        "keys",
+        (
+            # API keys of the HTTP service. token_hash is the SHA-256 (hex) of the secret's token:
+            # the secret itself is never stored. NULL expires_at: never expires; NULL revoked_at:
+            # not revoked; NULL rate_limit: no limit of the key's own.
+            """
+            CREATE TABLE api_keys (
+                key_id       TEXT PRIMARY KEY,
+                principal    TEXT NOT NULL,
+                name         TEXT NOT NULL DEFAULT '',
+                token_hash   TEXT NOT NULL,
+                created_at   REAL NOT NULL,
+                expires_at   REAL,
+                revoked_at   REAL,
+                rate_limit   REAL,
+                last_used_at REAL
+            )
+            """,
+            "CREATE INDEX api_keys_by_principal ON api_keys (principal, created_at)",
+        ),
+    ),
 )
 
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-
 from agentkeel.cost.sqlite_store import SQLiteBudgetStore
 from agentkeel.cost.store import LedgerEntry
+
 from tests.cli.helpers import agentkeel, errors
 
 DAY1 = 1764590400.0  # 2025-12-01 12:00 UTC

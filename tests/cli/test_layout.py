@@ -28,9 +28,12 @@ CLI_MODULES = (
     "agentkeel.cli.audit",
     "agentkeel.cli.sandbox",
     "agentkeel.cli.memory",
+    "agentkeel.cli.serve",
+    "agentkeel.cli.remote",
+    "agentkeel.cli.keys",
 )
 COMMANDS = {"run", "chat", "tools", "plugins", "runs", "show", "resume", "rollback", "approvals", "approve", "deny",
-            "costs", "audit", "sandbox", "memory"}
+            "costs", "audit", "sandbox", "memory", "serve", "keys"}
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)

@@ -6,7 +6,6 @@ from collections.abc import Generator
 from typing import Any
 
 import pytest
-
 from agentkeel import AgentRequest, RunStatus, StepStatus, ToolError, hookimpl, tool
 from agentkeel.config import Config
 from agentkeel.runtime.system import AgentSystem

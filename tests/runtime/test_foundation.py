@@ -7,7 +7,6 @@ from collections.abc import Generator
 from typing import Any
 
 import pytest
-
 from agentkeel import AgentRequest, RunStatus, StepStatus, hookimpl, tool
 from agentkeel.config import Config
 from agentkeel.errors import AgentkeelError, ConfigError, PluginError, ToolSpecError

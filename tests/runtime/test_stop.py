@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from agentkeel.config import Config
 from agentkeel.runtime.system import AgentSystem
 from agentkeel.types import AgentRequest, Event, RunStatus, StepStatus
+
 from tests.server import slow_plugin
 
 CONFIG = {

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 import httpx
-
 from agentkeel.permissions.keys_sqlite import SQLiteKeyStore
+
 from tests.server.conftest import REPO, LiveServer
 
 PROBLEM = "application/problem+json"
@@ -168,7 +168,7 @@ def test_cancel_mid_run_compensates_completed_steps(server: LiveServer) -> None:
     with server.client("alice") as client:
         run_id = client.post("/v1/runs", json={"message": "slow 4 x 0.4"}).json()["run_id"]
         with client.stream("GET", f"/v1/runs/{run_id}/stream") as stream:
-            for event_id, kind, body in ((e[0], e[1], e[2]) for e in _gen(stream)):
+            for _, kind, body in _gen(stream):
                 if kind == "step_finished" and body["data"]["step"]["step_id"] == 1:
                     break
         cancelled = client.post(f"/v1/runs/{run_id}/cancel", json={"reason": "changed my mind"})

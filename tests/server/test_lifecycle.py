@@ -69,7 +69,7 @@ def test_sigterm_during_a_run_pauses_it_and_a_new_server_resumes_it(tmp_path: Pa
 
         def wait_client() -> None:  # a /wait call in flight when the signal comes
             with server.client("carol") as carol:
-                waited["response"] = carol.post("/v1/runs/wait", json={"message": "slow 2 x 1"})
+                waited["response"] = carol.post("/v1/runs/wait", json={"message": "slow 4 x 1"})
 
         thread = threading.Thread(target=wait_client)
         thread.start()

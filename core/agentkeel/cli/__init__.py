@@ -1,7 +1,7 @@
 """The ``agentkeel`` command line: the click group, its commands, and ``main``.
 
 Each command group lives in its own module (``run``, ``chat``, ``inspect``,
-``runs``, ``approvals``, ``audit``, ``sandbox``); what they share is in
+``runs``, ``approvals``, ``audit``, ``sandbox``, ``keys``); what they share is in
 ``agentkeel.cli.common`` (and the live progress of a run in
 ``agentkeel.cli.progress``), which never import this package, so every module
 imports on its own.
@@ -23,10 +23,12 @@ from agentkeel.cli.chat import chat
 from agentkeel.cli.common import EXIT_CODES, EXIT_USAGE, one_line, with_disable_hint
 from agentkeel.cli.costs import costs
 from agentkeel.cli.inspect import plugins, tools
+from agentkeel.cli.keys import keys
 from agentkeel.cli.memory import memory
 from agentkeel.cli.run import run
 from agentkeel.cli.runs import resume, rollback, runs, show
 from agentkeel.cli.sandbox import sandbox
+from agentkeel.cli.serve import serve
 from agentkeel.errors import AgentkeelError, PluginError
 
 __all__ = ["EXIT_CODES", "EXIT_USAGE", "cli", "main"]
@@ -39,7 +41,7 @@ def cli() -> None:
 
 
 for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, costs, audit,
-                 sandbox, memory):
+                 sandbox, memory, serve, keys):
     cli.add_command(_command)
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from agentkeel.context import RunContext
     from agentkeel.cost.tokens import Tokenizer
     from agentkeel.memory.embed import Embedder
+    from agentkeel.permissions.keys import KeyStore
     from agentkeel.planner.plan import PlanTemplate
     from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 
@@ -103,6 +104,14 @@ class Plugins:
     def authorize(self, principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None) -> Decision:
         """Combine every decision: allowed only if someone allows and nobody denies."""
         return combine_decisions(self.hook.agentkeel_authorize(principal=principal, tool=tool, args=args))
+
+    def open_key_store(self, config: Config) -> KeyStore:
+        """The API key store (``agentkeel_open_key_store``); the caller closes it.
+        ``PluginError`` when no plugin opens one."""
+        store: KeyStore | None = self.hook.agentkeel_open_key_store(config=config)
+        if store is None:
+            raise PluginError("keys", "no plugin opened an API key store (agentkeel_open_key_store)")
+        return store
 
     # --- cost -------------------------------------------------------------------
 

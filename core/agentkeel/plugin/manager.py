@@ -36,6 +36,7 @@ from agentkeel.markers import PROJECT_NAME
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "agentkeel.permissions.default:PermissionsGate",
+    "agentkeel.permissions.keys_default",
     "agentkeel.cost.pricing",
     "agentkeel.cost.default",
     "agentkeel.memory.sqlite:SQLiteMemory",
