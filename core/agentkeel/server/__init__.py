@@ -3,7 +3,8 @@
 ``app.create_app`` builds the ASGI application (FastAPI) on one ``AgentSystem``;
 ``manager.RunManager`` runs requests in the background with a bounded number in
 flight, keeps each run's events for streaming and reconnects, cancels and drains;
-``auth`` turns an ``Authorization: Bearer`` API key into a principal;
+``service`` holds what the routes share and turns an ``Authorization: Bearer``
+API key into a caller;
 ``problems`` writes every error as an ``application/problem+json`` document;
 ``metrics`` keeps the Prometheus metrics; ``dashboard`` serves the cost dashboard;
 ``serve`` runs it all under uvicorn with a graceful SIGTERM.

@@ -33,7 +33,7 @@ import attrs
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,21 +41,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentkeel.cost.store import GROUPS
 from agentkeel.errors import AgentkeelError, ApprovalError, LeaseHeldError, RunNotFoundError
 from agentkeel.journal.base import ApprovalRecord, RunRecord
-from agentkeel.memory.store import MemoryStore
-from agentkeel.permissions.approvals import APPROVE_PERMISSION
-from agentkeel.permissions.keys import ApiKey, KeyStore
+from agentkeel.permissions.keys import KeyStore
 from agentkeel.runtime.durable import RESUMABLE
 from agentkeel.runtime.system import AgentSystem
-from agentkeel.server.manager import LiveRun, Overloaded, RunBusy, RunManager
+from agentkeel.server.dashboard import install as install_dashboard
+from agentkeel.server.manager import LiveRun, RunManager
 from agentkeel.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from agentkeel.server.metrics import Metrics
 from agentkeel.server.problems import PROBLEM_TYPE, Problem, pointer
+from agentkeel.server.service import (
+    ADMIN_PERMISSION,
+    ERRORS,
+    Caller,
+    CallerDep,
+    ProblemBody,
+    Service,
+    ServiceDep,
+    bearer,
+)
 from agentkeel.server.settings import ServerSettings
-from agentkeel.tools.ratelimit import TokenBucket
-from agentkeel.types import AgentRequest, AgentResponse, Principal, check_text
-
-ADMIN_PERMISSION = "admin"
-"""A principal holding it sees and controls every principal's runs, sessions, approvals and costs."""
+from agentkeel.types import AgentRequest, AgentResponse, check_text
 
 MAX_TEXT = 100_000
 MAX_ID = 200
@@ -63,34 +68,6 @@ MAX_ID = 200
 
 # --- request and response bodies ---------------------------------------------------
 
-
-class ProblemBody(BaseModel):
-    """An error (RFC 9457)."""
-
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    errors: list[dict[str, str]] | None = None
-
-
-def _problem_response(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemBody"}}}}
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _problem_response("The body is not valid JSON"),
-    401: _problem_response("No API key, or an unknown, revoked or expired one"),
-    403: _problem_response("The caller may not do this"),
-    404: _problem_response("No such resource visible to the caller"),
-    409: _problem_response("The resource is not in a state that allows this"),
-    413: _problem_response("The request body is too large"),
-    422: _problem_response("A field is invalid (each is named in `errors`)"),
-    429: _problem_response("Too many requests: try again after `Retry-After` seconds"),
-    503: _problem_response("The server is shutting down or a store is unreachable"),
-}
 
 
 class RunIn(BaseModel):
@@ -195,140 +172,6 @@ class ForgetOut(BaseModel):
     summaries: int
 
 
-# --- the caller ------------------------------------------------------------------
-
-
-@attrs.frozen
-class Caller:
-    """Who is calling: the API key's principal."""
-
-    principal: Principal
-    key: ApiKey
-
-    @property
-    def name(self) -> str:
-        return self.principal.name
-
-    @property
-    def admin(self) -> bool:
-        return ADMIN_PERMISSION in self.principal.permissions
-
-    @property
-    def approver(self) -> bool:
-        return APPROVE_PERMISSION in self.principal.permissions or self.admin
-
-    def sees(self, owner: str) -> bool:
-        return self.admin or owner == self.name
-
-
-_bearer = HTTPBearer(auto_error=False, description="An API key from `agentkeel keys create`")
-
-
-@attrs.define
-class Service:
-    """What the routes share: the system, the run manager, the key store, the metrics."""
-
-    system: AgentSystem
-    keys: KeyStore
-    settings: ServerSettings
-    manager: RunManager
-    metrics: Metrics
-    limits: dict[str, TokenBucket] = attrs.field(factory=dict)
-    memory: Any = None
-
-    def memory_store(self) -> MemoryStore:
-        """The memory store (opened on first use, closed with the app)."""
-        if self.memory is None:
-            from agentkeel.memory.assemble import MemorySettings
-            from agentkeel.memory.sqlite import open_store
-
-            config = self.system.config
-            self.memory = open_store(config, MemorySettings.from_config(config))
-        store: MemoryStore = self.memory
-        return store
-
-    def close_memory(self) -> None:
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-
-    def authenticate(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
-        if credentials is None:
-            self._refuse("", "no API key")
-        assert credentials is not None
-        result = self.keys.authenticate(credentials.credentials)
-        if result.key is None:
-            self._refuse(credentials.credentials[:15], result.reason)
-        key = result.key
-        assert key is not None
-        principal = self.system.plugins.resolve_principal(key.principal, self.system.config)
-        if principal is None:
-            self._refuse(key.key_id, f"the key's principal {key.principal!r} is not configured any more")
-        assert principal is not None
-        if key.rate_limit is not None:
-            bucket = self.limits.get(key.key_id)
-            if bucket is None:
-                bucket = self.limits[key.key_id] = TokenBucket(key.rate_limit, max(1.0, key.rate_limit),
-                                                               name=f"key {key.key_id}")
-            if not bucket.try_acquire():
-                raise Problem(429, f"API key {key.key_id} is limited to {key.rate_limit:g} requests per second",
-                              headers={"Retry-After": str(max(1, math.ceil(1 / key.rate_limit)))})
-        return Caller(principal, key)
-
-    def _refuse(self, key_hint: str, reason: str) -> None:
-        self.metrics.auth_failures.labels(reason).inc()
-        self.system.audit.record(run_id="", principal="", action="authenticate", tool="", decision="deny",
-                                 reason=f"API key refused: {reason}" + (f" ({key_hint}...)" if key_hint else ""),
-                                 arg_keys=())
-        self.system.stores.flush()
-        raise Problem(401, f"authentication failed: {reason}; send Authorization: Bearer KEY with a key from "
-                           "`agentkeel keys create`", headers={"WWW-Authenticate": "Bearer"})
-
-    # --- runs ---------------------------------------------------------------------
-
-    def record(self, caller: Caller, run_id: str) -> RunRecord:
-        """The journaled run if the caller may see it; 404 otherwise (unknown and foreign alike)."""
-        try:
-            record = self.system.journal.load(run_id).run
-        except RunNotFoundError:
-            record = None
-        if record is None or not caller.sees(record.user_id):
-            raise Problem(404, f"no run {run_id}")
-        return record
-
-    def live(self, caller: Caller, run_id: str) -> LiveRun | None:
-        live = self.manager.get(run_id)
-        if live is None:
-            return None
-        if not caller.sees(live.principal):
-            raise Problem(404, f"no run {run_id}")
-        return live
-
-    def admit(self, submit: Callable[[], LiveRun]) -> LiveRun:
-        try:
-            return submit()
-        except Overloaded as exc:
-            self.metrics.rejected.inc()
-            raise Problem(503 if self.manager.draining else 429, str(exc),
-                          headers={"Retry-After": str(exc.retry_after_s)}) from exc
-        except RunBusy as exc:
-            raise Problem(409, str(exc)) from exc
-
-
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-def _caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    return _service(request).authenticate(request, credentials)
-
-
-ServiceDep = Annotated[Service, Depends(_service)]
-CallerDep = Annotated[Caller, Depends(_caller)]
 RunId = Annotated[str, Path(min_length=1, max_length=MAX_ID, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
@@ -793,7 +636,8 @@ def create_app(
             if close_system:
                 await system.aclose()
 
-    app = FastAPI(title="agentkeel", version=_version(), lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN. /openapi.json is the API.
+    app = FastAPI(title="agentkeel", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Serve agent requests: runs, streams, approvals, costs. Authenticate with "
                               "`Authorization: Bearer KEY` (`agentkeel keys create`).",
                   responses={422: ERRORS[422]})
@@ -803,8 +647,6 @@ def create_app(
     _routes(router)
     app.include_router(router)
     _operations(app, service)
-    from agentkeel.server.dashboard import install as install_dashboard
-
     install_dashboard(app, service)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     _problem_schema(app)
@@ -845,7 +687,7 @@ def _operations(app: FastAPI, service: Service) -> None:
              response_class=Response, responses={200: {"content": {METRICS_TYPE: {"schema": {"type": "string"}}}},
                                                  401: ERRORS[401], 403: ERRORS[403], 429: ERRORS[429]})
     async def metrics(
-        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Response:
         if not service.settings.public_metrics:
             caller = service.authenticate(request, credentials)

@@ -25,8 +25,8 @@ from fastapi import Depends, FastAPI, Path, Query
 from fastapi.responses import HTMLResponse, Response
 
 from agentkeel.runtime.system import AgentSystem
-from agentkeel.server.app import ADMIN_PERMISSION, ERRORS, Caller, Service, _caller
 from agentkeel.server.problems import Problem
+from agentkeel.server.service import ADMIN_PERMISSION, ERRORS, Caller, Service, authenticated
 
 __all__ = ["ASSETS", "CHART_GROUPS", "LATEST_RUNS", "dashboard_data", "install"]
 
@@ -198,7 +198,7 @@ def install(app: FastAPI, service: Service) -> None:
              summary="The cost dashboard's data: spending by day, tier, model, tool and user, the cascade, runs "
                      "(an admin key)")
     async def dashboard_json(
-        caller: Annotated[Caller, Depends(_caller)],
+        caller: Annotated[Caller, Depends(authenticated)],
         since: Annotated[float | None, Query(ge=0, le=MAX_TIME, allow_inf_nan=False,
                                              description="Only what happened from this Unix time on")] = None,
         until: Annotated[float | None, Query(ge=0, le=MAX_TIME, allow_inf_nan=False,

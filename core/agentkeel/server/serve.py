@@ -19,7 +19,8 @@ from typing import Any
 import uvicorn
 
 from agentkeel.runtime.system import AgentSystem
-from agentkeel.server.app import Service, create_app
+from agentkeel.server.app import create_app
+from agentkeel.server.service import Service
 from agentkeel.server.settings import ServerSettings
 
 log = logging.getLogger("agentkeel.server")
