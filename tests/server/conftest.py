@@ -103,7 +103,7 @@ class LiveServer:
 
 
 def start_server(tmp: Path, *, max_inflight: int = 4, max_queue: int = 8, grace: float = 10.0,
-                 extra: str = "") -> LiveServer:
+                 extra: str = "", env_extra: dict[str, str] | None = None) -> LiveServer:
     home = tmp / "home"
     home.mkdir(parents=True, exist_ok=True)
     config = tmp / "agentkeel.toml"
@@ -113,7 +113,7 @@ def start_server(tmp: Path, *, max_inflight: int = 4, max_queue: int = 8, grace:
     log = tmp / "server.log"
     slow_log = tmp / "slow.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTKEEL_", "OPENAI_"))}
-    env |= {"AGENTKEEL_HOME": str(home), "SLOW_LOG": str(slow_log), "PYTHONPATH": str(REPO)}
+    env |= {"AGENTKEEL_HOME": str(home), "SLOW_LOG": str(slow_log), "PYTHONPATH": str(REPO)} | (env_extra or {})
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "tests.server.launch", str(config), str(port)],
                                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
