@@ -96,6 +96,8 @@ async def test_cancel_a_run_waiting_for_approval(slow_log: Path) -> None:
         assert response is not None and response.status is RunStatus.CANCELLED
         assert "not needed any more" in response.message
         assert system.journal.load(request.run_id).run.status == "cancelled"
+        assert system.approvals() == []  # its approval is closed: nobody is asked any more
+        assert system.approvals(None)[0].status == "denied"
         finished = await system.cancel(request.run_id, by="boss")
         assert finished is not None and "already finished" in finished.message
         system.stores.flush()

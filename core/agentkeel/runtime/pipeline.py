@@ -24,6 +24,7 @@ from agentkeel.context import RunContext, Stop
 from agentkeel.cost.budget import Budget, LedgerOwner, Pricer
 from agentkeel.cost.scopes import scopes_for
 from agentkeel.errors import (
+    ApprovalError,
     BudgetExceededError,
     ConfigError,
     PlanningError,
@@ -529,16 +530,16 @@ class Pipeline:
         finally:
             self.live.pop(run_id, None)
 
-    async def cancel(self, run_id: str, reason: str, sink: Sink | None = None) -> AgentResponse:
+    async def cancel(self, run_id: str, reason: str, sink: Sink | None = None, *, by: str = "") -> AgentResponse:
         """Cancel an unfinished run that no process is serving (waiting for an approval, in
         doubt, or left running by a process that stopped): compensate its steps that took
         effect and end it ``cancelled``. A finished run is left as it is (the response says so)."""
         try:
-            return await self._cancel(run_id, reason, sink)
+            return await self._cancel(run_id, reason, sink, by or "agentkeel")
         finally:
             self.live.pop(run_id, None)
 
-    async def _cancel(self, run_id: str, reason: str, sink: Sink | None) -> AgentResponse:
+    async def _cancel(self, run_id: str, reason: str, sink: Sink | None, by: str) -> AgentResponse:
         started = perf_counter()
         journal = self.stores.journal
         if journal.load(run_id).run.status not in RESUMABLE:
@@ -552,6 +553,7 @@ class Pipeline:
             run, request = self._context_for(state.run, sink)
             revisions = revisions_of(state)
             detail = f"cancelled: {reason}"
+            self._close_approvals(run_id, revisions, reason, by)
             if run is None:
                 answer = Answer(deterministic_answer(request, RunStatus.CANCELLED, detail, None, []), "template")
                 held.set_status(RunStatus.CANCELLED, detail, answer=answer.text)
@@ -559,6 +561,19 @@ class Pipeline:
                                      revisions, remember=False, sink=sink)
             held.set_status(RunStatus.ROLLING_BACK, detail, then_status=RunStatus.CANCELLED)
             return await self._finish_rollback(run, revisions, held, state, started, RunStatus.CANCELLED, detail)
+
+    def _close_approvals(self, run_id: str, revisions: Sequence[PlanRevision], reason: str, by: str) -> None:
+        """A cancelled run's pending approvals are denied, so no approver is asked about them."""
+        journal = self.stores.journal
+        now = time.time()
+        for step in (s for r in revisions for s in r.plan.steps):
+            record = journal.approval(run_id, step.step_id)
+            if record is not None and record.status_at(now) == "pending":
+                try:
+                    journal.decide_approval(run_id, step.step_id, approved=False, by=by,
+                                            reason=f"the run was cancelled: {reason}")
+                except ApprovalError:  # decided or expired meanwhile: nothing left to close
+                    pass
 
     async def _rollback(self, run_id: str, sink: Sink | None) -> AgentResponse:
         started = perf_counter()

@@ -301,7 +301,7 @@ class AgentSystem:
             return None
         await self.start()
         try:
-            return await self.pipeline.cancel(run_id, why, on_event)
+            return await self.pipeline.cancel(run_id, why, on_event, by=principal)
         finally:
             self.pipeline.stores.flush()
 
