@@ -79,7 +79,6 @@ class LiveRun:
         wake.set()
 
     def finish(self) -> None:
-        self.state = "finished"
         self._done.set()
         self._wake.set()
 
@@ -117,6 +116,9 @@ class RunManager:
     draining: bool = False
     _slots: asyncio.Semaphore | None = None
     _durations: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=50))
+    _counts: dict[str, int] = attrs.field(factory=lambda: {"queued": 0, "running": 0, "finished": 0})
+    _finished: collections.deque[LiveRun] = attrs.field(factory=collections.deque)
+    """The finished runs still kept, oldest first."""
 
     def __attrs_post_init__(self) -> None:
         if self.max_inflight < 1:
@@ -128,11 +130,16 @@ class RunManager:
 
     @property
     def queued(self) -> int:
-        return sum(1 for r in self.runs.values() if r.state == "queued")
+        return self._counts["queued"]
 
     @property
     def inflight(self) -> int:
-        return sum(1 for r in self.runs.values() if r.state == "running")
+        return self._counts["running"]
+
+    def _move(self, live: LiveRun, state: str) -> None:
+        self._counts[live.state] -= 1
+        live.state = state
+        self._counts[state] += 1
 
     def retry_after_s(self) -> int:
         """A client's wait before trying again: the queue's length in typical run times."""
@@ -185,8 +192,8 @@ class RunManager:
         live = LiveRun(run_id, principal, kind)
         self.runs[run_id] = live
         self.runs.move_to_end(run_id)
+        self._counts["queued"] += 1
         live.task = asyncio.get_running_loop().create_task(self._drive(live, work), name=f"agentkeel-{kind}-{run_id}")
-        self._forget_old()
         return live
 
     async def _drive(self, live: LiveRun, work: Callable[[Callable[[Event], None]], Any]) -> None:
@@ -200,7 +207,7 @@ class RunManager:
 
         try:
             async with self._slots:
-                live.state = "running"
+                self._move(live, "running")
                 started = time.perf_counter()
                 live.response = await work(on_event)
                 self._durations.append(time.perf_counter() - started)
@@ -217,12 +224,18 @@ class RunManager:
                 on_event(Event("run_finished", live.run_id, {"response": live.response}))
             elif live.response is None:
                 on_event(Event("run_error", live.run_id, {"error": live.error or "the run did not finish"}))
+            self._move(live, "finished")
             live.finish()
+            self._forget_old(live)
 
-    def _forget_old(self) -> None:
-        finished = [k for k, r in self.runs.items() if r.finished]
-        for key in finished[: max(0, len(finished) - self.retain)]:
-            del self.runs[key]
+    def _forget_old(self, live: LiveRun) -> None:
+        """Keep the newest ``retain`` finished runs (a run served again is kept under its new task)."""
+        self._finished.append(live)
+        while len(self._finished) > self.retain:
+            old = self._finished.popleft()
+            if self.runs.get(old.run_id) is old:  # not replaced by a later task for the same run
+                del self.runs[old.run_id]
+                self._counts["finished"] -= 1
 
     # --- cancel and drain -------------------------------------------------------------
 
