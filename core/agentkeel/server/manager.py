@@ -243,7 +243,7 @@ class RunManager:
         """Cancel a run this replica has admitted: a queued one never starts, a running one
         stops at its next step boundary. None when it is not (or no longer) served here."""
         live = self.runs.get(run_id)
-        if live is None or live.finished or live.kind != "run":
+        if live is None or live.finished or live.kind not in ("run", "resume"):
             return None
         self.system.request_stop(run_id, "cancel", reason, pending=True)
         return live
