@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -150,3 +151,13 @@ def text_problem(text: str, what: str) -> str | None:
     """A message naming ``what`` when ``text`` is not encodable text, else None."""
     bad = _text_problem(text)
     return f"{what}{bad}" if bad else None
+
+
+def real_number(value: object) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), else None; a huge int is inf."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import attrs
 
 from agentkeel.errors import BudgetExceededError
+from agentkeel.jsonvalue import real_number
 
 __all__ = [
     "GROUPS",
@@ -193,19 +193,9 @@ class ScopeOwner(NamedTuple):
     principal: str
 
 
-def _real(value: object) -> float | None:
-    """``value`` as a float when it is a real number (not a bool), else None; a huge int is inf."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
 def check_amount(value: object, field: str) -> float:
     """``value`` as USD, or ValueError naming ``field`` unless it is a finite number >= 0."""
-    number = _real(value)
+    number = real_number(value)
     if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"{field} must be a finite amount of USD >= 0, got {_shown(value)}")
     return number
@@ -213,7 +203,7 @@ def check_amount(value: object, field: str) -> float:
 
 def check_ttl(value: object) -> float:
     """``ttl_s`` as seconds, or ValueError unless it is a finite number > 0."""
-    number = _real(value)
+    number = real_number(value)
     if number is None or not math.isfinite(number) or number <= 0:
         raise ValueError(f"ttl_s must be a finite number of seconds > 0, got {_shown(value)}")
     return number
@@ -223,7 +213,7 @@ def check_bound(value: object, field: str) -> float | None:
     """A ``since``/``until`` filter: None, or a number that is not NaN."""
     if value is None:
         return None
-    number = _real(value)
+    number = real_number(value)
     if number is None or math.isnan(number):
         raise ValueError(f"{field} must be None or a Unix time in seconds, got {_shown(value)}")
     return number
@@ -268,7 +258,7 @@ def check_scope(scope: object) -> ScopeLimit:
         )
     check_amount(scope.limit_usd, f"limit_usd of budget scope {scope.label!r}")
     for field in ("start", "end"):
-        bound = _real(getattr(scope, field))
+        bound = real_number(getattr(scope, field))
         if bound is None or math.isnan(bound):
             raise ValueError(
                 f"{field} of budget scope {scope.label!r} must be a Unix time, got {_shown(getattr(scope, field))}"
@@ -325,7 +315,7 @@ def check_entry(entry: object, now: float) -> LedgerEntry:
     if not isinstance(entry.estimated, bool):
         raise ValueError(f"estimated of a ledger entry must be True or False, got {_shown(entry.estimated)}")
     cost = check_amount(entry.cost_usd, "cost_usd of a ledger entry")
-    ts = _real(entry.ts)
+    ts = real_number(entry.ts)
     if ts is None or not 0 <= ts < MAX_TS:
         raise ValueError(f"ts of a ledger entry must be a Unix time >= 0 (0: now), got {_shown(entry.ts)}")
     return attrs.evolve(

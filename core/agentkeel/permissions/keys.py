@@ -32,7 +32,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import math
-import numbers
 import re
 import secrets
 import threading
@@ -44,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from agentkeel.errors import StoreError
+from agentkeel.jsonvalue import real_number
 
 __all__ = [
     "AUTH_REASONS",
@@ -229,16 +229,6 @@ def needs_touch(key: ApiKey, now: float) -> bool:
 # --- checks shared by the backends ----------------------------------------------------------
 
 
-def _real(value: object) -> float | None:
-    """``value`` as a float when it is a real number (not a bool), else None; a huge int is inf."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
 def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -256,7 +246,7 @@ def check_now(now: object, clock: Callable[[], float]) -> float:
     """``now``, or the clock's time when None; ValueError unless a finite time."""
     if now is None:
         return float(clock())
-    number = _real(now)
+    number = real_number(now)
     if number is None or not math.isfinite(number):
         raise ValueError(f"now must be None or a finite Unix time in seconds, got {_shown(now)}")
     return number
@@ -299,14 +289,14 @@ def check_create(principal: object, name: object, expires_at: object, rate_limit
         raise ValueError(f"name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}")
     expires: float | None = None
     if expires_at is not None:
-        expires = _real(expires_at)
+        expires = real_number(expires_at)
         if expires is None or not math.isfinite(expires):
             raise ValueError(f"expires_at must be None or a finite Unix time, got {_shown(expires_at)}")
         if expires <= now:
             raise ValueError(f"expires_at must be in the future (after {now!r}), got {_shown(expires_at)}")
     limit: float | None = None
     if rate_limit is not None:
-        limit = _real(rate_limit)
+        limit = real_number(rate_limit)
         if limit is None or not math.isfinite(limit) or limit <= 0:
             raise ValueError(f"rate_limit must be None or a finite number of requests per second > 0, "
                              f"got {_shown(rate_limit)}")
