@@ -126,6 +126,11 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"ttl_s": _POSITIVE, "allow_self": {"type": "boolean"}},
         },
+        "store": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"url": {"type": "string", "minLength": 1}, "url_env": {"type": "string", "minLength": 1}},
+        },
         "server": {
             "type": "object",
             "additionalProperties": False,
