@@ -126,6 +126,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"ttl_s": _POSITIVE, "allow_self": {"type": "boolean"}},
         },
+        "shared": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"redis_url": {"type": "string", "pattern": "^rediss?://"},
+                           "fail_mode": {"enum": ["refuse", "allow"]}},
+        },
         "store": {
             "type": "object",
             "additionalProperties": False,

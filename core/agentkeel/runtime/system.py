@@ -17,12 +17,12 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentkeel.config import Config
 from agentkeel.cost.budget import Pricer
 from agentkeel.cost.store import BudgetStore, LedgerEntry
-from agentkeel.errors import ApprovalError, PluginError, ToolSpecError
+from agentkeel.errors import ApprovalError, ConfigError, PluginError, ToolSpecError
 from agentkeel.journal.base import ApprovalRecord, Journal, RunRecord, make_owner
 from agentkeel.permissions.approvals import APPROVE_PERMISSION, ApprovalGate
 from agentkeel.permissions.audit import AuditLog
@@ -38,6 +38,9 @@ from agentkeel.tools.ratelimit import RateLimiterBoard
 from agentkeel.tools.registry import ToolRegistry
 from agentkeel.tools.router import ToolRouter
 from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec, Usage
+
+if TYPE_CHECKING:
+    from agentkeel.tools.breaker_redis import RedisBreakerStore
 
 
 class AgentSystem:
@@ -71,9 +74,11 @@ class AgentSystem:
         self.tools.apply_overrides(self.config.tool_overrides, self.sandboxes)
         self.pricer = Pricer(self.plugins.model_price, self.config)
         self.breakers = BreakerBoard.from_config(self.config)
+        self.shared_breakers = _shared_breakers(self.config)
         self.rate_limits = RateLimiterBoard()
         call_hook = self.plugins.call_tool if self.plugins.wraps_tool_calls else None
-        self.router = ToolRouter(MappingProxyType(self.sandboxes), self.breakers, self.rate_limits, call_hook)
+        self.router = ToolRouter(MappingProxyType(self.sandboxes), self.breakers, self.rate_limits, call_hook,
+                                 shared_breakers=self.shared_breakers)
         self.stores = Stores(self.config, self.plugins)
         # One owner per system, so two systems in one process fence each other too.
         self.owner = f"{make_owner()}:{uuid.uuid4().hex[:8]}"
@@ -176,6 +181,8 @@ class AgentSystem:
         finally:
             for backend in self.sandboxes.values():
                 await backend.aclose()
+            if self.shared_breakers is not None:
+                await self.shared_breakers.aclose()
             self.stores.close()
 
     async def __aenter__(self) -> AgentSystem:
@@ -457,3 +464,17 @@ class AgentSystem:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this AgentSystem is closed; create a new one")
+
+
+def _shared_breakers(config: Config) -> RedisBreakerStore | None:
+    """Breakers shared by every replica when ``[shared] redis_url`` is set (``[breaker]`` thresholds)."""
+    shared = config.section("shared")
+    url = shared.get("redis_url")
+    if not url:
+        return None
+    try:
+        from agentkeel.tools.breaker_redis import RedisBreakerStore
+    except ImportError as exc:  # pragma: no cover - the redis extra is missing
+        raise ConfigError('[shared] redis_url needs Redis support: pip install "agentkeel[redis]"') from exc
+    return RedisBreakerStore(str(url), failure_threshold=config.failure_threshold,
+                             reset_after_s=config.reset_after_s, fail_mode=str(shared.get("fail_mode", "refuse")))

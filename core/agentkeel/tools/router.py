@@ -13,14 +13,15 @@ directly (the hook would only add dispatch).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agentkeel.errors import SandboxError, ToolError, ToolTimeoutError
 from agentkeel.journal.base import StepRecord
 from agentkeel.markers import hookimpl
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
-from agentkeel.tools.breaker import BreakerBoard
+from agentkeel.tools.breaker import BreakerBoard, BreakerStore, CircuitBreaker
 from agentkeel.tools.decorator import IDEMPOTENCY_KEY_ARG, RUN_ARG
 from agentkeel.tools.ratelimit import RateLimiterBoard
 from agentkeel.types import CostRecord, ToolSpec
@@ -63,11 +64,14 @@ class ToolRouter:
         breakers: BreakerBoard,
         rate_limits: RateLimiterBoard,
         call_hook: CallHook | None = None,
+        shared_breakers: BreakerStore | None = None,
     ) -> None:
         self.sandboxes = sandboxes
         self.breakers = breakers
         self.rate_limits = rate_limits
         self.call_hook = call_hook
+        self.shared_breakers = shared_breakers
+        """Breakers shared by replicas (Redis): used instead of ``breakers`` when set."""
 
     async def call(
         self,
@@ -88,12 +92,14 @@ class ToolRouter:
         key = idempotency_key(run.run_id, step_id)
         reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}", purpose="tool",
                                          reason="tool") if spec.cost_usd else None
-        breaker = self.breakers.get(spec.name)
+        shared = self.shared_breakers
+        breaker: CircuitBreaker | _Shared = self.breakers.get(spec.name) if shared is None else _Shared(shared,
+                                                                                                      spec.name)
         sent = False
         try:
             if spec.rate_limit is not None:
                 await self.rate_limits.acquire(spec, spec.timeout)
-            token = breaker.admit()
+            token: Any = breaker.admit() if isinstance(breaker, CircuitBreaker) else await breaker.admit()
             try:
                 intent(StepRecord(step_id, kind, "intent", spec.name, args, key))
             except BaseException:
@@ -132,6 +138,8 @@ class ToolRouter:
             self._settle(run, reservation, spec, step_id, sent)
             raise
         self._settle(run, reservation, spec, step_id, True)
+        if isinstance(breaker, _Shared):
+            await breaker.flush()  # its outcome reaches the shared store before the step goes on
         return result
 
     @staticmethod
@@ -146,3 +154,35 @@ class ToolRouter:
                             reason="tool")
         reservation.settle(spec.cost_usd, record)
         run.costs.append(record)
+
+
+class _Shared:
+    """A shared breaker store seen through the in-process breaker's synchronous calls: each
+    outcome is sent to the store as a task (so the call path keeps its shape); ``flush``
+    awaits them on the way out."""
+
+    __slots__ = ("name", "pending", "store")
+
+    def __init__(self, store: BreakerStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.pending: list[asyncio.Task[None]] = []
+
+    async def admit(self) -> object:
+        return await self.store.admit(self.name)
+
+    def _send(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.pending.append(asyncio.ensure_future(coro))
+
+    def release(self, token: object) -> None:
+        self._send(self.store.release(self.name, token))
+
+    def record_success(self, token: object) -> None:
+        self._send(self.store.record_success(self.name, token))
+
+    def record_failure(self, token: object) -> None:
+        self._send(self.store.record_failure(self.name, token))
+
+    async def flush(self) -> None:
+        for task in self.pending:
+            await task
