@@ -34,13 +34,14 @@ from agentkeel.runtime.executor import StepRunner
 from agentkeel.runtime.pipeline import Pipeline, Stores
 from agentkeel.sandbox.protocol import SandboxBackend
 from agentkeel.tools.breaker import BreakerBoard
-from agentkeel.tools.ratelimit import RateLimiterBoard
+from agentkeel.tools.ratelimit import RateLimiterBoard, RateLimitStore
 from agentkeel.tools.registry import ToolRegistry
 from agentkeel.tools.router import ToolRouter
 from agentkeel.types import AgentRequest, AgentResponse, Event, Principal, ToolSpec, Usage
 
 if TYPE_CHECKING:
     from agentkeel.tools.breaker_redis import RedisBreakerStore
+    from agentkeel.tools.ratelimit_redis import RedisRateLimitStore
 
 
 class AgentSystem:
@@ -75,7 +76,8 @@ class AgentSystem:
         self.pricer = Pricer(self.plugins.model_price, self.config)
         self.breakers = BreakerBoard.from_config(self.config)
         self.shared_breakers = _shared_breakers(self.config)
-        self.rate_limits = RateLimiterBoard()
+        self.shared_rate_limits = _shared_rate_limits(self.config)
+        self.rate_limits: RateLimitStore = self.shared_rate_limits or RateLimiterBoard()
         call_hook = self.plugins.call_tool if self.plugins.wraps_tool_calls else None
         self.router = ToolRouter(MappingProxyType(self.sandboxes), self.breakers, self.rate_limits, call_hook,
                                  shared_breakers=self.shared_breakers)
@@ -183,6 +185,8 @@ class AgentSystem:
                 await backend.aclose()
             if self.shared_breakers is not None:
                 await self.shared_breakers.aclose()
+            if self.shared_rate_limits is not None:
+                await self.shared_rate_limits.aclose()
             self.stores.close()
 
     async def __aenter__(self) -> AgentSystem:
@@ -478,3 +482,14 @@ def _shared_breakers(config: Config) -> RedisBreakerStore | None:
         raise ConfigError('[shared] redis_url needs Redis support: pip install "agentkeel[redis]"') from exc
     return RedisBreakerStore(str(url), failure_threshold=config.failure_threshold,
                              reset_after_s=config.reset_after_s, fail_mode=str(shared.get("fail_mode", "refuse")))
+
+
+def _shared_rate_limits(config: Config) -> RedisRateLimitStore | None:
+    """Rate limits shared by every replica when ``[shared] redis_url`` is set."""
+    shared = config.section("shared")
+    url = shared.get("redis_url")
+    if not url:
+        return None
+    from agentkeel.tools.ratelimit_redis import RedisRateLimitStore
+
+    return RedisRateLimitStore(str(url), fail_mode=str(shared.get("fail_mode", "refuse")))

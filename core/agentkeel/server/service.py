@@ -17,7 +17,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from agentkeel.errors import RunNotFoundError
+from agentkeel.errors import RateLimitedError, RunNotFoundError
 from agentkeel.journal.base import RunRecord
 from agentkeel.memory.store import MemoryStore
 from agentkeel.permissions.approvals import APPROVE_PERMISSION
@@ -136,7 +136,7 @@ class Service:
         if principal is None:
             self._refuse(key.key_id, f"the key's principal {key.principal!r} is not configured any more")
         assert principal is not None
-        if key.rate_limit is not None:
+        if key.rate_limit is not None and self.system.shared_rate_limits is None:
             bucket = self.limits.get(key.key_id)
             if bucket is None:
                 bucket = self.limits[key.key_id] = TokenBucket(key.rate_limit, max(1.0, key.rate_limit),
@@ -145,6 +145,18 @@ class Service:
                 raise Problem(429, f"API key {key.key_id} is limited to {key.rate_limit:g} requests per second",
                               headers={"Retry-After": str(max(1, math.ceil(1 / key.rate_limit)))})
         return Caller(principal, key)
+
+    async def shared_limit(self, caller: Caller) -> None:
+        """A key's own rate limit, counted across every replica when they share a Redis."""
+        shared = self.system.shared_rate_limits
+        rate = caller.key.rate_limit
+        if shared is None or rate is None:
+            return
+        try:
+            await shared.acquire_key(f"key:{caller.key.key_id}", rate, 0.0, what=f"API key {caller.key.key_id}")
+        except RateLimitedError as exc:
+            raise Problem(429, str(exc), headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s or 1)))}
+                          ) from exc
 
     def _refuse(self, key_hint: str, reason: str) -> None:
         self.metrics.auth_failures.labels(reason).inc()
@@ -191,11 +203,14 @@ def service_of(request: Request) -> Service:
     return service
 
 
-def authenticated(
+async def authenticated(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
-    return service_of(request).authenticate(request, credentials)
+    service = service_of(request)
+    caller = service.authenticate(request, credentials)
+    await service.shared_limit(caller)
+    return caller
 
 
 ServiceDep = Annotated[Service, Depends(service_of)]

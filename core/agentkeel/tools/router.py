@@ -23,7 +23,7 @@ from agentkeel.markers import hookimpl
 from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 from agentkeel.tools.breaker import BreakerBoard, BreakerStore, CircuitBreaker
 from agentkeel.tools.decorator import IDEMPOTENCY_KEY_ARG, RUN_ARG
-from agentkeel.tools.ratelimit import RateLimiterBoard
+from agentkeel.tools.ratelimit import RateLimitStore
 from agentkeel.types import CostRecord, ToolSpec
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class ToolRouter:
         self,
         sandboxes: Mapping[str, SandboxBackend],
         breakers: BreakerBoard,
-        rate_limits: RateLimiterBoard,
+        rate_limits: RateLimitStore,
         call_hook: CallHook | None = None,
         shared_breakers: BreakerStore | None = None,
     ) -> None:
