@@ -45,6 +45,7 @@ from agentkeel.permissions.keys import KeyStore
 from agentkeel.runtime.durable import RESUMABLE
 from agentkeel.runtime.system import AgentSystem
 from agentkeel.server.dashboard import install as install_dashboard
+from agentkeel.server.fanout import RedisFanout
 from agentkeel.server.manager import LiveRun, RunManager
 from agentkeel.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from agentkeel.server.metrics import Metrics
@@ -60,7 +61,7 @@ from agentkeel.server.service import (
     bearer,
 )
 from agentkeel.server.settings import ServerSettings
-from agentkeel.types import AgentRequest, AgentResponse, check_text
+from agentkeel.types import AgentRequest, AgentResponse, Event, check_text
 
 MAX_TEXT = 100_000
 MAX_ID = 200
@@ -258,6 +259,22 @@ def _stream(live: LiveRun, after: int, heartbeat_s: float) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _shared_stream(fanout: RedisFanout, run_id: str, after: int, heartbeat_s: float) -> StreamingResponse:
+    """A run another replica serves (or served), followed through Redis."""
+    async def body() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"
+        async for event in fanout.follow(run_id, after, heartbeat_s):
+            yield b": keep-alive\n\n" if event is None else event.sse()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _fanout(system: AgentSystem) -> RedisFanout | None:
+    url = system.config.section("shared").get("redis_url")
+    return RedisFanout(str(url)) if url else None
+
+
 def _last_event_id(header: str | None, after: int | None) -> int:
     if after is not None:
         return after
@@ -332,6 +349,9 @@ def _routes(router: APIRouter) -> None:
         if live is not None:
             return _stream(live, _last_event_id(last_event_id, after), service.settings.heartbeat_s)
         service.record(caller, run_id)  # 404 unless the caller may see it
+        if service.fanout is not None and await service.fanout.exists(run_id):
+            return _shared_stream(service.fanout, run_id, _last_event_id(last_event_id, after),
+                                  service.settings.heartbeat_s)
         response = service.system.show(run_id)
         finished = response.status.value not in RESUMABLE
         kind = "run_finished" if finished else "run_status"
@@ -621,8 +641,16 @@ def create_app(
             raise AgentkeelError("no plugin opened an API key store (agentkeel_open_key_store)")
     manager = RunManager(system, max_inflight=settings.max_inflight, max_queue=settings.max_queue)
     metrics = Metrics(manager, system.breakers)
-    manager.listener = metrics.observe
-    service = Service(system, keys, settings, manager, metrics)
+    fanout = _fanout(system)
+    if fanout is None:
+        manager.listener = metrics.observe
+    else:
+        def listen(live: LiveRun, event: Event) -> None:
+            metrics.observe(live, event)
+            fanout.publish(live.run_id, live.events[-1])
+
+        manager.listener = listen
+    service = Service(system, keys, settings, manager, metrics, fanout=fanout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -631,6 +659,8 @@ def create_app(
             yield
         finally:
             await manager.drain(settings.shutdown_grace_s)
+            if fanout is not None:
+                await fanout.aclose()
             service.close_memory()
             keys.close()
             if close_system:

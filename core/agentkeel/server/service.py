@@ -23,6 +23,7 @@ from agentkeel.memory.store import MemoryStore
 from agentkeel.permissions.approvals import APPROVE_PERMISSION
 from agentkeel.permissions.keys import ApiKey, KeyStore, parse_secret
 from agentkeel.runtime.system import AgentSystem
+from agentkeel.server.fanout import RedisFanout
 from agentkeel.server.manager import LiveRun, Overloaded, RunBusy, RunManager
 from agentkeel.server.metrics import Metrics
 from agentkeel.server.problems import PROBLEM_TYPE, Problem
@@ -104,6 +105,8 @@ class Service:
     manager: RunManager
     metrics: Metrics
     limits: dict[str, TokenBucket] = attrs.field(factory=dict)
+    fanout: RedisFanout | None = None
+    """Run events shared by the replicas (``[shared] redis_url``)."""
     memory: Any = None
 
     def memory_store(self) -> MemoryStore:
