@@ -9,6 +9,8 @@ timeouts, never by sleeping for a guessed time.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -142,11 +144,16 @@ def test_a_stale_process_is_fenced_after_its_lease_expires_and_another_takes_ove
     gate = paths.root / "gate"
     stale = ForkedChild(paths, "resume", "stale", "stale", gate=gate, ttl=1.0)
     wait_for(lambda: waiting_at_gate(paths, "stale"), "the stale process to reach the gate")
-    wait_for(lambda: load_state(paths, "stale").run.lease_expires_at < time.time(), "its lease to expire")
-
-    taker = run_child(paths, "resume", "stale", "taker")  # re-runs the idempotent gate step, then emails
-    assert taker.answer["status"] == "succeeded", taker.answer
-    gate.touch()
+    # A process frozen mid-call (stopped, swapped out, cut off) renews nothing: its lease runs out.
+    # (A live process renews its lease while a call runs, so only a frozen one goes stale.)
+    os.kill(stale.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: load_state(paths, "stale").run.lease_expires_at < time.time(), "its lease to expire")
+        taker = run_child(paths, "resume", "stale", "taker")  # re-runs the idempotent gate step, then emails
+        assert taker.answer["status"] == "succeeded", taker.answer
+        gate.touch()
+    finally:
+        os.kill(stale.pid, signal.SIGCONT)
     late = stale.finish()
     assert late.returncode != 0 and late.answer["error"] == "FencedError", late.answer
 
