@@ -149,6 +149,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "shutdown_grace_s": {"type": "number", "minimum": 0},
                 "cancel_wait_s": {"type": "number", "minimum": 0},
                 "heartbeat_s": _POSITIVE,
+                "sweep_interval_s": {"type": "number", "minimum": 0},
                 "public_metrics": {"type": "boolean"},
             },
         },

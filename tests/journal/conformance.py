@@ -115,6 +115,37 @@ class JournalConformance(ProcessConformance):
             journal.set_status(ghost, "failed")
         assert journal.list_runs() == []
 
+    def test_list_runs_of_one_user(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        new_run(journal, "a1", user_id="ann")
+        new_run(journal, "b1", user_id="bob")
+        new_run(journal, "a2", user_id="ann")
+        assert {r.run_id for r in journal.list_runs(user_id="ann")} == {"a1", "a2"}
+        assert [r.run_id for r in journal.list_runs(1, user_id="ann")] == [journal.list_runs(user_id="ann")[0].run_id]
+        assert journal.list_runs(user_id="nobody") == []
+
+    def test_abandoned_runs_are_the_unheld_unfinished_ones(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        held = new_run(journal, "held", ttl_s=30)
+        released = new_run(journal, "released", ttl_s=30)
+        journal.release(released)  # paused by a process on its way out
+        new_run(journal, "expiring", ttl_s=5)
+        done = new_run(journal, "done", ttl_s=1)
+        journal.set_status(done, "succeeded")
+        waiting = new_run(journal, "waiting", ttl_s=1)
+        journal.set_status(waiting, "waiting")
+        rolling = new_run(journal, "rolling", ttl_s=1)
+        journal.set_status(rolling, "rolling_back", then_status="failed")
+        now = clock()
+        assert [r.run_id for r in journal.abandoned_runs(now)] == ["released"]
+        clock.advance(10)  # "expiring" and "rolling" ran out; "held" has 20 s left
+        assert [r.run_id for r in journal.abandoned_runs(clock())] == ["released", "expiring", "rolling"]
+        assert len(journal.abandoned_runs(clock(), limit=1)) == 1
+        journal.acquire("expiring", ALICE, 30)  # taken over: held again
+        assert [r.run_id for r in journal.abandoned_runs(clock())] == ["released", "rolling"]
+        assert held.run_id not in {r.run_id for r in journal.abandoned_runs(clock())}
+
     def test_list_runs_newest_first(self, make_journal: MakeJournal) -> None:
         clock = FakeClock()
         journal = make_journal(clock=clock)

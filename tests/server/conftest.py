@@ -48,7 +48,7 @@ permissions = ["admin", "approve", "read", "refunds"]
 cost_usd = 0.002
 
 [journal]
-lease_ttl_s = 5
+lease_ttl_s = {lease_ttl}
 
 [server]
 max_inflight = {max_inflight}
@@ -57,6 +57,7 @@ max_body_bytes = 65536
 shutdown_grace_s = {grace}
 cancel_wait_s = 20
 heartbeat_s = 1
+sweep_interval_s = {sweep}
 """
 
 
@@ -102,16 +103,18 @@ class LiveServer:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_server(tmp: Path, *, max_inflight: int = 4, max_queue: int = 8, grace: float = 10.0,
-                 extra: str = "", env_extra: dict[str, str] | None = None) -> LiveServer:
-    home = tmp / "home"
+def start_server(tmp: Path, *, home: Path | None = None, max_inflight: int = 4, max_queue: int = 8, grace: float = 10.0,
+                 extra: str = "", env_extra: dict[str, str] | None = None, lease_ttl: float = 5.0,
+                 sweep: float = 0.0) -> LiveServer:
+    home = home or tmp / "home"
     home.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agentkeel.toml"
     config.write_text(textwrap.dedent(CONFIG.format(max_inflight=max_inflight, max_queue=max_queue,
-                                                    grace=grace)) + extra)
+                                                    grace=grace, lease_ttl=lease_ttl, sweep=sweep)) + extra)
     port = free_port()
     log = tmp / "server.log"
-    slow_log = tmp / "slow.log"
+    slow_log = home / "slow.log"  # shared by servers on one home
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTKEEL_", "OPENAI_"))}
     env |= {"AGENTKEEL_HOME": str(home), "SLOW_LOG": str(slow_log), "PYTHONPATH": str(REPO)} | (env_extra or {})
     with log.open("wb") as out:

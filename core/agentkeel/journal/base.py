@@ -50,6 +50,7 @@ import attrs
 from agentkeel.errors import ApprovalError, FencedError, JournalRecordError, LeaseHeldError, RunNotFoundError
 
 __all__ = [
+    "ABANDONABLE",
     "APPROVAL_STATUSES",
     "DEFAULT_TTL_S",
     "KINDS",
@@ -73,6 +74,8 @@ DEFAULT_TTL_S = 30.0
 KINDS = ("forward", "compensation")
 PHASES = ("intent", "outcome")
 APPROVAL_STATUSES = ("pending", "approved", "denied", "expired")
+ABANDONABLE = ("running", "rolling_back")
+"""Run statuses a sweeper takes over when nobody holds the run (``Journal.abandoned_runs``)."""
 PLAN_REASONS = ("initial", "replan", "round")
 REVISION_REASONS = tuple(r for r in PLAN_REASONS if r != "initial")
 """The reasons ``revise_plan`` takes (``"initial"`` is revision 1's, written by ``create_run``)."""
@@ -330,6 +333,12 @@ class Journal(Protocol):
     def list_runs(self, limit: int = 50, *, user_id: str | None = None) -> list[RunRecord]:
         """Up to ``limit`` runs, newest first (``created_at`` descending, then latest created);
         only ``user_id``'s when given."""
+        ...
+
+    def abandoned_runs(self, now: float, limit: int = 100) -> list[RunRecord]:
+        """Up to ``limit`` runs that are ``running`` or ``rolling_back`` and that nobody holds:
+        released (a process paused them on its way out) or with a lease expired by ``now`` (its
+        holder died or stopped). Oldest first. A sweeper takes them over with ``acquire``."""
         ...
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import attrs
 
 from agentkeel.errors import RunExistsError
 from agentkeel.journal.base import (
+    ABANDONABLE,
     DEFAULT_TTL_S,
     ApprovalRecord,
     Lease,
@@ -304,6 +305,14 @@ class MemoryJournal:
                           key=lambda r: (r.record.created_at, r.seq))
             runs = runs[::-1][: max(0, limit)]
             return [run.snapshot() for run in runs]
+
+    def abandoned_runs(self, now: float, limit: int = 100) -> list[RunRecord]:
+        with self._lock:
+            runs = sorted((r for r in self._runs.values()
+                           if r.record.status in ABANDONABLE and (r.record.owner == ""
+                                                                  or r.record.lease_expires_at <= now)),
+                          key=lambda r: (r.record.created_at, r.seq))
+            return [run.snapshot() for run in runs[: max(0, limit)]]
 
     def close(self) -> None:
         """Nothing to release; the runs stay readable until the object is dropped."""

@@ -444,6 +444,17 @@ class SQLiteJournal:
 
         return self._run("list_runs", read)
 
+    def abandoned_runs(self, now: float, limit: int = 100) -> list[RunRecord]:
+        def read(conn: sqlite3.Connection) -> list[RunRecord]:
+            rows = conn.execute(
+                f"{_SELECT_RUNS} WHERE status IN ('running', 'rolling_back') "
+                "AND (owner = '' OR lease_expires_at <= ?) ORDER BY created_at, rowid LIMIT ?",
+                (float(now), max(0, int(limit))),
+            ).fetchall()
+            return [_run_record(row) for row in rows]
+
+        return self._run("abandoned_runs", read)
+
     def close(self) -> None:
         self._db.close()
 

@@ -655,9 +655,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await system.start()
+        sweeper = (asyncio.get_running_loop().create_task(manager.sweep_forever(settings.sweep_interval_s),
+                                                          name="agentkeel-sweeper")
+                   if settings.sweep_interval_s > 0 else None)
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
             await manager.drain(settings.shutdown_grace_s)
             if fanout is not None:
                 await fanout.aclose()

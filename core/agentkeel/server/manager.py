@@ -237,6 +237,45 @@ class RunManager:
                 del self.runs[old.run_id]
                 self._counts["finished"] -= 1
 
+    # --- takeover ---------------------------------------------------------------------
+
+    async def sweep(self) -> list[str]:
+        """Take over runs nobody holds (a replica died, or paused them on its way out), as
+        many as there is room for: each is resumed here by the usual rules (completed steps
+        are not run again; an interrupted retry-safe step is re-run with its key; any other
+        ends ``in_doubt``). Another replica taking one first is no error. The ids taken."""
+        if self.draining:
+            return []
+        room = self.max_inflight + self.max_queue - self.inflight - self.queued
+        if room <= 0:
+            return []
+        taken = []
+        for record in self.system.journal.abandoned_runs(time.time(), limit=room):
+            current = self.runs.get(record.run_id)
+            if current is not None and not current.finished:
+                continue
+            try:
+                self.submit_resume(record.run_id, record.user_id)
+            except (Overloaded, RunBusy):
+                break
+            self.system.audit.record(run_id=record.run_id, principal=record.user_id, action="takeover", tool="",
+                                     decision="allow", reason=f"nobody held the run (was {record.owner or 'released'})",
+                                     arg_keys=())
+            taken.append(record.run_id)
+        if taken:
+            self.system.stores.flush()
+            log.info("took over %d abandoned runs: %s", len(taken), ", ".join(taken))
+        return taken
+
+    async def sweep_forever(self, interval_s: float) -> None:
+        """``sweep`` every ``interval_s`` until the server drains."""
+        while not self.draining:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sweep()
+            except Exception:  # a store hiccup: the next sweep tries again
+                log.exception("the takeover sweep failed")
+
     # --- cancel and drain -------------------------------------------------------------
 
     def stop(self, run_id: str, reason: str) -> LiveRun | None:

@@ -24,6 +24,8 @@ class ServerSettings:
     """How long ``POST /v1/runs/{id}/cancel`` waits for the run to stop before answering 202."""
     heartbeat_s: float = 15.0
     """A stream with no event for this long gets a comment line, so proxies keep it open."""
+    sweep_interval_s: float = 10.0
+    """How often this replica looks for runs nobody holds, to finish them (0: never)."""
     public_metrics: bool = False
     """``/metrics`` without an API key (default: an admin key is needed)."""
 

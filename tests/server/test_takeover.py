@@ -1,0 +1,61 @@
+"""Takeover: a replica dies (kill -9) in the middle of runs; another replica on the same
+stores finds them once their leases expire and finishes them by the resume rules, with
+no step's effect twice; a replica that shuts down gracefully hands its runs over at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from tests.server.conftest import LiveServer, start_server
+
+
+def _wait_until(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _status(server: LiveServer, run_id: str) -> str:
+    with server.client("root") as root:
+        response = root.get(f"/v1/runs/{run_id}")
+    return str(response.json()["status"]) if response.status_code == 200 else "unknown"
+
+
+def test_a_killed_replicas_runs_are_finished_by_another(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    a = start_server(tmp_path / "a", home=home, lease_ttl=1.5)
+    b = start_server(tmp_path / "b", home=home, lease_ttl=1.5, sweep=0.3)
+    try:
+        with a.client("alice") as client:
+            run_ids = [client.post("/v1/runs", json={"message": "slow 3 x 0.6"}).json()["run_id"] for _ in range(3)]
+        _wait_until(lambda: all(f"do {r}:1" in a.marks() for r in run_ids), 20)
+        a.stop(signal.SIGKILL)  # mid-run: step 2 of each is in flight
+        _wait_until(lambda: all(_status(b, r) == "succeeded" for r in run_ids), 30)
+        marks = b.marks()
+        for run_id in run_ids:
+            assert sorted(m for m in marks if run_id in m) == [f"do {run_id}:{i}" for i in (1, 2, 3)]
+        audit = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+        assert {r["run_id"] for r in audit if r["action"] == "takeover"} >= set(run_ids)
+    finally:
+        b.stop()
+        if a.process.poll() is None:
+            a.process.kill()
+
+
+def test_a_replica_shutting_down_hands_its_paused_runs_over(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    a = start_server(tmp_path / "a", home=home)
+    b = start_server(tmp_path / "b", home=home, sweep=0.3)
+    try:
+        with a.client("alice") as client:
+            run_id = client.post("/v1/runs", json={"message": "slow 4 x 0.5"}).json()["run_id"]
+        _wait_until(lambda: f"do {run_id}:1" in a.marks(), 20)
+        a.stop(signal.SIGTERM)  # pauses the run at its next step, lease released
+        _wait_until(lambda: _status(b, run_id) == "succeeded", 30)  # no lease to wait for
+        assert sorted(m for m in b.marks() if run_id in m) == [f"do {run_id}:{i}" for i in (1, 2, 3, 4)]
+    finally:
+        b.stop()
