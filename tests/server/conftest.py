@@ -78,9 +78,15 @@ class LiveServer:
     log: Path
     slow_log: Path
     keys: dict[str, str] = attrs.field(factory=dict)
+    store_url: str = ""
 
     def key(self, principal: str, **kwargs: Any) -> str:
-        store = SQLiteKeyStore(self.home)
+        store: Any = SQLiteKeyStore(self.home)
+        if self.store_url:
+            from agentkeel.permissions.keys_pg import PostgresKeyStore
+
+            store.close()
+            store = PostgresKeyStore(self.store_url)
         try:
             secret, _ = store.create(principal, **kwargs)
         finally:
@@ -105,13 +111,15 @@ class LiveServer:
 
 def start_server(tmp: Path, *, home: Path | None = None, max_inflight: int = 4, max_queue: int = 8, grace: float = 10.0,
                  extra: str = "", env_extra: dict[str, str] | None = None, lease_ttl: float = 5.0,
-                 sweep: float = 0.0) -> LiveServer:
+                 sweep: float = 0.0, store_url: str = "", redis_url: str = "") -> LiveServer:
     home = home or tmp / "home"
     home.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "agentkeel.toml"
     config.write_text(textwrap.dedent(CONFIG.format(max_inflight=max_inflight, max_queue=max_queue,
-                                                    grace=grace, lease_ttl=lease_ttl, sweep=sweep)) + extra)
+                                                    grace=grace, lease_ttl=lease_ttl, sweep=sweep))
+                      + (f'\n[store]\nurl = "{store_url}"\n' if store_url else "")
+                      + (f'\n[shared]\nredis_url = "{redis_url}"\n' if redis_url else "") + extra)
     port = free_port()
     log = tmp / "server.log"
     slow_log = home / "slow.log"  # shared by servers on one home
@@ -120,7 +128,7 @@ def start_server(tmp: Path, *, home: Path | None = None, max_inflight: int = 4, 
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "tests.server.launch", str(config), str(port)],
                                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", home, config, process, log, slow_log)
+    server = LiveServer(f"http://127.0.0.1:{port}", home, config, process, log, slow_log, store_url=store_url)
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
@@ -136,6 +144,10 @@ def start_server(tmp: Path, *, home: Path | None = None, max_inflight: int = 4, 
         time.sleep(0.05)
     for principal in ("alice", "bob", "carol", "root"):
         server.keys[principal] = server.key(principal, name=f"test key of {principal}")
+    if store_url:
+        from agentkeel import pg
+
+        pg.close_all()  # the test process's pool: a later test's server gets a database of its own
     return server
 
 
