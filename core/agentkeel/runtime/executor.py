@@ -126,7 +126,6 @@ class StepRunner:
                     return finish(stop[0], error=stop[1]), None
             attempt += 1
             rejected: tuple[Any, Verdict] | None = None  # a result the evaluator turned down
-            lease.watch()  # a slow call keeps the run's lease
             try:
                 result = await self.router.call(
                     run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=lease.intent
@@ -161,8 +160,6 @@ class StepRunner:
                     ), None
                 retryable = True
                 rejected = (result, verdict)
-            finally:
-                lease.unwatch()
             recovery = plugins.recover(step, spec, error, attempt, retryable, run)
             if run.listened:
                 run.emit("step_attempt_failed", step_id=step.step_id, error=error, action=recovery.action,

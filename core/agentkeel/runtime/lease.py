@@ -31,12 +31,13 @@ class HeldLease:
         self._timer: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> HeldLease:
+        self._watch()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.unwatch()
+        self._unwatch()
         try:
             self.journal.release(self.lease)
         except FencedError:
@@ -44,25 +45,29 @@ class HeldLease:
                 raise  # another process took the run over while we thought we held it
             # an error is already on its way out; the takeover is the lesser news
 
-    def watch(self) -> None:
-        """While a tool call runs: renew the lease every third of its time-to-live, so a slow
-        call does not lose it (``unwatch`` when the call returns). A timer, not a task: it
-        costs about a microsecond on the per-step path."""
-        self._timer = asyncio.get_running_loop().call_later(self.ttl_s / 3, self._renew)
+    def _watch(self) -> None:
+        """Renew the lease every third of its time-to-live while the run is held, whatever it
+        is doing (a slow tool call, a slow planner), so only a process that stops making
+        progress loses it. One timer per run, not per step: the per-step path pays nothing."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # held outside an event loop: renewed between steps only
+            return
+        self._timer = loop.call_later(self.ttl_s / 3, self._renew)
 
-    def unwatch(self) -> None:
+    def _unwatch(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _renew(self) -> None:
         try:
-            self.lease = self.journal.renew(self.lease, self.ttl_s)
+            self.keep()
         except (FencedError, StoreError) as exc:  # the next write of the run raises it for real
-            log.warning("could not renew the lease of run %s during a tool call: %s", self.lease.run_id, exc)
+            log.warning("could not renew the lease of run %s: %s", self.lease.run_id, exc)
             self._timer = None
             return
-        self._timer = asyncio.get_running_loop().call_later(self.ttl_s / 3, self._renew)
+        self._watch()
 
     def keep(self) -> None:
         """Renew the lease when half of it has run out."""
