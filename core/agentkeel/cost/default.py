@@ -1,7 +1,9 @@
 """The default budget store: the cost ledger and scoped budgets in ``<home>/agentkeel.db``.
 
-With ``[journal] backend = "memory"`` (tests, benchmarks) they are kept in the
-process instead, like the journal.
+With ``[store] url`` (or ``url_env``) set, they live in that PostgreSQL database instead
+(``agentkeel.cost.pg_store.PostgresBudgetStore``), shared by every replica. Otherwise,
+with ``[journal] backend = "memory"`` (tests, benchmarks) they are kept in the process,
+like the journal.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from agentkeel.markers import hookimpl
 
 @hookimpl(trylast=True)
 def agentkeel_open_budget_store(config: Config) -> BudgetStore:
+    from agentkeel.pg import store_url
+
+    url = store_url(config)
+    if url is not None:
+        from agentkeel.cost.pg_store import PostgresBudgetStore
+
+        return PostgresBudgetStore(url)
     if config.section("journal").get("backend", "sqlite") == "memory":
         from agentkeel.cost.memory_store import MemoryBudgetStore
 
