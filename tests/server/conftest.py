@@ -41,6 +41,9 @@ permissions = ["read", "approve"]
 [principals.carol]
 permissions = ["read"]
 
+[principals.dave]
+permissions = ["read"]
+
 [principals.root]
 permissions = ["admin", "approve", "read", "refunds"]
 
@@ -142,7 +145,7 @@ def start_server(tmp: Path, *, home: Path | None = None, max_inflight: int = 4, 
             process.kill()
             raise RuntimeError(f"the server did not start:\n{server.output()}")
         time.sleep(0.05)
-    for principal in ("alice", "bob", "carol", "root"):
+    for principal in ("alice", "bob", "carol", "dave", "root"):
         server.keys[principal] = server.key(principal, name=f"test key of {principal}")
     if store_url:
         from agentkeel import pg
