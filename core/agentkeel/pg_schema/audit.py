@@ -1,0 +1,6 @@
+"""PostgreSQL tables of the audit (see ``agentkeel.pg_schema``)."""
+
+from __future__ import annotations
+
+V1: tuple[str, ...] = ()
+"""Version 1 of the audit's tables."""
