@@ -708,6 +708,13 @@ def _operations(app: FastAPI, service: Service) -> None:
                 checks[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - readiness reports any failure of a store
                 checks[name] = f"{type(exc).__name__}: {exc}"
+        if service.fanout is not None:
+            try:
+                await asyncio.wait_for(service.fanout.ping(), 2.0)
+                checks["redis"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - breakers and rate limits refuse calls meanwhile
+                checks["redis"] = (f"{type(exc).__name__}: {exc} (tool calls are refused while it is down: "
+                                   "[shared] fail_mode)")
         ready = all(v == "ok" for v in checks.values()) and not service.manager.draining
         if service.manager.draining:
             checks["server"] = "shutting down"

@@ -72,6 +72,9 @@ class RedisFanout:
         while not self._queue.empty() and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
 
+    async def ping(self) -> None:
+        await self._redis.ping()
+
     async def exists(self, run_id: str) -> bool:
         return bool(await self._redis.exists(self._key(run_id)))
 
