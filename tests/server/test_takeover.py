@@ -59,3 +59,38 @@ def test_a_replica_shutting_down_hands_its_paused_runs_over(tmp_path: Path) -> N
         assert sorted(m for m in b.marks() if run_id in m) == [f"do {run_id}:{i}" for i in (1, 2, 3, 4)]
     finally:
         b.stop()
+
+
+def test_kill_9_during_20_runs_with_non_idempotent_steps(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+    """Replicas on PostgreSQL: every run ends succeeded or in_doubt (naming its step), and no
+    email is ever sent twice."""
+    log = tmp_path / "effects.log"
+    shared = {"SLOW_LOG": str(log)}
+    a = start_server(tmp_path / "a", store_url=pg_url, redis_url=redis_url, lease_ttl=1.5, env_extra=shared,
+                     max_inflight=20, max_queue=20)
+    b = start_server(tmp_path / "b", store_url=pg_url, redis_url=redis_url, lease_ttl=1.5, sweep=0.3,
+                     env_extra=shared, max_inflight=20, max_queue=20)
+    b.keys = a.keys
+    try:
+        with a.client("alice") as client:
+            run_ids = [client.post("/v1/runs", json={"message": f"email 3 x 0.4 as r{i}"}).json()["run_id"]
+                       for i in range(20)]
+        _wait_until(lambda: log.exists() and log.read_text().count("email") >= 20, 30)
+        a.stop(signal.SIGKILL)
+        _wait_until(lambda: all(_status(b, r) in ("succeeded", "in_doubt", "failed") for r in run_ids), 60)
+        emails = [line for line in log.read_text().splitlines() if line.startswith("email ")]
+        assert len(emails) == len(set(emails)), "an email was sent twice"
+        statuses = []
+        with b.client("root") as root:
+            for run_id in run_ids:
+                body = root.get(f"/v1/runs/{run_id}").json()
+                statuses.append(body["status"])
+                assert body["status"] in ("succeeded", "in_doubt"), body["status"]
+                if body["status"] == "in_doubt":
+                    doubt = [s for s in body["steps"] if s["status"] in ("in_doubt", "running")]
+                    assert doubt and f"step {doubt[0]['step_id']} (slow_email)" in body["message"]
+        assert "in_doubt" in statuses  # the kill caught emails in flight: never re-sent, handed to a human
+    finally:
+        b.stop()
+        if a.process.poll() is None:
+            a.process.kill()
