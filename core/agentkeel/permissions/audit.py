@@ -46,6 +46,17 @@ A power cut can also leave the two disagreeing (neither is fsynced unless
 The anchor proves nothing against someone who can write both the log and the
 database.
 
+Anchor stores. The anchor is written through an ``AnchorStore`` (``load``,
+``mark_broken``, ``save``, ``read``): ``SQLiteAnchor`` (the ``audit_head`` row
+above) always, unless ``anchor=False``, plus an optional ``extra_anchor``, written
+at the same moments. ``agentkeel.permissions.audit_pg.PostgresAnchor`` is the one
+used with ``[store] url``: the anchor of each replica's chain lives outside the
+replica, so replacing the log together with the local database is still detected.
+A writer that finds another writer appended since its own last record first checks
+(one short read) that its own last record is still where it wrote it; only when it
+is not does it read the anchors held elsewhere (``local = False``), so a shared
+file never costs a database round trip per record.
+
 Writers: the file is opened with ``O_APPEND`` and each record is one ``write``
 under an exclusive ``flock``, so several processes appending to one file keep a
 single chain. A writer remembers the file size after its own last write and
@@ -67,7 +78,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import attrs
 
@@ -171,72 +182,60 @@ def anchor_key(path: str | os.PathLike[str], home: str | os.PathLike[str]) -> st
         return str(log)
 
 
-class AuditLog:
-    """Appends hash-chained records to ``path``. Thread-safe and multi-process safe.
+StoredAnchor = tuple[int, str, str | None, Any]
+"""(count, head, broken, end offset or None) of one anchor row, as a writer checks it."""
 
-    Opening continues the chain found in the file. ``fsync=True`` makes every
-    record durable before ``record`` returns (much slower); otherwise a record
-    is handed to the kernel with one ``write`` and survives a process crash,
-    not a power cut. Raises ``AuditLogError`` when the file ends in a damaged
-    line (an interrupted write): appending after it would hide where it broke.
 
-    Each append also updates the anchor row of this log in ``<home>/agentkeel.db``
-    (``home`` defaults to the log's directory, which is ``config.home`` for the
-    default log); ``anchor=False`` skips it (``verify`` then reports the log as
-    not anchored).
-    """
+class AnchorStore(Protocol):
+    """Where the anchor of one log is kept: one object per log, the key inside.
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        fsync: bool = False,
-        home: str | os.PathLike[str] | None = None,
-        anchor: bool = True,
-    ) -> None:
+    Every method raises ``AuditLogError`` (naming ``where``) when the store fails.
+    ``open`` is idempotent and is called again in a forked child, which must not
+    use its parent's connection."""
+
+    where: str
+    """The store, for messages (a database file, a server: never a password)."""
+    local: bool
+    """Whether reading it is as cheap as a local file (see ``AuditLog``)."""
+
+    def open(self) -> None: ...
+
+    def load(self) -> StoredAnchor | None: ...
+
+    def mark_broken(self, detail: str) -> None:
+        """Set the row's ``broken`` to ``detail`` unless it is set already."""
+
+    def save(self, head: str, count: int, ts: float, end: int) -> None:
+        """UPSERT the anchor, never moving it backwards (to a smaller count)."""
+
+    def read(self) -> Anchor | str:
+        """The anchor for ``verify``, or why there is none (never creates anything)."""
+
+    def close(self) -> None: ...
+
+
+class SQLiteAnchor:
+    """The ``audit_head`` row of the log at ``path`` in ``<home>/agentkeel.db``."""
+
+    local = True
+
+    def __init__(self, path: str | os.PathLike[str], home: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.path = Path(path)
+        self.home = Path(home)
         self.fsync = fsync
-        self.home = Path(home) if home is not None else self.path.parent
-        self.anchor = anchor
-        self._key = anchor_key(self.path, self.home)
-        self._lock = threading.Lock()
-        self._fd: int | None = None
+        self.key = anchor_key(self.path, self.home)
+        self.where = str(db_path(self.home))
         self._db: sqlite3.Connection | None = None
-        self._inherited: list[sqlite3.Connection] = []
         self._pid = 0
-        self._size = -1  # file size after our last write; -1 forces a re-read
-        self._seq = 0
-        self._prev = GENESIS
-        self._pending: tuple[str, int, float, int] | None = None  # (head, count, ts, end) not yet anchored
-        self._anchor_due = 0.0
-        self._open()
+        self._inherited: list[sqlite3.Connection] = []
 
-    @classmethod
-    def for_config(cls, config: Config, *, fsync: bool = False) -> AuditLog:
-        return cls(default_path(config), fsync=fsync, home=config.home)
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._pid = os.getpid()
-        if self.anchor:
-            self._db = self._open_db()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._size = -1
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            self._sync_tail(os.fstat(self._fd).st_size)
-        except BaseException:
-            os.close(self._fd)
-            self._fd = None
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-            raise
-        finally:
-            if self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _open_db(self) -> sqlite3.Connection:
+    def open(self) -> None:
+        if self._db is not None:
+            if self._pid == os.getpid():
+                return
+            # A forked child keeps its parent's connection alive but never uses (nor closes) it.
+            self._inherited.append(self._db)
+            self._db = None
         try:
             conn = open_db(self.home)
         except (sqlite3.Error, OSError) as exc:
@@ -253,7 +252,135 @@ class AuditLog:
             raise AuditLogError(
                 f"cannot create the {ANCHOR_TABLE} table in {db_path(self.home)}: {exc}"
             ) from exc
-        return conn
+        self._db, self._pid = conn, os.getpid()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None or self._pid != os.getpid():
+            self.open()
+        assert self._db is not None
+        return self._db
+
+    def load(self) -> StoredAnchor | None:
+        try:
+            row = self._conn().execute(_SELECT_ANCHOR_WITH_SIZE, (self.key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise AuditLogError(
+                f"cannot read the anchor of {self.path} in {db_path(self.home)}: {exc}"
+            ) from exc
+        if row is None:
+            return None
+        count, head, broken, end = row
+        return int(count), str(head), broken, end
+
+    def mark_broken(self, detail: str) -> None:
+        try:
+            self._conn().execute(
+                f"UPDATE {ANCHOR_TABLE} SET broken = ? WHERE log_path = ? AND broken IS NULL",
+                (detail, self.key),
+            )
+        except sqlite3.Error as exc:
+            raise AuditLogError(
+                f"cannot read the anchor of {self.path} in {db_path(self.home)}: {exc}"
+            ) from exc
+
+    def save(self, head: str, count: int, ts: float, end: int) -> None:
+        try:
+            self._conn().execute(_UPSERT_ANCHOR, (self.key, head, count, ts, end))
+        except sqlite3.Error as exc:
+            raise AuditLogError(
+                f"record {count} was appended to {self.path}, but its anchor in "
+                f"{db_path(self.home)} could not be updated ({exc}); the next anchoring "
+                "updates it, and until then `agentkeel audit verify` reports the record as not anchored"
+            ) from exc
+
+    def read(self) -> Anchor | str:
+        return read_anchor(self.path, self.home)
+
+    def close(self) -> None:
+        if self._db is not None:
+            if self._pid == os.getpid():
+                self._db.close()
+            else:
+                self._inherited.append(self._db)
+            self._db = None
+
+
+class AuditLog:
+    """Appends hash-chained records to ``path``. Thread-safe and multi-process safe.
+
+    Opening continues the chain found in the file. ``fsync=True`` makes every
+    record durable before ``record`` returns (much slower); otherwise a record
+    is handed to the kernel with one ``write`` and survives a process crash,
+    not a power cut. Raises ``AuditLogError`` when the file ends in a damaged
+    line (an interrupted write): appending after it would hide where it broke.
+
+    Each append also updates the anchor row of this log in ``<home>/agentkeel.db``
+    (``home`` defaults to the log's directory, which is ``config.home`` for the
+    default log); ``anchor=False`` skips it (``verify`` then reports the log as
+    not anchored). ``extra_anchor`` is a further ``AnchorStore`` written at the
+    same moments (``PostgresAnchor`` with ``[store] url``), also with ``anchor=False``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = False,
+        home: str | os.PathLike[str] | None = None,
+        anchor: bool = True,
+        extra_anchor: AnchorStore | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.home = Path(home) if home is not None else self.path.parent
+        self.anchor = anchor
+        self.anchors: tuple[AnchorStore, ...] = (
+            *((SQLiteAnchor(self.path, self.home, fsync=fsync),) if anchor else ()),
+            *((extra_anchor,) if extra_anchor is not None else ()),
+        )
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+        self._size = -1  # file size after our last write; -1 forces a re-read
+        self._seq = 0
+        self._prev = GENESIS
+        self._pending: tuple[str, int, float, int] | None = None  # (head, count, ts, end) not yet anchored
+        self._anchor_due = 0.0
+        self._open()
+
+    @classmethod
+    def for_config(cls, config: Config, *, fsync: bool = False) -> AuditLog:
+        return cls(default_path(config), fsync=fsync, home=config.home)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pid = os.getpid()
+        try:
+            for store in self.anchors:
+                store.open()
+        except BaseException:
+            self._close_anchors()
+            raise
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._size = -1
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._sync_tail(os.fstat(self._fd).st_size)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            self._close_anchors()
+            raise
+        finally:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _close_anchors(self) -> None:
+        for store in self.anchors:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - closing after another failure; that one is raised
+                pass
 
     def _sync_tail(self, size: int) -> None:
         """Take ``seq`` and ``prev`` from the last line of a file of ``size`` bytes, and
@@ -279,8 +406,16 @@ class AuditLog:
                     f"the last line of {self.path} is not an audit record ({exc}); "
                     f"run `agentkeel audit verify {self.path}` and move the file aside"
                 ) from exc
-        if self._db is not None:
-            self._check_anchor(seq, head, before)
+        if self.anchors:
+            # Another writer appended since our last record: if that record is still where we
+            # wrote it, the file continues what we knew, and the remote anchors need no round trip.
+            remote = [store for store in self.anchors if not store.local]
+            ours_intact = bool(remote) and 0 < self._size < size and self._anchored_line_intact(
+                self._seq, self._prev, self._size
+            )
+            for store in self.anchors:
+                if store.local or not ours_intact:
+                    self._check_anchor(store, seq, head, before)
         self._seq, self._prev = seq, head
         self._size = size
 
@@ -297,33 +432,24 @@ class AuditLog:
             return False
         return isinstance(body, dict) and body.get("seq") == count and body.get("hash") == anchored
 
-    def _check_anchor(self, seq: int, head: str, before: Any) -> None:
+    def _check_anchor(self, store: AnchorStore, seq: int, head: str, before: Any) -> None:
         """Record in the anchor row when the file no longer continues the anchored chain."""
-        assert self._db is not None
-        try:
-            row = self._db.execute(_SELECT_ANCHOR_WITH_SIZE, (self._key,)).fetchone()
-            if row is None:
-                return
-            count, anchored, broken, end = row
-            if (seq, head) == (count, anchored):
-                return
-            if seq > count and self._anchored_line_intact(count, anchored, end):
-                return  # the anchor lags the file (writers anchor at most every ANCHOR_INTERVAL_S)
-            if broken is None:
-                when = time.strftime("%Y-%m-%d %H:%M:%S %z")
-                detail = (
-                    f"on {when} a writer found {seq} record(s) (head {head}) in the log where its "
-                    f"anchor had {count} (head {anchored}): records were cut, or the file was "
-                    "emptied, deleted or replaced; later records continue the new chain"
-                )
-                self._db.execute(
-                    f"UPDATE {ANCHOR_TABLE} SET broken = ? WHERE log_path = ? AND broken IS NULL",
-                    (detail, self._key),
-                )
-        except sqlite3.Error as exc:
-            raise AuditLogError(
-                f"cannot read the anchor of {self.path} in {db_path(self.home)}: {exc}"
-            ) from exc
+        row = store.load()
+        if row is None:
+            return
+        count, anchored, broken, end = row
+        if (seq, head) == (count, anchored):
+            return
+        if seq > count and self._anchored_line_intact(count, anchored, end):
+            return  # the anchor lags the file (writers anchor at most every ANCHOR_INTERVAL_S)
+        if broken is None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S %z")
+            detail = (
+                f"on {when} a writer found {seq} record(s) (head {head}) in the log where its "
+                f"anchor had {count} (head {anchored}): records were cut, or the file was "
+                "emptied, deleted or replaced; later records continue the new chain"
+            )
+            store.mark_broken(detail)
 
     def record(
         self,
@@ -381,7 +507,7 @@ class AuditLog:
                 self._size = size + written
                 self._seq = seq
                 self._prev = digest
-                if self._db is not None:
+                if self.anchors:
                     self._pending = (digest, seq, rec.ts, self._size)
                     now = time.monotonic()
                     if self.fsync or now >= self._anchor_due:
@@ -394,29 +520,20 @@ class AuditLog:
     def flush(self) -> None:
         """Anchor the newest record now (the host calls this at the end of every request)."""
         with self._lock:
-            if self._pending is not None and self._db is not None and self._pid == os.getpid():
+            if self._pending is not None and self.anchors and self._pid == os.getpid():
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        assert self._db is not None and self._pending is not None
+        assert self._pending is not None
         head, seq, ts, end = self._pending
-        try:
-            self._db.execute(_UPSERT_ANCHOR, (self._key, head, seq, ts, end))
-        except sqlite3.Error as exc:
-            raise AuditLogError(
-                f"record {seq} was appended to {self.path}, but its anchor in "
-                f"{db_path(self.home)} could not be updated ({exc}); the next anchoring "
-                "updates it, and until then `agentkeel audit verify` reports the record as not anchored"
-            ) from exc
+        for store in self.anchors:
+            store.save(head, seq, ts, end)  # idempotent: a retry after one store failed re-saves all
         self._pending = None
 
     def _reopen_after_fork(self) -> None:
         # A forked child shares the parent's open file description, and so its
-        # flock: it must get its own before it may append. Its parent's SQLite
-        # connection is kept alive but never used (nor closed) here.
-        if self._db is not None:
-            self._inherited.append(self._db)
-            self._db = None
+        # flock: it must get its own before it may append. The anchor stores open
+        # their own connections again (a parent's is kept alive but never used here).
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -426,19 +543,16 @@ class AuditLog:
         """Anchor, then close the file; later ``record`` calls raise ``AuditLogError``. Idempotent."""
         with self._lock:
             mine = self._pid == os.getpid()
-            if mine and self._pending is not None and self._db is not None:
-                self._flush_locked()
-            if self._fd is not None:
-                if mine and self.fsync:
-                    os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-            if self._db is not None:
-                if mine:
-                    self._db.close()
-                else:
-                    self._inherited.append(self._db)
-                self._db = None
+            try:
+                if mine and self._pending is not None and self.anchors:
+                    self._flush_locked()
+            finally:
+                if self._fd is not None:
+                    if mine and self.fsync:
+                        os.fsync(self._fd)
+                    os.close(self._fd)
+                    self._fd = None
+                self._close_anchors()
 
     @property
     def closed(self) -> bool:
@@ -536,14 +650,17 @@ class VerifyResult:
 
 
 def verify(
-    path: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    home: str | os.PathLike[str] | None = None,
+    anchor_store: AnchorStore | None = None,
 ) -> VerifyResult:
     """Check the audit log at ``path`` byte for byte, then against its anchor in
-    ``<home>/agentkeel.db`` (``home`` defaults to the log's directory); stop at the
-    first problem."""
+    ``<home>/agentkeel.db`` (``home`` defaults to the log's directory), or in
+    ``anchor_store`` when given (``PostgresAnchor``); stop at the first problem."""
     file = Path(path)
     try:
-        anchor = read_anchor(file, home)
+        anchor = anchor_store.read() if anchor_store is not None else read_anchor(file, home)
     except AuditLogError as exc:
         return VerifyResult(False, 0, str(exc))
     anchored = isinstance(anchor, Anchor)

@@ -90,8 +90,17 @@ class Stores:
     @property
     def audit(self) -> AuditLog:
         if self._audit is None:
+            from agentkeel.pg import store_url
+
             self.config.home.mkdir(parents=True, exist_ok=True)
-            self._audit = AuditLog(self.config.home / "audit.jsonl")
+            path = self.config.home / "audit.jsonl"
+            url = store_url(self.config)
+            extra = None
+            if url is not None:  # the anchor also outside this replica (audit_pg; psycopg imported there)
+                from agentkeel.permissions.audit_pg import PostgresAnchor
+
+                extra = PostgresAnchor(url, path)
+            self._audit = AuditLog(path, extra_anchor=extra)
         return self._audit
 
     @property

@@ -34,6 +34,7 @@ import platformdirs
 from agentkeel.errors import ToolError
 
 SHOP_DB_ENV: Final = "AGENTKEEL_SHOP_DB"
+LATENCY_ENV: Final = "AGENTKEEL_SHOP_LATENCY_S"
 HOME_ENV: Final = "AGENTKEEL_HOME"
 SHOP_DB_FILENAME: Final = "shop.db"
 BUSY_TIMEOUT_S: Final = 10.0
@@ -140,7 +141,16 @@ def now() -> str:
 
 @contextmanager
 def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
-    """A new connection to the shop database (created and seeded if missing), closed on exit."""
+    """A new connection to the shop database (created and seeded if missing), closed on exit.
+
+    ``AGENTKEEL_SHOP_LATENCY_S`` (seconds) makes every call that slow first: a slow shop
+    backend, to watch live progress, cancellation or a replica's takeover by hand."""
+    latency = os.environ.get(LATENCY_ENV)
+    if latency:
+        try:
+            time.sleep(min(60.0, max(0.0, float(latency))))
+        except ValueError:
+            raise ToolError(f"{LATENCY_ENV}={latency!r} is not a number of seconds", retryable=False) from None
     db = path if path is not None else shop_db_path()
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
