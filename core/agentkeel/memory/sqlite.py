@@ -22,7 +22,8 @@ Promises:
   with an empty context (defect 11 of the chapter's sketch).
 
 The store (``[memory] backend``: "sqlite" in ``<home>/agentkeel.db``, or "memory",
-which follows ``[journal] backend`` by default) is opened lazily, one per home per
+which follows ``[journal] backend`` by default; with ``[store] url`` set, the shared
+PostgreSQL database, ``agentkeel.memory.pg_store``) is opened lazily, one per home per
 plugin instance (one instance per system), so the plugin follows
 ``$AGENTKEEL_HOME`` when it changes; ``agentkeel_shutdown`` closes them.
 """
@@ -87,7 +88,15 @@ def settings_of(config: Config) -> MemorySettings:
 
 
 def open_store(config: Config, settings: MemorySettings) -> MemoryStore:
-    """The store ``settings.backend`` names for ``config.home``."""
+    """The store ``settings.backend`` names for ``config.home``; with ``[store] url`` set, the
+    shared ``PostgresMemoryStore`` on that database instead (as the journal follows it)."""
+    from agentkeel.pg import store_url
+
+    url = store_url(config)
+    if url is not None:
+        from agentkeel.memory.pg_store import PostgresMemoryStore
+
+        return PostgresMemoryStore(url)
     if settings.backend == "memory":
         from agentkeel.memory.memory_store import InProcessMemoryStore
 
@@ -263,6 +272,16 @@ class SQLiteMemory:
                 broken.close()
             except (sqlite3.Error, StoreError, OSError):
                 pass
+        try:
+            from agentkeel.pg import redact, store_url
+
+            url = store_url(config)
+        except ConfigError:
+            url = None
+        if url is not None:
+            log.warning("memory: could not %s in PostgreSQL at %s (%s: %s); the request goes on without memory.",
+                        what, redact(url), type(exc).__name__, exc)
+            return
         log.warning(
             "memory: could not %s in %s (%s: %s); the request goes on without memory. "
             "If the file is damaged, move it aside to start a fresh memory.",
