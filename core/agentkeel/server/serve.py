@@ -56,6 +56,7 @@ def serve(system: AgentSystem, *, host: str | None = None, port: int | None = No
           log_level: str = "info") -> None:
     """Serve ``system`` over HTTP until SIGTERM or SIGINT (``agentkeel serve``)."""
     settings = ServerSettings.from_config(system.config)
+    _log_like_uvicorn(log_level)
     app = create_app(system, settings=settings)
     service: Service = app.state.service
     config = uvicorn.Config(
@@ -64,3 +65,13 @@ def serve(system: AgentSystem, *, host: str | None = None, port: int | None = No
         server_header=False,
     )
     _Server(config, service).run()
+
+
+def _log_like_uvicorn(level: str) -> None:
+    """agentkeel's own messages (takeovers, shutdown, failed runs) on stderr, as uvicorn's are."""
+    logger = logging.getLogger("agentkeel")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
