@@ -12,7 +12,8 @@ import agentkeel
 import pytest
 
 PACKAGE = Path(agentkeel.__file__).parent
-LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns", "facts"}
+LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns", "facts",
+          "pg", "pg_schema"}
 PUBLIC = {"__init__", "__main__", "plan"}  # the public facade and compatibility names: above everything
 COMPONENTS = {"permissions", "cost", "memory", "planner", "tools", "sandbox", "evaluator", "recovery", "journal",
               "responder", "models"}

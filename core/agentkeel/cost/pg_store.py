@@ -73,7 +73,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agentkeel import pg
+import agentkeel.pg as pg
 from agentkeel.cost.store import (
     SCOPE_KINDS,
     LedgerEntry,

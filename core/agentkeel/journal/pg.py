@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from agentkeel import pg
+import agentkeel.pg as pg
 from agentkeel.errors import JournalRecordError, RunExistsError, StoreError
 from agentkeel.journal.base import (
     DEFAULT_TTL_S,

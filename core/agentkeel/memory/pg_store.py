@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from agentkeel import pg
+import agentkeel.pg as pg
 from agentkeel.errors import StoreError
 from agentkeel.memory.store import (
     ForgetReport,

@@ -58,7 +58,7 @@ def chain_id(path: str | os.PathLike[str], *, host: str | None = None) -> str:
 
 
 def _run(url: str, what: str, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-    from agentkeel import pg
+    import agentkeel.pg as pg
 
     return pg.database(url).run(what, fn)
 
@@ -72,7 +72,7 @@ class PostgresAnchor:
     local = False
 
     def __init__(self, url: str, path: str | os.PathLike[str], *, chain: str | None = None) -> None:
-        from agentkeel import pg
+        import agentkeel.pg as pg
 
         self.url = url
         self.path = Path(path)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from agentkeel import pg
+import agentkeel.pg as pg
 from agentkeel.errors import StoreError
 from agentkeel.permissions.keys import (
     ApiKey,
