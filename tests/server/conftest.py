@@ -45,7 +45,7 @@ permissions = ["read"]
 permissions = ["read"]
 
 [principals.root]
-permissions = ["admin", "approve", "read", "refunds"]
+permissions = ["admin", "approve", "read", "refunds", "email"]
 
 [tools.lookup_order]
 cost_usd = 0.002
