@@ -64,10 +64,12 @@ __all__ = [
     "RunRecord",
     "RunState",
     "StepRecord",
+    "approval_from_row",
     "holder_is_dead",
     "make_owner",
     "parse_owner",
     "process_start_time",
+    "run_from_row",
 ]
 
 DEFAULT_TTL_S = 30.0
@@ -693,3 +695,65 @@ def _finite(value: Any) -> float | None:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def approval_from_row(row: tuple[Any, ...]) -> ApprovalRecord:
+    """An approval from a SQL row (the SQL backends select the same columns in the same order)."""
+    run_id, step_id, tool_name, args, requested_by, requested_at, expires_at, status, by, at, reason = row
+    return ApprovalRecord(
+        run_id=run_id,
+        step_id=step_id,
+        tool_name=tool_name,
+        args=decode(args),
+        requested_by=requested_by,
+        requested_at=requested_at,
+        expires_at=expires_at,
+        status=status,
+        decided_by=by,
+        decided_at=at,
+        reason=reason,
+    )
+
+
+def run_from_row(row: tuple[Any, ...]) -> RunRecord:
+    """A run from a SQL row (``_SELECT_RUNS``'s columns, the same in every SQL backend)."""
+    (
+        run_id,
+        user_id,
+        session_id,
+        message,
+        principal,
+        budget_usd,
+        plan,
+        status,
+        detail,
+        created_at,
+        updated_at,
+        owner,
+        epoch,
+        lease_expires_at,
+        planning_cost_usd,
+        then_status,
+        answer,
+        context,
+    ) = row
+    return RunRecord(
+        run_id=run_id,
+        user_id=user_id,
+        session_id=session_id,
+        message=message,
+        principal=principal,
+        budget_usd=budget_usd,
+        plan=decode(plan),
+        status=status,
+        detail=detail,
+        created_at=created_at,
+        updated_at=updated_at,
+        owner=owner,
+        epoch=epoch,
+        lease_expires_at=lease_expires_at,
+        planning_cost_usd=planning_cost_usd,
+        then_status=then_status,
+        answer=answer,
+        context=decode(context) if context else None,
+    )

@@ -57,6 +57,7 @@ from agentkeel.journal.base import (
     RunRecord,
     RunState,
     StepRecord,
+    approval_from_row,
     approval_refusal,
     check_approval_request,
     check_decider,
@@ -71,6 +72,7 @@ from agentkeel.journal.base import (
     fenced,
     no_approval,
     not_found,
+    run_from_row,
 )
 
 __all__ = ["PostgresJournal"]
@@ -333,7 +335,7 @@ class PostgresJournal:
             self._fence(conn, lease)  # the run row stays locked: one request per step at a time
             row = conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone()
             if row is not None:
-                return _approval_record(row)  # requested before: unchanged, nothing written
+                return approval_from_row(row)  # requested before: unchanged, nothing written
             now = self._clock()
             inserted = conn.execute(
                 "INSERT INTO approvals (run_id, step_id, tool_name, args, requested_by, requested_at, expires_at) "
@@ -341,7 +343,7 @@ class PostgresJournal:
                 (lease.run_id, step_id, tool_name, args_json, requested_by, now, now + ttl),
             ).fetchone()
             assert inserted is not None
-            return _approval_record(inserted)
+            return approval_from_row(inserted)
 
         return self._run("request_approval", write)
 
@@ -351,7 +353,7 @@ class PostgresJournal:
 
         def read(conn: Conn) -> ApprovalRecord | None:
             row = conn.execute(_SELECT_APPROVAL, (run_id, int(step_id))).fetchone()
-            return None if row is None else _approval_record(row)
+            return None if row is None else approval_from_row(row)
 
         return self._run("approval", read)
 
@@ -376,14 +378,14 @@ class PostgresJournal:
                 (decision, by, now, str(reason), run_id, step_id, now),
             ).fetchone()
             if row is not None:
-                return _approval_record(row), True, now
+                return approval_from_row(row), True, now
             conn.execute(
                 "UPDATE approvals SET status = 'expired' "
                 "WHERE run_id = %s AND step_id = %s AND status = 'pending' AND expires_at <= %s",
                 (run_id, step_id, now),
             )
             row = conn.execute(_SELECT_APPROVAL, (run_id, step_id)).fetchone()
-            return (None if row is None else _approval_record(row)), False, now
+            return (None if row is None else approval_from_row(row)), False, now
 
         # The transaction commits before anything is raised: a found expiry is kept.
         record, decided, now = self._run("decide_approval", write)
@@ -404,7 +406,7 @@ class PostgresJournal:
                 "ORDER BY requested_at DESC, seq DESC LIMIT %(limit)s",
                 {"now": self._clock(), "limit": count},
             ).fetchall()
-            return [_approval_record(row) for row in rows]
+            return [approval_from_row(row) for row in rows]
 
         return self._run("list_approvals", read)
 
@@ -425,7 +427,7 @@ class PostgresJournal:
             return row, steps, revisions
 
         row, steps, revisions = self._run("load", read)
-        run = _run_record(row)
+        run = run_from_row(row)
         plans = tuple(PlanRecord(n, why, decode(plan), cost, ts) for n, why, plan, cost, ts in revisions)
         if not plans:  # no revision stored: the run's plan is its revision 1
             plans = (PlanRecord(1, "initial", run.plan, run.planning_cost_usd, run.created_at),)
@@ -446,7 +448,7 @@ class PostgresJournal:
                 (user_id, count),
             ).fetchall()
 
-        return [_run_record(row) for row in self._run("list_runs", read)]
+        return [run_from_row(row) for row in self._run("list_runs", read)]
 
     def abandoned_runs(self, now: float, limit: int = 100) -> list[RunRecord]:
         count = max(0, int(limit))
@@ -458,7 +460,7 @@ class PostgresJournal:
                 (float(now), count),
             ).fetchall()
 
-        return [_run_record(row) for row in self._run("abandoned_runs", read)]
+        return [run_from_row(row) for row in self._run("abandoned_runs", read)]
 
     def close(self) -> None:
         """This handle only (the pool is shared by every store on the URL); idempotent."""
@@ -508,63 +510,3 @@ def _check_text(what: str, **fields: Any) -> None:
             raise JournalRecordError(
                 f"cannot journal {what}: its {name} holds a NUL character, which PostgreSQL text cannot store"
             )
-
-
-def _approval_record(row: tuple[Any, ...]) -> ApprovalRecord:
-    run_id, step_id, tool_name, args, requested_by, requested_at, expires_at, status, by, at, reason = row
-    return ApprovalRecord(
-        run_id=run_id,
-        step_id=step_id,
-        tool_name=tool_name,
-        args=decode(args),
-        requested_by=requested_by,
-        requested_at=requested_at,
-        expires_at=expires_at,
-        status=status,
-        decided_by=by,
-        decided_at=at,
-        reason=reason,
-    )
-
-
-def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    (
-        run_id,
-        user_id,
-        session_id,
-        message,
-        principal,
-        budget_usd,
-        plan,
-        status,
-        detail,
-        created_at,
-        updated_at,
-        owner,
-        epoch,
-        lease_expires_at,
-        planning_cost_usd,
-        then_status,
-        answer,
-        context,
-    ) = row
-    return RunRecord(
-        run_id=run_id,
-        user_id=user_id,
-        session_id=session_id,
-        message=message,
-        principal=principal,
-        budget_usd=budget_usd,
-        plan=decode(plan),
-        status=status,
-        detail=detail,
-        created_at=created_at,
-        updated_at=updated_at,
-        owner=owner,
-        epoch=epoch,
-        lease_expires_at=lease_expires_at,
-        planning_cost_usd=planning_cost_usd,
-        then_status=then_status,
-        answer=answer,
-        context=decode(context) if context else None,
-    )

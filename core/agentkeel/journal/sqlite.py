@@ -47,6 +47,7 @@ from agentkeel.journal.base import (
     RunRecord,
     RunState,
     StepRecord,
+    approval_from_row,
     approval_refusal,
     check_approval_request,
     check_decider,
@@ -61,6 +62,7 @@ from agentkeel.journal.base import (
     fenced,
     no_approval,
     not_found,
+    run_from_row,
 )
 from agentkeel.stores import DEFAULT_BUSY_TIMEOUT_S, ProcessConnection, atomic, db_path
 
@@ -341,21 +343,21 @@ class SQLiteJournal:
                 raise self._refusal(conn, lease)
             row = conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone()
             if row is not None:
-                return _approval_record(row)  # requested before: unchanged, nothing written
+                return approval_from_row(row)  # requested before: unchanged, nothing written
             now = self._clock()
             conn.execute(
                 "INSERT INTO approvals (run_id, step_id, tool_name, args, requested_by, requested_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (lease.run_id, step_id, tool_name, args_json, requested_by, now, now + ttl),
             )
-            return _approval_record(conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone())
+            return approval_from_row(conn.execute(_SELECT_APPROVAL, (lease.run_id, step_id)).fetchone())
 
         return self._run("request_approval", lambda conn: atomic(conn, write))
 
     def approval(self, run_id: str, step_id: int) -> ApprovalRecord | None:
         def read(conn: sqlite3.Connection) -> ApprovalRecord | None:
             row = conn.execute(_SELECT_APPROVAL, (run_id, int(step_id))).fetchone()
-            return None if row is None else _approval_record(row)
+            return None if row is None else approval_from_row(row)
 
         return self._run("approval", read)
 
@@ -385,7 +387,7 @@ class SQLiteJournal:
             conn.execute("COMMIT")  # the expiry is kept though the call raises
             if row is None:
                 raise no_approval(run_id, step_id)
-            record = _approval_record(row)
+            record = approval_from_row(row)
             if not decided:
                 raise approval_refusal(record, now)
             return record
@@ -403,7 +405,7 @@ class SQLiteJournal:
                 "ORDER BY requested_at DESC, rowid DESC LIMIT :limit",
                 {"now": self._clock(), "limit": count},
             ).fetchall()
-            return [_approval_record(row) for row in rows]
+            return [approval_from_row(row) for row in rows]
 
         return self._run("list_approvals", read)
 
@@ -420,7 +422,7 @@ class SQLiteJournal:
                 revisions = conn.execute(_SELECT_REVISIONS, (run_id,)).fetchall()
             finally:
                 conn.execute("COMMIT")
-            run = _run_record(row)
+            run = run_from_row(row)
             plans = tuple(PlanRecord(n, why, decode(plan), cost, ts) for n, why, plan, cost, ts in revisions)
             if not plans:  # journaled before revisions were stored: its plan is its revision 1
                 plans = (PlanRecord(1, "initial", run.plan, run.planning_cost_usd, run.created_at),)
@@ -440,7 +442,7 @@ class SQLiteJournal:
                     f"{_SELECT_RUNS} WHERE user_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
                     (user_id, max(0, int(limit))),
                 ).fetchall()
-            return [_run_record(row) for row in rows]
+            return [run_from_row(row) for row in rows]
 
         return self._run("list_runs", read)
 
@@ -451,7 +453,7 @@ class SQLiteJournal:
                 "AND (owner = '' OR lease_expires_at <= ?) ORDER BY created_at, rowid LIMIT ?",
                 (float(now), max(0, int(limit))),
             ).fetchall()
-            return [_run_record(row) for row in rows]
+            return [run_from_row(row) for row in rows]
 
         return self._run("abandoned_runs", read)
 
@@ -473,63 +475,3 @@ class SQLiteJournal:
 
     def __repr__(self) -> str:
         return f"SQLiteJournal({str(self.home)!r}, synchronous={self.synchronous!r})"
-
-
-def _approval_record(row: tuple[Any, ...]) -> ApprovalRecord:
-    run_id, step_id, tool_name, args, requested_by, requested_at, expires_at, status, by, at, reason = row
-    return ApprovalRecord(
-        run_id=run_id,
-        step_id=step_id,
-        tool_name=tool_name,
-        args=decode(args),
-        requested_by=requested_by,
-        requested_at=requested_at,
-        expires_at=expires_at,
-        status=status,
-        decided_by=by,
-        decided_at=at,
-        reason=reason,
-    )
-
-
-def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    (
-        run_id,
-        user_id,
-        session_id,
-        message,
-        principal,
-        budget_usd,
-        plan,
-        status,
-        detail,
-        created_at,
-        updated_at,
-        owner,
-        epoch,
-        lease_expires_at,
-        planning_cost_usd,
-        then_status,
-        answer,
-        context,
-    ) = row
-    return RunRecord(
-        run_id=run_id,
-        user_id=user_id,
-        session_id=session_id,
-        message=message,
-        principal=principal,
-        budget_usd=budget_usd,
-        plan=decode(plan),
-        status=status,
-        detail=detail,
-        created_at=created_at,
-        updated_at=updated_at,
-        owner=owner,
-        epoch=epoch,
-        lease_expires_at=lease_expires_at,
-        planning_cost_usd=planning_cost_usd,
-        then_status=then_status,
-        answer=answer,
-        context=decode(context) if context else None,
-    )
