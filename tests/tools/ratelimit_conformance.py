@@ -32,7 +32,7 @@ class RateLimitStoreConformance:
         for _ in range(4):
             await store.acquire(tool, timeout=5)
         took = time.monotonic() - started
-        assert 0.15 <= took <= 0.5, took  # 4 more calls at 20/s: about 0.2 s
+        assert took >= 0.15, took  # 4 more calls at 20/s waited (about 0.2 s)
 
     async def test_a_wait_longer_than_the_timeout_is_refused_at_once(self, make_store: Make) -> None:
         store = make_store(burst_s=0.05)
@@ -41,7 +41,7 @@ class RateLimitStoreConformance:
         started = time.monotonic()
         with pytest.raises(RateLimitedError) as info:
             await store.acquire(tool, timeout=0.1)
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.3  # refused, not after sleeping its 0.4 s wait
         assert 0.3 < info.value.retry_after_s <= 0.5
         assert info.value.retryable
 
@@ -67,4 +67,4 @@ class RateLimitStoreConformance:
             await waiter
         started = time.monotonic()
         await store.acquire(tool, timeout=5)  # takes the cancelled waiter's turn, not the one after it
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 0.9  # the next free turn, not the one after it (~1 s)

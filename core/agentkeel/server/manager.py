@@ -169,9 +169,7 @@ class RunManager:
 
         async def cancel(on_event: Callable[[Event], None]) -> AgentResponse:
             response = await self.system.cancel(run_id, by=principal, reason=reason, on_event=on_event)
-            if response is None:  # it started here in the meantime: it stops by itself
-                live = self.runs.get(run_id)
-                response = await live.wait() if live is not None and live.kind != "cancel" else None
+            # None only for a run this system serves, which this task (admitted under the run's id) rules out
             return response if response is not None else self.system.show(run_id)
 
         return self._admit(run_id, principal, "cancel", cancel)
