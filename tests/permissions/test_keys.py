@@ -5,7 +5,6 @@ the default ``agentkeel_open_key_store``."""
 from __future__ import annotations
 
 import hashlib
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,25 +170,6 @@ def test_every_well_formed_secret_costs_one_hash_and_one_constant_time_compariso
     before = dict(calls)
     assert any_store.authenticate("not a key") == AuthResult(None, "malformed key")
     assert calls == before  # a malformed secret is refused on its shape alone
-
-
-def test_an_unknown_and_a_revoked_key_take_about_as_long() -> None:
-    """Loose on purpose (the structural test above is the real guarantee): the medians of
-    many interleaved calls differ by less than half."""
-    store = MemoryKeyStore()
-    for i in range(200):
-        store.create(f"p{i % 7}")
-    revoked, key = store.create("alice")
-    store.revoke(key.key_id)
-    unknown, _, _ = new_secret()
-    timings: dict[str, list[int]] = {"unknown": [], "revoked": []}
-    for _ in range(2000):
-        for case, secret in (("unknown", unknown), ("revoked", revoked)):
-            started = time.perf_counter_ns()
-            store.authenticate(secret)
-            timings[case].append(time.perf_counter_ns() - started)
-    unknown_ns, revoked_ns = statistics.median(timings["unknown"]), statistics.median(timings["revoked"])
-    assert abs(unknown_ns - revoked_ns) < 0.5 * max(unknown_ns, revoked_ns), (unknown_ns, revoked_ns)
 
 
 # --- SQLite only ---------------------------------------------------------------------------------
