@@ -249,6 +249,15 @@ CONFIG_SCHEMA: dict[str, Any] = {
             },
         },
         "plugins": {"type": "object", "additionalProperties": {"type": "object"}},
+        "mcp": {"type": "object"},
+        "logging": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "format": {"enum": ["text", "json"]},
+                "level": {"enum": ["debug", "info", "warning", "error"]},
+            },
+        },
     },
 }
 

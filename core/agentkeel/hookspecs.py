@@ -61,11 +61,13 @@ if TYPE_CHECKING:
 
 
 @hookspec
-def agentkeel_register_tools(register: Callable[[Any], None]) -> None:
+def agentkeel_register_tools(register: Callable[[Any], None], config: Config) -> None:
     """Register tools.
 
     :param register: call ``register(fn)`` for each function decorated with
         ``@agentkeel.tool`` (or ``register(spec)`` with a ready ``ToolSpec``).
+    :param config: the validated configuration (a plugin whose tools come from
+        configuration, such as MCP servers, reads its section here).
 
     The host attributes each tool to the plugin whose implementation called
     ``register`` and validates it (duplicate names, unknown rollback or fallback
@@ -480,6 +482,22 @@ def agentkeel_event(event: Event) -> None:
     with ``revision``, ``reason`` and ``plan``), "step_started", "step_attempt_failed",
     "step_finished", "replan", "step_compensated", "approval_requested",
     "answer_delta" (streamed answer text), "answer", "run_finished".
+
+    Observers (not a run's stream) also get:
+
+    - "phase_started" / "phase_finished" around each phase of a run (``phase``:
+      "permissions", "memory", "plan", "llm" (one chat completion), "plan_check",
+      "step" (forward or compensation), "evaluate", "recover", "compensate",
+      "respond"), paired by ``span`` (an int unique in the run), always properly
+      nested within one task, with ``attributes`` and, at the end, ``error`` and
+      ``error_type`` (None when the phase ended normally). Attributes may hold
+      contents (``messages``, ``output``, ``reason``, ``error``): personal data a
+      plugin records only when told to;
+    - "run_started" carries ``trace``, a dict a tracing observer may fill (W3C
+      trace context); it is journaled with the run, and "run_resumed" (``action``:
+      "resume", "rollback" or "cancel") gives it back as ``earlier_trace``;
+    - "breaker_state" (``tool``, ``previous``, ``state``) when a call moved a
+      tool's in-process circuit breaker.
 
     :param event: the event: ``kind``, ``run_id`` and ``data``.
 

@@ -139,6 +139,12 @@ class ToolSpec:
     allow_uncancellable: bool = False
     requires_approval: bool = False
     """Every call waits for a human's approval (``agentkeel approve``) before it runs."""
+    source: str = ""
+    """Where the tool comes from when it is not a Python function of its plugin (e.g. an MCP
+    server: ``"mcp stdio server 'files': python server.py"``); shown by ``agentkeel tools``."""
+    derived: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+    """For metadata the tool did not declare itself: each field (``idempotent``, ``permissions``,
+    ``timeout``, ...) with where its value came from (``"readOnlyHint"``, ``"config"``, ``"default"``)."""
 
     @property
     def retry_safe(self) -> bool:
@@ -166,6 +172,8 @@ class ToolSpec:
             "cost_usd": self.cost_usd,
             "allow_uncancellable": self.allow_uncancellable,
             "requires_approval": self.requires_approval,
+            "source": self.source,
+            "metadata_from": dict(self.derived),
             "args_schema": dict(self.args_schema),
             "output_schema": dict(self.output_schema) if self.output_schema else None,
         }

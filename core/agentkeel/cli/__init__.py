@@ -8,10 +8,16 @@ imports on its own.
 
 Errors print one clean line (``error: ...`` on stderr) and exit 2 for usage and
 configuration errors; set ``AGENTKEEL_RAISE_ERRORS=1`` for the traceback.
+
+``agentkeel --log-format json COMMAND`` (or ``AGENTKEEL_LOG_FORMAT=json``, or
+``[logging] format = "json"``) writes the logs to stderr as JSON lines: the run
+events with their run and step ids, notes and errors; what a command prints on
+stdout is unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -20,7 +26,17 @@ import click
 from agentkeel.cli.approvals import approvals, approve, deny
 from agentkeel.cli.audit import audit
 from agentkeel.cli.chat import chat
-from agentkeel.cli.common import EXIT_CODES, EXIT_USAGE, one_line, with_disable_hint
+from agentkeel.cli.common import (
+    EXIT_CODES,
+    EXIT_USAGE,
+    LOG_FORMAT_ENV,
+    LOG_LEVEL_ENV,
+    LOG_LEVELS,
+    json_logs,
+    one_line,
+    set_log_choice,
+    with_disable_hint,
+)
 from agentkeel.cli.costs import costs
 from agentkeel.cli.inspect import plugins, tools
 from agentkeel.cli.keys import keys
@@ -30,14 +46,25 @@ from agentkeel.cli.runs import resume, rollback, runs, show
 from agentkeel.cli.sandbox import sandbox
 from agentkeel.cli.serve import serve
 from agentkeel.errors import AgentkeelError, PluginError
+from agentkeel.logs import FORMATS
 
 __all__ = ["EXIT_CODES", "EXIT_USAGE", "cli", "main"]
+
+log = logging.getLogger("agentkeel.cli")
 
 
 @click.group()
 @click.version_option(package_name="agentkeel")
-def cli() -> None:
+@click.option("--log-format", type=click.Choice(FORMATS, case_sensitive=False), envvar=LOG_FORMAT_ENV,
+              default=None, help=f"Logs on stderr as text or JSON lines (${LOG_FORMAT_ENV}; default "
+                                 "[logging] format, else text).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), envvar=LOG_LEVEL_ENV,
+              default=None, help=f"The least severe records logged (${LOG_LEVEL_ENV}; default [logging] level, "
+                                 "else info; without any logging setting only warnings are shown).")
+@click.pass_context
+def cli(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
     """Run AI agents in production: plugins, tools, sandboxes, budgets and audit."""
+    set_log_choice(ctx, log_format, log_level)
 
 
 for _command in (run, chat, tools, plugins, runs, show, resume, rollback, approvals, approve, deny, costs, audit,
@@ -59,6 +86,14 @@ def _error_line(exc: AgentkeelError) -> str:
     return f"error: {one_line(str(exc))}"
 
 
+def _report(line: str) -> None:
+    """An error line on stderr (an ERROR record when the logs are JSON lines)."""
+    if json_logs():
+        log.error("%s", line.removeprefix("error: "))
+    else:
+        click.echo(line, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, distinct exit codes, tracebacks on request."""
     try:
@@ -72,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         elif os.environ.get("AGENTKEEL_RAISE_ERRORS") and isinstance(exc.__cause__, AgentkeelError):
             raise
         else:
-            click.echo(_usage_line(exc), err=True)
+            _report(_usage_line(exc))
         sys.exit(EXIT_USAGE)
     except click.Abort:
         click.echo("aborted", err=True)
@@ -80,5 +115,5 @@ def main(argv: list[str] | None = None) -> None:
     except AgentkeelError as exc:
         if os.environ.get("AGENTKEEL_RAISE_ERRORS"):
             raise
-        click.echo(_error_line(exc), err=True)
+        _report(_error_line(exc))
         sys.exit(EXIT_USAGE)

@@ -1,4 +1,5 @@
 """What every ``agentkeel`` command shares: exit codes, the ``--config`` option,
+the logging choice (``agentkeel --log-format/--log-level``, else ``[logging]``),
 building the system, printing responses (the answer first, then the run line,
 the steps and the cost), and checking what the user typed.
 
@@ -9,6 +10,7 @@ name the argument, so bad input gets one line and exit code 2, never a traceback
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -18,8 +20,10 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
 import click
 
+from agentkeel import logs
 from agentkeel.config import CONFIG_FILENAME, Config
 from agentkeel.types import AgentResponse, PlanRevision, RunStatus, StepResult
 
@@ -56,19 +60,86 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
+# --- logging ---------------------------------------------------------------------
+
+LOG_FORMAT_ENV = "AGENTKEEL_LOG_FORMAT"
+LOG_LEVEL_ENV = "AGENTKEEL_LOG_LEVEL"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""The levels of ``--log-level`` and ``[logging] level``."""
+_LOG_CHOICE = "agentkeel.log_choice"
+
+log = logging.getLogger("agentkeel.cli")
+
+
+@attrs.frozen
+class LogChoice:
+    """What the command line (or its environment) chose for the logs: None when not given."""
+
+    format: str | None = None
+    level: str | None = None
+
+
+def set_log_choice(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
+    """Remember the global ``--log-format``/``--log-level`` for the command's ``load_config``,
+    and log as chosen at once (the configuration may choose later what is left open)."""
+    choice = LogChoice(log_format.lower() if log_format else None, log_level.lower() if log_level else None)
+    ctx.meta[_LOG_CHOICE] = choice
+    if choice.format or choice.level:
+        logs.configure(choice.format or "text", choice.level or "info")
+
+
+def log_choice() -> LogChoice:
+    """The choice of the command line being run (nothing chosen outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    choice = ctx.meta.get(_LOG_CHOICE) if ctx is not None else None
+    return choice if isinstance(choice, LogChoice) else LogChoice()
+
+
+def log_settings(config: Config) -> tuple[str | None, str | None]:
+    """(format, level): the command line's, else ``[logging]``'s, else None."""
+    choice = log_choice()
+    section = config.section("logging")
+    fmt = choice.format or section.get("format")
+    level = choice.level or section.get("level")
+    return (fmt if isinstance(fmt, str) else None), (level if isinstance(level, str) else None)
+
+
+def apply_logging(config: Config) -> None:
+    """Log as the command line, else ``config``'s ``[logging]``, says. When neither says
+    anything the CLI logs as it always has (warnings only, plain)."""
+    fmt, level = log_settings(config)
+    if fmt is not None or level is not None:
+        logs.configure(fmt or "text", level or "info")
+
+
+def json_logs() -> bool:
+    """True when the logs are JSON lines (stderr then holds JSON records, not notes)."""
+    return logs.configured_format() == "json"
+
+
+def warn(text: str) -> None:
+    """A note for the user on stderr; a WARNING record when the logs are JSON."""
+    if json_logs():
+        log.warning("%s", text)
+    else:
+        click.echo(text, err=True)
+
+
 # --- configuration and the system ------------------------------------------------
 
 
 def load_config(config_path: str | None) -> Config:
-    """The configuration (``ConfigError`` names the bad field); an unreadable file is a usage error."""
+    """The configuration (``ConfigError`` names the bad field); an unreadable file is a usage error.
+    Its ``[logging]`` applies to what the command line left open (``apply_logging``)."""
     try:
         config = Config.load(config_path)
     except (OSError, UnicodeDecodeError) as exc:
         where = config_path or os.environ.get("AGENTKEEL_CONFIG") or CONFIG_FILENAME
         why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
         raise click.ClickException(f"cannot read the configuration file {where}: {why}") from exc
+    apply_logging(config)
     if config.is_embedded_default:
-        click.echo(demo_note(config), err=True)
+        warn(demo_note(config))
     return config
 
 
@@ -86,12 +157,13 @@ def demo_note(config: Config) -> str:
 def build_system(config: Config, *, tolerant: bool = False) -> AgentSystem:
     """The system for ``config``. ``tolerant=True`` (the listings only) leaves out a
     plugin that fails to load or register and records it in ``system.broken_plugins``;
-    otherwise such a plugin raises ``PluginError``, which ``main`` prints as one line."""
+    otherwise such a plugin raises ``PluginError``, which ``main`` prints as one line.
+    With JSON logs, each run's events are logged too (``logs.EventLog``)."""
     from agentkeel.runtime.system import AgentSystem
 
     if tolerant:
         return AgentSystem(config, tolerant=True)
-    return AgentSystem(config)
+    return AgentSystem(config, plugins=[logs.EventLog()] if json_logs() else ())
 
 
 def disable_hint(plugin: str) -> str:

@@ -36,8 +36,15 @@ def _tool_line(t: dict[str, Any]) -> str:
     rollback = f" rollback={t['rollback']}" if t["rollback"] else ""
     fallback = f" fallback={t['fallback']}" if t["fallback"] else ""
     perms = ",".join(t["permissions"]) or NO_PERMISSIONS
-    return (f"{t['name']:<20} [{t['plugin']}] perms={perms} {flags} "
+    line = (f"{t['name']:<20} [{t['plugin']}] perms={perms} {flags} "
             f"isolation={t['isolation']} timeout={t['timeout']:g}s{rollback}{fallback}")
+    if t.get("source"):
+        line += f"\n{'':<20}   from {t['source']}"
+    derived = t.get("metadata_from") or {}
+    if derived:
+        shown = ", ".join(f"{field} <- {origin}" for field, origin in sorted(derived.items()))
+        line += f"\n{'':<20}   metadata: {shown}"
+    return line
 
 
 @click.command()

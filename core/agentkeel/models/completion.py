@@ -187,10 +187,39 @@ async def complete(
     purpose: str = "plan",
     reason: str = "",
 ) -> Completion:
-    """One priced chat completion on ``tier`` (see the module docs for the billing rules).
+    """One priced chat completion on ``tier`` (see the module docs for the billing rules),
+    observed as an ``llm`` span of the run (``RunContext.span``) when a plugin observes.
 
     Raises ``BudgetExceededError`` (nothing sent) or ``UnknownModelPriceError`` from the
     reservation, ``LLMCallError`` when the call failed, or what ``on_text`` raised."""
+    if run.observers is None:
+        return await _complete(client, tier, messages, run, response_format=response_format, on_text=on_text,
+                               purpose=purpose, reason=reason)
+    with run.span("llm", operation="chat", model=tier.model, tier=tier.name, purpose=purpose,
+                  max_tokens=tier.max_tokens, temperature=tier.temperature, base_url=str(client.base_url),
+                  streaming=on_text is not None, structured=response_format is not None,
+                  messages=messages) as span:
+        completion = await _complete(client, tier, messages, run, response_format=response_format,
+                                     on_text=on_text, purpose=purpose, reason=reason)
+        usage = completion.cost.usage
+        span.set(cost_usd=completion.cost.cost_usd, estimated=completion.cost.estimated,
+                 finish_reason="length" if completion.truncated else "stop", output=completion.text,
+                 **({"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+                    if usage is not None else {}))
+        return completion
+
+
+async def _complete(
+    client: openai.AsyncOpenAI,
+    tier: ModelTier,
+    messages: Sequence[Mapping[str, Any]],
+    run: RunContext,
+    *,
+    response_format: Mapping[str, Any] | None,
+    on_text: Callable[[str], None] | None,
+    purpose: str,
+    reason: str,
+) -> Completion:
     import openai
 
     deadline_s = run.config.tier_timeout_s(tier)

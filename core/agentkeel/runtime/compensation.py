@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from agentkeel.journal.base import RunState
+from agentkeel.logs import STEP_ID
 from agentkeel.runtime.executor import StepRunner, outcome_record, took_effect
 from agentkeel.types import PlanStep, StepResult, StepStatus, ToolSpec
 
@@ -78,6 +79,12 @@ class Compensation:
         A step interrupted by a crash (status ``running``, from the journal) is
         compensated too when its tool takes the idempotency key: its compensator
         gets the same key and can find, or not find, the effect to undo."""
+        with self.run.span("compensate", steps=len(steps)) as span:
+            report = await self._compensate(steps)
+            span.set(compensated=len(report.compensated), problems=len(report.problems))
+        return report
+
+    async def _compensate(self, steps: list[StepResult]) -> CompensationReport:
         report = CompensationReport(list(steps))
         by_id = {s.step_id: s for s in steps}
         tools = self.runner.tools
@@ -124,8 +131,15 @@ class Compensation:
         args = compensation_args(comp, step.tool_args, step.result)
         started = perf_counter()
         plan_step = PlanStep(step.step_id, comp.name, args, description=f"compensate step {step.step_id}")
-        result, _ = await self.runner.run_call(self.run, plan_step, comp, args, kind="compensation",
-                                               lease=self.lease, validate=True, started=started)
+        token = STEP_ID.set(step.step_id)
+        try:
+            with self.run.span("step", step_id=step.step_id, tool=comp.name, call_kind="compensation",
+                               compensates=spec.name) as span:
+                result, _ = await self.runner.run_call(self.run, plan_step, comp, args, kind="compensation",
+                                                       lease=self.lease, validate=True, started=started)
+                span.set(status=result.status.value, attempts=result.attempts, step_error=result.error or "")
+        finally:
+            STEP_ID.reset(token)
         if result.status is StepStatus.IN_DOUBT:
             # Not journaled as an outcome: a resume then sees a compensation that started and never
             # finished, and asks a human instead of running a compensator that is not retry-safe again.

@@ -37,6 +37,7 @@ from agentkeel.errors import BudgetExceededError
 from agentkeel.journal.base import RunState, StepRecord
 from agentkeel.jsonvalue import JSONValueError
 from agentkeel.jsonvalue import check as check_json
+from agentkeel.logs import STEP_ID
 from agentkeel.planner.plan import RefError, evaluate_condition, resolve_args
 from agentkeel.tools.router import CallFailure, ToolRouter, idempotency_key
 from agentkeel.tools.validation import args_errors
@@ -146,8 +147,10 @@ class StepRunner:
                     # result cannot be journaled, evaluated or referenced by later steps.
                     result, verdict = None, Verdict(False, 0.0, str(exc))
                 else:
-                    judged = plugins.evaluate(step, spec, result, run)
-                    verdict = judged if isinstance(judged, Verdict) else await judged
+                    with run.span("evaluate", step_id=step.step_id, tool=spec.name, call_kind=kind) as span:
+                        judged = plugins.evaluate(step, spec, result, run)
+                        verdict = judged if isinstance(judged, Verdict) else await judged
+                        span.set(passed=verdict.passed, score=verdict.score, reason=verdict.reason)
                 if verdict.passed:
                     return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), None
                 error = f"evaluator rejected the result: {verdict.reason}"
@@ -160,7 +163,11 @@ class StepRunner:
                     ), None
                 retryable = True
                 rejected = (result, verdict)
-            recovery = plugins.recover(step, spec, error, attempt, retryable, run)
+            with run.span("recover", step_id=step.step_id, tool=spec.name, attempt=attempt, retryable=retryable,
+                          call_kind=kind, error=error) as span:
+                recovery = plugins.recover(step, spec, error, attempt, retryable, run)
+                span.set(action=recovery.action, reason=recovery.reason,
+                         fallback_tool=recovery.fallback_tool or "", delay_s=recovery.delay_s)
             if run.listened:
                 run.emit("step_attempt_failed", step_id=step.step_id, error=error, action=recovery.action,
                          call_kind=kind)
@@ -234,7 +241,14 @@ class PlanExecutor:
                 if run.listened:
                     run.emit("step_started", step_id=step.step_id, tool=step.tool_name,
                              description=step.description)
-                result, signal = await self.execute_step(step)
+                token = STEP_ID.set(step.step_id)
+                try:
+                    with run.span("step", step_id=step.step_id, tool=step.tool_name, call_kind="forward") as span:
+                        result, signal = await self.execute_step(step)
+                        span.set(status=result.status.value, attempts=result.attempts, tool=result.tool_name,
+                                 cost_usd=result.cost_usd, step_error=result.error or "")
+                finally:
+                    STEP_ID.reset(token)
                 if result.status is StepStatus.IN_DOUBT:
                     # No outcome is journaled: the journal says what is known (started, never
                     # finished), so a resume asks a human exactly as after a crash.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from agentkeel.context import RunContext, Stop
+from agentkeel.context import NO_SPAN, RunContext, Stop
 from agentkeel.cost.budget import Budget, LedgerOwner, Pricer
 from agentkeel.cost.scopes import scopes_for
 from agentkeel.errors import (
@@ -33,6 +33,7 @@ from agentkeel.errors import (
     UnknownModelPriceError,
 )
 from agentkeel.journal.base import Journal, RunRecord, RunState
+from agentkeel.logs import RUN_ID
 from agentkeel.permissions.audit import AuditLog
 from agentkeel.permissions.gate import visible_tools
 from agentkeel.planner.check import plan_problems
@@ -203,10 +204,12 @@ class Pipeline:
     async def serve(self, request: AgentRequest, sink: Sink | None = None) -> AgentResponse:
         """Serve one request. Failures of the request are reported in the response
         status, never raised; only bugs and invalid configuration raise."""
+        token = RUN_ID.set(request.run_id)
         try:
             return await self._serve(request, sink)
         finally:
             self.live.pop(request.run_id, None)
+            RUN_ID.reset(token)
 
     async def _serve(self, request: AgentRequest, sink: Sink | None) -> AgentResponse:
         started = perf_counter()
@@ -222,7 +225,10 @@ class Pipeline:
             return self._respond(request, None, RunStatus.DENIED, started, [], [], message, answer, [],
                                  remember=False, sink=sink)
         run = self._run_context(request, principal, sink)
-        run.emit("run_started", request=request)
+        if run.observers is not None:  # a tracing observer may fill run.trace (journaled with the run)
+            run.observers("run_started", request.run_id, request=request, trace=run.trace)
+        if sink is not None:
+            sink(Event(kind="run_started", run_id=request.run_id, data={"request": request}))
 
         plan: Plan | None = None
         status = RunStatus.REJECTED
@@ -233,12 +239,13 @@ class Pipeline:
             exhausted = run.budget.exhausted_scope()
             if exhausted is not None:
                 raise BudgetExceededError(exhausted)
-            visible = visible_tools(principal, self.tools.as_mapping(), self.plugins.authorize)
-            context = await self.plugins.load_context(request, self.config, visible, run)
-            run.context_report = context.report
-            plan = await self.plugins.plan(request, context, visible, run, self.templates)
-            if plan is None:
-                raise PlanningError("no planner produced a plan for this request")
+            visible = self._visible(run)
+            context = await self._load_context(run, visible)
+            with run.span("plan", revision=1, reason="initial") as span:
+                plan = await self.plugins.plan(request, context, visible, run, self.templates)
+                if plan is None:
+                    raise PlanningError("no planner produced a plan for this request")
+                span.set(steps=len(plan.steps))
             _check_cancelled(run, "its first step")
             refusal = self._check_plan(run, plan, visible)
             if refusal is not None:
@@ -259,7 +266,7 @@ class Pipeline:
                     run_id=request.run_id, user_id=request.user_id, session_id=request.session_id,
                     message=request.message, principal=principal.name, budget_usd=request.budget_usd,
                     plan=plan.to_dict(), owner=self.owner, ttl_s=self.lease_ttl_s, planning_cost_usd=planning,
-                    context=run.context_report.to_dict() if run.context_report is not None else None,
+                    context=_journaled_context(run),
                 )
                 with HeldLease(self.stores.journal, lease, self.lease_ttl_s) as held:
                     revisions = [PlanRevision(1, "initial", plan, planning)]
@@ -273,11 +280,37 @@ class Pipeline:
         response = self._respond(request, run, status, started, [], run.costs, message, answer, revisions)
         return attrs.evolve(response, config_error=config_error) if config_error else response
 
+    def _visible(self, run: RunContext) -> Mapping[str, ToolSpec]:
+        """The tools the run's principal may call (the permissions gate's tool-level check)."""
+        with run.span("permissions", principal=run.principal.name) as span:
+            visible = visible_tools(run.principal, self.tools.as_mapping(), self.plugins.authorize)
+            span.set(tools_visible=len(visible), tools_registered=len(self.tools))
+        return visible
+
+    async def _load_context(self, run: RunContext, visible: Mapping[str, ToolSpec]) -> MemoryContext:
+        """What the memory manager loads for the run's prompts (its report kept on the run)."""
+        with run.span("memory") as span:
+            context = await self.plugins.load_context(run.request, self.config, visible, run)
+            run.context_report = context.report
+            if context.report is not None:
+                span.set(budget_tokens=context.report.budget_tokens, used_tokens=context.report.used_tokens,
+                         included=len(context.report.included), dropped=len(context.report.dropped))
+        return context
+
     def _check_plan(
         self, run: RunContext, plan: Plan, visible: Mapping[str, ToolSpec], earlier_results: Iterable[int] = ()
     ) -> tuple[RunStatus, str] | None:
         """The host's plan check, the plugins' checks, permissions and the cost estimate,
         for a first plan and every later revision alike: None when the plan may run."""
+        with run.span("plan_check", steps=len(plan.steps)) as span:
+            refusal = self._plan_refusal(run, plan, visible, earlier_results)
+            span.set(passed=refusal is None, **({"status": refusal[0].value, "problems": refusal[1]}
+                                               if refusal is not None else {}))
+        return refusal
+
+    def _plan_refusal(
+        self, run: RunContext, plan: Plan, visible: Mapping[str, ToolSpec], earlier_results: Iterable[int]
+    ) -> tuple[RunStatus, str] | None:
         denials = self._permission_problems(run, plan, visible)
         if denials:
             return RunStatus.DENIED, "permission denied: " + "; ".join(denials)
@@ -389,7 +422,9 @@ class Pipeline:
                             steps=tuple(steps), next_step_id=next_id, failure=failure)
         spent_before = sum(c.cost_usd for c in run.costs)
         try:
-            plan = await self.plugins.plan(run.request, context, visible, run, self.templates, progress)
+            with run.span("plan", revision=progress.revision, reason=reason) as span:
+                plan = await self.plugins.plan(run.request, context, visible, run, self.templates, progress)
+                span.set(steps=len(plan.steps) if plan is not None else 0)
             if plan is None:
                 return None, "no planner had one"
             if plan.steps and plan.first_step_id != next_id:
@@ -443,7 +478,10 @@ class Pipeline:
                  for s in steps]
         answer: Answer | None
         try:
-            answer = await self.plugins.respond(request, status, detail, plan, shown, context, run)
+            with run.span("respond", status=status.value) if run is not None else NO_SPAN as span:
+                answer = await self.plugins.respond(request, status, detail, plan, shown, context, run)
+                if answer is not None:
+                    span.set(source=answer.source)
         except Exception as exc:  # noqa: BLE001 - the steps ran: a broken responder must not lose the response
             log.warning("a responder failed (%s: %s); answering without it", type(exc).__name__, exc)
             text = deterministic_answer(request, status, detail, plan, shown)
@@ -481,15 +519,20 @@ class Pipeline:
         principal = self.plugins.resolve_principal(record.user_id, self.config)
         if principal is None:
             return None, request
-        return self._run_context(request, principal, sink), request
+        run = self._run_context(request, principal, sink)
+        trace = (record.context or {}).get("trace")
+        run.earlier_trace = dict(trace) if isinstance(trace, Mapping) else None
+        return run, request
 
     async def resume(
         self, run_id: str, resolutions: Mapping[int, bool] | None = None, sink: Sink | None = None
     ) -> AgentResponse:
+        token = RUN_ID.set(run_id)
         try:
             return await self._resume(run_id, resolutions, sink)
         finally:
             self.live.pop(run_id, None)
+            RUN_ID.reset(token)
 
     async def _resume(
         self, run_id: str, resolutions: Mapping[int, bool] | None, sink: Sink | None
@@ -512,6 +555,9 @@ class Pipeline:
                 state = journal.load(run_id)
             run, request = self._context_for(state.run, sink)
             revisions = revisions_of(state)
+            if run is not None:
+                run.observe("run_resumed", action="resume", request=request, earlier_trace=run.earlier_trace,
+                            trace=run.trace)
             if run is None:
                 message = f"unknown principal {state.run.user_id!r}"
                 answer = await self._answer(request, None, RunStatus.DENIED, message, revisions[-1].plan, [],
@@ -527,26 +573,29 @@ class Pipeline:
             if state.run.status == RunStatus.ROLLING_BACK.value:
                 final = RunStatus(state.run.then_status or RunStatus.FAILED.value)
                 return await self._finish_rollback(run, revisions, held, state, started, final, state.run.detail)
-            visible = visible_tools(run.principal, self.tools.as_mapping(), self.plugins.authorize)
-            context = await self.plugins.load_context(request, self.config, visible, run)
-            run.context_report = context.report
+            visible = self._visible(run)
+            context = await self._load_context(run, visible)
             return await self._execute(run, context, visible, revisions, held, state, started)
 
     async def rollback(self, run_id: str, sink: Sink | None = None) -> AgentResponse:
         """Compensate the steps of a finished run that took effect, last first."""
+        token = RUN_ID.set(run_id)
         try:
             return await self._rollback(run_id, sink)
         finally:
             self.live.pop(run_id, None)
+            RUN_ID.reset(token)
 
     async def cancel(self, run_id: str, reason: str, sink: Sink | None = None, *, by: str = "") -> AgentResponse:
         """Cancel an unfinished run that no process is serving (waiting for an approval, in
         doubt, or left running by a process that stopped): compensate its steps that took
         effect and end it ``cancelled``. A finished run is left as it is (the response says so)."""
+        token = RUN_ID.set(run_id)
         try:
             return await self._cancel(run_id, reason, sink, by or "agentkeel")
         finally:
             self.live.pop(run_id, None)
+            RUN_ID.reset(token)
 
     async def _cancel(self, run_id: str, reason: str, sink: Sink | None, by: str) -> AgentResponse:
         started = perf_counter()
@@ -561,6 +610,9 @@ class Pipeline:
                 return self.show(run_id)
             run, request = self._context_for(state.run, sink)
             revisions = revisions_of(state)
+            if run is not None:
+                run.observe("run_resumed", action="cancel", request=request, earlier_trace=run.earlier_trace,
+                            trace=run.trace)
             detail = f"cancelled: {reason}"
             self._close_approvals(run_id, revisions, reason, by)
             if run is None:
@@ -590,6 +642,9 @@ class Pipeline:
         with held:
             run, request = self._context_for(state.run, sink)
             revisions = revisions_of(state)
+            if run is not None:
+                run.observe("run_resumed", action="rollback", request=request, earlier_trace=run.earlier_trace,
+                            trace=run.trace)
             if state.run.status == RunStatus.ROLLED_BACK.value:
                 return attrs.evolve(self.show(run_id),
                                     message=f"run {run_id} was already rolled back; nothing to do")
@@ -638,7 +693,8 @@ class Pipeline:
             plan=revisions[-1].plan if revisions else None,
             steps=tuple(steps), total_cost_usd=record.planning_cost_usd + sum(s.cost_usd for s in steps),
             duration_s=run_duration(state), answer=record.answer, revisions=tuple(revisions),
-            context=ContextReport.from_dict(record.context) if record.context else None,
+            context=ContextReport.from_dict(record.context) if record.context and "budget_tokens" in record.context
+            else None,
         )
 
     # --- responses ------------------------------------------------------------------
@@ -680,6 +736,15 @@ class Pipeline:
             if sink is not None:
                 sink(Event(kind="run_finished", run_id=request.run_id, data={"response": response}))
         return response
+
+
+def _journaled_context(run: RunContext) -> dict[str, Any] | None:
+    """What the journal keeps of a run's context: its memory report and, under ``trace``, the
+    trace context a tracing plugin put in ``run.trace`` (so a resumed run can link to it)."""
+    context = run.context_report.to_dict() if run.context_report is not None else {}
+    if run.trace:
+        context["trace"] = dict(run.trace)
+    return context or None
 
 
 class _Cancelled(Exception):

@@ -98,7 +98,8 @@ class AgentSystem:
 
     def _register_all(self, tolerant: bool) -> None:
         registrars: dict[str, Callable[[str], Mapping[str, Any]]] = {
-            "agentkeel_register_tools": lambda name: {"register": self.tools.register_callback(name)},
+            "agentkeel_register_tools": lambda name: {"register": self.tools.register_callback(name),
+                                                       "config": self.config},
             "agentkeel_register_plan_templates": lambda name: {"register": self._template_registrar(name)},
             "agentkeel_register_sandboxes": lambda name: {"register": self._sandbox_registrar(name),
                                                           "config": self.config},

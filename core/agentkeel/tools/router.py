@@ -96,6 +96,8 @@ class ToolRouter:
         breaker: CircuitBreaker | _Shared = self.breakers.get(spec.name) if shared is None else _Shared(shared,
                                                                                                       spec.name)
         sent = False
+        watched = breaker if run.observers is not None and isinstance(breaker, CircuitBreaker) else None
+        before = watched.state if watched is not None else None
         try:
             if spec.rate_limit is not None:
                 await self.rate_limits.acquire(spec, spec.timeout)
@@ -137,6 +139,10 @@ class ToolRouter:
         except BaseException:
             self._settle(run, reservation, spec, step_id, sent)
             raise
+        finally:
+            if watched is not None and watched.state is not before:
+                assert before is not None
+                run.observe("breaker_state", tool=spec.name, previous=before.value, state=watched.state.value)
         self._settle(run, reservation, spec, step_id, True)
         if isinstance(breaker, _Shared):
             await breaker.flush()  # its outcome reaches the shared store before the step goes on
