@@ -14,17 +14,17 @@ import pytest
 pytest.importorskip("agentkeel_otel")
 pytest.importorskip("opentelemetry.sdk")
 
-from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookimpl, tool  # noqa: E402
-from agentkeel.errors import ToolError  # noqa: E402
-from agentkeel.runtime.system import AgentSystem  # noqa: E402
-from agentkeel.testing.server import ScriptedOpenAIServer  # noqa: E402
-from agentkeel_otel import Telemetry  # noqa: E402
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import StatusCode  # noqa: E402
+from agentkeel import AgentRequest, Config, RunStatus, StepStatus, hookimpl, tool
+from agentkeel.errors import ToolError
+from agentkeel.runtime.system import AgentSystem
+from agentkeel.testing.server import ScriptedOpenAIServer
+from agentkeel_otel import Telemetry
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 CALLS: dict[str, int] = {}
 EFFECTS: list[str] = []
@@ -287,3 +287,50 @@ async def test_logs_carry_the_trace(openai_server_env: ScriptedOpenAIServer, cap
     assert fields["run_id"] == response.run_id and fields["step_id"] == 3
     assert fields["trace_id"] == format(call.context.trace_id, "032x")
     assert fields["span_id"] == format(call.context.span_id, "016x")
+
+
+@tool(permissions=["ops"], requires_approval=True, idempotent=True)
+async def open_vault(vault: str) -> dict[str, Any]:
+    """Open a vault (needs a human's approval)."""
+    return {"opened": vault}
+
+
+class VaultTools:
+    @hookimpl
+    def agentkeel_register_tools(self, register: Any) -> None:
+        register(open_vault)
+
+
+async def test_a_resumed_run_links_to_the_trace_it_began_in(openai_server_env: ScriptedOpenAIServer,
+                                                            captured: Any, tmp_path: Any) -> None:
+    exporter, _, provider = captured
+    plan = {"reasoning": "open it", "steps": [
+        {"description": "open", "tool_name": "open_vault", "tool_args": {"vault": "7"}}]}
+    openai_server_env.queue(plan, usage=(100, 10))
+    openai_server_env.queue("Waiting for an approval.", usage=(50, 5))
+    openai_server_env.queue("The vault is open.", usage=(50, 5))
+    config = Config.from_dict({
+        **CONFIG, "home": str(tmp_path), "journal": {"backend": "sqlite"},
+        "principals": {"ada": {"permissions": ["ops"]}, "boss": {"permissions": ["approve"]}},
+    })
+    async with AgentSystem(config, plugins=[VaultTools(), Telemetry(provider)], load_entrypoints=False) as first:
+        waiting = await first.run(AgentRequest(message="open vault 7", user_id="ada"))
+        assert waiting.status is RunStatus.WAITING, waiting.message
+        first.decide(waiting.run_id, 1, approver="boss", approved=True)
+    began = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == "invoke_agent agentkeel"}
+    (first_root,) = began.values()
+    # Another system (as after a restart): the link comes from the journal, not from memory.
+    async with AgentSystem(config, plugins=[VaultTools(), Telemetry(provider)], load_entrypoints=False) as second:
+        done = await second.resume(waiting.run_id)
+    assert done.status is RunStatus.SUCCEEDED, done.message
+    roots = [s for s in exporter.get_finished_spans() if s.name == "invoke_agent agentkeel"]
+    assert len(roots) == 2
+    resumed = next(s for s in roots if s.context.span_id != first_root.context.span_id)
+    assert resumed.attributes["agentkeel.resumed"] == "resume"
+    assert resumed.attributes["agentkeel.run_id"] == waiting.run_id
+    (link,) = resumed.links
+    assert (link.context.trace_id, link.context.span_id) == (first_root.context.trace_id,
+                                                             first_root.context.span_id)
+    steps = [s for s in exporter.get_finished_spans() if s.name == "agentkeel.step"
+             and s.context.trace_id == resumed.context.trace_id]
+    assert [s.attributes["agentkeel.status"] for s in steps] == ["succeeded"]
