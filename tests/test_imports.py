@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(agentkeel.__file__).parent
 LEAVES = {"errors", "types", "config", "context", "markers", "hookspecs", "stores", "jsonvalue", "patterns", "facts",
-          "pg", "pg_schema"}
+          "pg", "pg_schema", "logs"}
 PUBLIC = {"__init__", "__main__", "plan"}  # the public facade and compatibility names: above everything
 COMPONENTS = {"permissions", "cost", "memory", "planner", "tools", "sandbox", "evaluator", "recovery", "journal",
               "responder", "models"}
