@@ -334,3 +334,37 @@ async def test_a_resumed_run_links_to_the_trace_it_began_in(openai_server_env: S
     steps = [s for s in exporter.get_finished_spans() if s.name == "agentkeel.step"
              and s.context.trace_id == resumed.context.trace_id]
     assert [s.attributes["agentkeel.status"] for s in steps] == ["succeeded"]
+
+
+@tool(permissions=["ops"], idempotent=True)
+async def always_busy(room: str) -> dict[str, Any]:
+    """Always busy."""
+    raise ToolError("busy", retryable=True)
+
+
+class BusyTools:
+    @hookimpl
+    def agentkeel_register_tools(self, register: Any) -> None:
+        register(always_busy)
+
+
+async def test_breaker_state_changes_are_counted_and_marked(openai_server_env: ScriptedOpenAIServer,
+                                                            captured: Any) -> None:
+    exporter, reader, provider = captured
+    plan = {"reasoning": "try", "steps": [
+        {"description": "try", "tool_name": "always_busy", "tool_args": {"room": "1"}}]}
+    openai_server_env.queue(plan, usage=(10, 10))
+    openai_server_env.queue("It is busy.", usage=(10, 10))
+    config = Config.from_dict({**CONFIG, "breaker": {"failure_threshold": 2, "reset_after_s": 60}})
+    telemetry = Telemetry(provider, MeterProvider(metric_readers=[reader]))
+    async with AgentSystem(config, plugins=[BusyTools(), telemetry], load_entrypoints=False) as system:
+        response = await system.run(AgentRequest(message="try room 1", user_id="ada"))
+    assert response.status is RunStatus.FAILED
+    assert response.steps[0].attempts == 3  # the third attempt is refused by the open breaker
+    changes = [p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+               for m in sm.metrics if m.name == "agentkeel.breaker.state_changes" for p in m.data.data_points]
+    assert [(dict(p.attributes), p.value) for p in changes] == [({"tool": "always_busy", "state": "open"}, 1)]
+    (step,) = _by_name(list(exporter.get_finished_spans()), "agentkeel.step")
+    marks = [(e.name, dict(e.attributes or {})) for e in step.events if e.name == "breaker_state"]
+    assert marks == [("breaker_state", {"gen_ai.tool.name": "always_busy", "agentkeel.breaker.previous": "closed",
+                                        "agentkeel.breaker.state": "open"})]
