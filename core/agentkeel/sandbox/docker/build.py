@@ -207,19 +207,29 @@ def docker_tool_plugins() -> list[str]:
     """Names of installed entry-point plugins that register at least one docker tool.
 
     Reads each entry point's ``agentkeel_register_tools`` directly (no plugin
-    manager, no configuration): what matters is which installed plugins need an
-    image. A plugin that fails to load raises SandboxError naming it.
+    manager): what matters is which installed plugins need an image. A hook that
+    takes ``config`` gets the embedded defaults, so tools that come from a
+    configuration (MCP servers) are not asked for: they are not built into images.
+    A plugin that fails to load raises SandboxError naming it.
     """
+    import inspect
+
+    from agentkeel.config import Config
     from agentkeel.tools.decorator import spec_of
 
     found: set[str] = set()
+    defaults: Config | None = None
     for ep in importlib.metadata.entry_points(group=PROJECT_NAME):
         try:
             plugin = ep.load()
             hook = getattr(plugin, "agentkeel_register_tools", None)
             specs: list[Any] = []
             if hook is not None:
-                hook(register=specs.append)
+                kwargs: dict[str, Any] = {"register": specs.append}
+                if "config" in inspect.signature(hook).parameters:
+                    defaults = defaults or Config.from_dict({}, "<embedded defaults>")
+                    kwargs["config"] = defaults
+                hook(**kwargs)
         except Exception as exc:
             raise SandboxError(
                 f"plugin {ep.name!r} failed to load ({type(exc).__name__}: {exc}); fix or uninstall it, "
