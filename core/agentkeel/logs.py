@@ -311,9 +311,9 @@ def configure(format: str, level: str, stream: TextIO | None = None) -> None:
         handler = _Handler(stream)
         handler.setFormatter(JsonFormatter() if format == "json" else logging.Formatter(TEXT_FORMAT))
         root = logging.getLogger(ROOT_LOGGER)
+        installed = _Installed(format, level.lower(), [(root, handler)], {}, False, {ROOT_LOGGER: root.level})
         root.addHandler(handler)
         root.setLevel(number)
-        installed = _Installed(format, level.lower(), [(root, handler)], {}, False)
         if format == "json":
             uvicorn = logging.getLogger("uvicorn")
             installed.levels["uvicorn"] = uvicorn.level

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             _report(_usage_line(exc))
         sys.exit(EXIT_USAGE)
     except click.Abort:
-        click.echo("aborted", err=True)
+        _report("aborted")
         sys.exit(130)
     except AgentkeelError as exc:
         if os.environ.get("AGENTKEEL_RAISE_ERRORS"):

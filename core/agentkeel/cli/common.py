@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 import click
 
-from agentkeel import logs
 from agentkeel.config import CONFIG_FILENAME, Config
+from agentkeel.logs import EventLog, configure, configured_format, unconfigure
 from agentkeel.types import AgentResponse, PlanRevision, RunStatus, StepResult
 
 if TYPE_CHECKING:
@@ -81,11 +81,14 @@ class LogChoice:
 
 def set_log_choice(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
     """Remember the global ``--log-format``/``--log-level`` for the command's ``load_config``,
-    and log as chosen at once (the configuration may choose later what is left open)."""
+    and log as chosen at once (the configuration may choose later what is left open). Each
+    command line starts afresh: nothing an earlier one in this process chose stays."""
     choice = LogChoice(log_format.lower() if log_format else None, log_level.lower() if log_level else None)
     ctx.meta[_LOG_CHOICE] = choice
     if choice.format or choice.level:
-        logs.configure(choice.format or "text", choice.level or "info")
+        configure(choice.format or "text", choice.level or "info")
+    else:
+        unconfigure()
 
 
 def log_choice() -> LogChoice:
@@ -109,18 +112,18 @@ def apply_logging(config: Config) -> None:
     anything the CLI logs as it always has (warnings only, plain)."""
     fmt, level = log_settings(config)
     if fmt is not None or level is not None:
-        logs.configure(fmt or "text", level or "info")
+        configure(fmt or "text", level or "info")
 
 
 def json_logs() -> bool:
     """True when the logs are JSON lines (stderr then holds JSON records, not notes)."""
-    return logs.configured_format() == "json"
+    return configured_format() == "json"
 
 
 def warn(text: str) -> None:
     """A note for the user on stderr; a WARNING record when the logs are JSON."""
     if json_logs():
-        log.warning("%s", text)
+        log.warning("%s", text.removeprefix("note: "))
     else:
         click.echo(text, err=True)
 
@@ -158,12 +161,12 @@ def build_system(config: Config, *, tolerant: bool = False) -> AgentSystem:
     """The system for ``config``. ``tolerant=True`` (the listings only) leaves out a
     plugin that fails to load or register and records it in ``system.broken_plugins``;
     otherwise such a plugin raises ``PluginError``, which ``main`` prints as one line.
-    With JSON logs, each run's events are logged too (``logs.EventLog``)."""
+    With JSON logs, each run's events are logged too (``agentkeel.logs.EventLog``)."""
     from agentkeel.runtime.system import AgentSystem
 
     if tolerant:
         return AgentSystem(config, tolerant=True)
-    return AgentSystem(config, plugins=[logs.EventLog()] if json_logs() else ())
+    return AgentSystem(config, plugins=[EventLog()] if json_logs() else ())
 
 
 def disable_hint(plugin: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 
+from agentkeel.logs import ROOT_LOGGER, configure, configured_format
 from agentkeel.runtime.system import AgentSystem
 from agentkeel.server.app import create_app
 from agentkeel.server.service import Service
@@ -53,25 +54,35 @@ class _Server(uvicorn.Server):
 
 
 def serve(system: AgentSystem, *, host: str | None = None, port: int | None = None,
-          log_level: str = "info") -> None:
-    """Serve ``system`` over HTTP until SIGTERM or SIGINT (``agentkeel serve``)."""
+          log_level: str | None = None, log_format: str | None = None) -> None:
+    """Serve ``system`` over HTTP until SIGTERM or SIGINT (``agentkeel serve``).
+
+    ``log_format`` "text" (uvicorn's lines) or "json" (``agentkeel.logs.JsonFormatter``
+    for agentkeel's and uvicorn's loggers) and ``log_level`` default to the config's
+    ``[logging]``, else text and info. (The run events are logged when ``system`` has
+    an ``agentkeel.logs.EventLog`` plugin: ``agentkeel serve`` adds it with JSON logs.)"""
     settings = ServerSettings.from_config(system.config)
-    _log_like_uvicorn(log_level)
+    section = system.config.section("logging")
+    log_format = (log_format or str(section.get("format") or "text")).lower()
+    log_level = (log_level or str(section.get("level") or "info")).lower()
+    _configure_logs(log_format, log_level)
     app = create_app(system, settings=settings)
     service: Service = app.state.service
+    # JSON: uvicorn keeps the handlers just installed (its own config would replace them with text ones).
+    log_config: dict[str, Any] | None = None if log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn.Config(
         app, host=host or settings.host, port=settings.port if port is None else port, log_level=log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, access_log=False, lifespan="on",
-        server_header=False,
+        log_config=log_config, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5, access_log=False,
+        lifespan="on", server_header=False,
     )
     _Server(config, service).run()
 
 
-def _log_like_uvicorn(level: str) -> None:
-    """agentkeel's own messages (takeovers, shutdown, failed runs) on stderr, as uvicorn's are."""
-    logger = logging.getLogger("agentkeel")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
+def _configure_logs(log_format: str, level: str) -> None:
+    """agentkeel's own messages (takeovers, shutdown, failed runs) on stderr, as uvicorn's are
+    (text), or every record as a JSON line. A handler someone else put on the ``agentkeel``
+    logger is left to do the work in text mode, as it always was."""
+    if log_format == "text" and configured_format() is None and logging.getLogger(ROOT_LOGGER).handlers:
+        logging.getLogger(ROOT_LOGGER).setLevel(level.upper())
+        return
+    configure(log_format, level)
