@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 import click
 
 from agentkeel.cli.common import finish, one_line, printable, when
+from agentkeel.logs import configured_format
 from agentkeel.types import AgentResponse, Event, StepResult, StepStatus
 
 CLEAR = "\r\x1b[2K"
@@ -83,11 +84,14 @@ class Progress:
     @classmethod
     def for_terminal(cls, as_json: bool) -> Progress:
         """What fits the streams this process has: in place on a terminal, plain
-        lines elsewhere, nothing with ``--json``."""
+        lines elsewhere, nothing with ``--json``, and nothing on a stderr that is not
+        a terminal while the logs there are JSON lines (their event records say it)."""
         if as_json:
             return cls(OFF)
         err = sys.stderr
         tty = _isatty(err) and os.environ.get("TERM") != "dumb"
+        if not tty and configured_format() == "json":
+            return cls(OFF, stream_answer=_isatty(sys.stdout))
         fancy = _can_encode(err, SPINNER + "".join(MARKS.values()))
         return cls(TTY if tty else PLAIN, stream_answer=_isatty(sys.stdout), fancy=fancy)
 

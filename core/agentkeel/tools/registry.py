@@ -136,6 +136,14 @@ class ToolRegistry:
                     f"tools.{tool_name}.isolation: tool {tool_name!r} takes the run's context (a 'run' "
                     f"parameter), which cannot leave the process: it runs {spec.isolation!r} only"
                 )
+            if isolation != spec.isolation and spec.isolation == "inprocess" and not _importable(spec):
+                where = spec.source or spec.qualified_name
+                raise ConfigError(
+                    f"tools.{tool_name}.isolation: tool {tool_name!r} is carried out in this process ({where}) "
+                    f"and cannot be imported elsewhere, so it runs {spec.isolation!r} only"
+                    + ("; an MCP server is isolated by its own settings ([mcp.servers.NAME] isolation)"
+                       if spec.source.startswith("mcp") else "")
+                )
             if sandboxes[isolation].strength < sandboxes[spec.isolation].strength:
                 raise ConfigError(
                     f"tools.{tool_name}.isolation: {isolation!r} is weaker than the {spec.isolation!r} "
@@ -144,6 +152,8 @@ class ToolRegistry:
             changes = dict(values)
             if "cost_usd" in changes:
                 changes["cost_usd"] = float(changes["cost_usd"])
+            if spec.derived:  # where each overridden value now comes from
+                changes["derived"] = {**spec.derived, **dict.fromkeys(values, f"config [tools.{tool_name}]")}
             self._tools[tool_name] = attrs.evolve(spec, **changes)
 
     def as_mapping(self) -> Mapping[str, ToolSpec]:
@@ -164,6 +174,11 @@ class ToolRegistry:
 
     def all(self) -> dict[str, ToolSpec]:
         return dict(self._tools)
+
+
+def _importable(spec: ToolSpec) -> bool:
+    """True when ``module:qualname`` names the implementation, so another process can import it."""
+    return all(part.isidentifier() for part in spec.fn.__qualname__.split(".")) and bool(spec.fn.__module__)
 
 
 def _strength(backend: object) -> int:

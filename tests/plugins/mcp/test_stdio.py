@@ -298,3 +298,24 @@ def test_systems_share_a_server_and_the_last_one_closing_stops_it(state: Path) -
         second.close()
     assert wait_gone(pid)
     assert pids(state) == [pid]
+
+
+# --- [tools.NAME] overrides of MCP tools ------------------------------------------------------
+
+
+def test_a_tools_override_is_shown_as_where_the_value_came_from(state: Path) -> None:
+    sys_ = system(files(state, include=["read"]), tools={"files.read": {"timeout": 7}})
+    try:
+        read = sys_.tools["files.read"]
+    finally:
+        sys_.close()
+    assert read.timeout == 7.0
+    assert read.derived["timeout"] == "config [tools.files.read]"
+    assert read.derived["idempotent"] == "readOnlyHint"
+
+
+def test_an_mcp_tool_cannot_be_moved_out_of_the_process(state: Path) -> None:
+    from agentkeel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tools\.files\.read\.isolation: .*\[mcp\.servers\.NAME\] isolation"):
+        system(files(state, include=["read"]), tools={"files.read": {"isolation": "subprocess"}})

@@ -368,3 +368,18 @@ async def test_breaker_state_changes_are_counted_and_marked(openai_server_env: S
     marks = [(e.name, dict(e.attributes or {})) for e in step.events if e.name == "breaker_state"]
     assert marks == [("breaker_state", {"gen_ai.tool.name": "always_busy", "agentkeel.breaker.previous": "closed",
                                         "agentkeel.breaker.state": "open"})]
+
+
+async def test_log_fields_come_and_go_with_the_system(openai_server_env: ScriptedOpenAIServer) -> None:
+    from agentkeel import logs
+    from opentelemetry import metrics, trace
+
+    telemetry = Telemetry(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider())
+    response = await _run(openai_server_env, telemetry)
+    assert response.status is RunStatus.FAILED
+    assert telemetry.log_fields not in logs._providers  # the system closed: no provider left behind
+    token = logs.RUN_ID.set(response.run_id)
+    try:
+        assert telemetry.log_fields() == {}  # a no-op provider has no trace to join: no zero ids
+    finally:
+        logs.RUN_ID.reset(token)

@@ -33,6 +33,7 @@ def agentkeel_startup(config: Any) -> None:
 @hookimpl
 def agentkeel_shutdown() -> None:
     if _telemetry is not None:
+        _telemetry.agentkeel_shutdown()
         flush(*_providers)
 
 

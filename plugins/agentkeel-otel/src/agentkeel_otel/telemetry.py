@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-from agentkeel.logs import RUN_ID, add_fields
+from agentkeel.logs import RUN_ID, add_fields, remove_fields
 from agentkeel.markers import hookimpl
 from agentkeel.types import AgentRequest, AgentResponse, Event, RunStatus, StepResult, StepStatus
 from opentelemetry import context as otel_context
@@ -130,12 +130,14 @@ class Telemetry:
         self.operation_duration = meter.create_histogram(
             "gen_ai.client.operation.duration", unit="s", description="LLM call duration (GenAI conventions)")
         self._llm_started: dict[tuple[str, int], float] = {}
-        add_fields(self.log_fields)
+        self._systems = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
     @hookimpl
     def agentkeel_startup(self, config: Any) -> None:
+        self._systems += 1
+        add_fields(self.log_fields)  # log records get trace_id/span_id while a system runs
         if self._capture_explicit is None and content_from_environment() is None:
             section = config.section("plugins", "otel")
             value = section.get("capture_content")
@@ -144,6 +146,12 @@ class Telemetry:
 
                 raise ConfigError(f"plugins.otel.capture_content: must be true or false, got {value!r}")
             self.capture_content = bool(value)
+
+    @hookimpl
+    def agentkeel_shutdown(self) -> None:
+        self._systems = max(0, self._systems - 1)
+        if self._systems == 0:
+            remove_fields(self.log_fields)
 
     # --- observer events ----------------------------------------------------------------
 
@@ -438,6 +446,8 @@ class Telemetry:
             if state is None:
                 return {}
             context = state.root.get_span_context()
+        if not context.is_valid:  # a no-op provider: there is no trace to join
+            return {}
         return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
