@@ -33,6 +33,8 @@ is not applied to the tool it names).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +67,11 @@ def idempotent_from_hints(annotations: types.ToolAnnotations | None) -> tuple[bo
     return False, "no readOnlyHint or idempotentHint (MCP default: not idempotent)"
 
 
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+"""The tool names the MCP specification allows (a server's other names are left out)."""
+log = logging.getLogger("agentkeel.mcp")
+
+
 def exposed(cfg: ServerConfig, listed: Sequence[types.Tool], source: str = "<config>") -> list[types.Tool]:
     """The listed tools that ``include``/``exclude`` let through; unknown names are a ``ConfigError``."""
     names = [tool.name for tool in listed]
@@ -80,8 +87,18 @@ def exposed(cfg: ServerConfig, listed: Sequence[types.Tool], source: str = "<con
                 f"invalid configuration in {source}: {where}.{key}: {which} is not a tool of {cfg.label} "
                 f"(it lists: {', '.join(sorted(known)) or 'no tools'})"
             )
-    return [tool for tool in listed
-            if (cfg.include is None or tool.name in cfg.include) and tool.name not in cfg.exclude]
+    out = []
+    for tool in listed:
+        if not (cfg.include is None or tool.name in cfg.include) or tool.name in cfg.exclude:
+            continue
+        if not TOOL_NAME.fullmatch(tool.name):
+            # A name with spaces, control characters or hundreds of characters would reach plans,
+            # prompts and log lines as it is: such a tool is left out, and said so.
+            log.warning("%s: tool %r left out: MCP tool names are 1 to 128 of A-Z a-z 0-9 _ - .",
+                        cfg.label, tool.name[:200])
+            continue
+        out.append(tool)
+    return out
 
 
 def build_specs(cfg: ServerConfig, listed: Sequence[types.Tool], proxy: ProxyFactory,

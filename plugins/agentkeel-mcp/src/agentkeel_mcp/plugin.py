@@ -25,6 +25,7 @@ A tool call is forwarded to the server by an async proxy (``make_proxy``):
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -124,6 +125,10 @@ def _proxy_factory(runtime: Runtime, server: ManagedServer, lease: Lease) -> Cal
     return factory
 
 
+MAX_RESULT_BYTES = 1 << 20
+"""The largest step result (JSON-encoded) an MCP tool may return: 1 MiB."""
+
+
 def make_proxy(runtime: Runtime, server: ManagedServer, remote: str, tool_name: str,
                retry_safe: bool) -> Callable[..., Any]:
     """The async tool fn of ``tool_name``: calls ``remote`` on ``server`` with the step's arguments."""
@@ -146,7 +151,14 @@ def make_proxy(runtime: Runtime, server: ManagedServer, remote: str, tool_name: 
                             f"{type(exc).__name__}: {exc}", retryable=False) from None
         if result.is_error:
             raise ToolError(f"{label}: tool {remote!r} reported an error: {error_text(result)}", retryable=retry_safe)
-        return to_step_result(result)
+        value = to_step_result(result)
+        size = len(json.dumps(value, default=str))
+        if size > MAX_RESULT_BYTES:
+            # Every result is journaled, evaluated and may reach prompts: a server must not be able
+            # to flood them. The call ran (its effect, if any, stands); its result is refused.
+            raise ToolError(f"{label}: tool {remote!r} returned {size} bytes of result, more than the "
+                            f"{MAX_RESULT_BYTES} a step result may hold", retryable=False)
+        return value
 
     call_mcp_tool.__qualname__ = f"mcp[{tool_name}]"
     return call_mcp_tool
