@@ -106,3 +106,27 @@ def test_service_metrics_match_prometheus(tmp_path: Path, monkeypatch: pytest.Mo
                                                       tier=""))
     assert cost["tool"] == pytest.approx(0.002 * 3)  # [tools.lookup_order] cost_usd, three lookups
     assert len(spans) == 4
+
+
+def test_an_unknown_exporter_is_a_clear_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTKEEL_", "OPENAI_", "OTEL_"))}
+    env |= {"AGENTKEEL_HOME": str(tmp_path / "home"), "OTEL_TRACES_EXPORTER": "zipkn"}
+    done = subprocess.run([sys.executable, "-m", "agentkeel", "run", DEMO, "--user", "demo"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "OTEL_TRACES_EXPORTER: unknown exporter 'zipkn'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_capture_content_must_be_a_boolean() -> None:
+    from agentkeel import Config
+    from agentkeel.errors import ConfigError
+    from agentkeel.runtime.system import AgentSystem
+    from agentkeel_otel import Telemetry
+
+    config = Config.from_dict({"principals": {"demo": {"permissions": []}}, "journal": {"backend": "memory"},
+                               "plugins": {"otel": {"capture_content": "yes"}}})
+    system = AgentSystem(config, plugins=[Telemetry()], load_entrypoints=False)
+    with pytest.raises(ConfigError, match="plugins.otel.capture_content: must be true or false"):
+        await system.start()
+    await system.aclose()
