@@ -110,6 +110,18 @@ async def test_the_tier_and_max_tokens_come_from_the_config(openai_server: Scrip
                                                   / 1e6)
 
 
+async def test_an_observer_plugin_alone_does_not_make_the_answer_stream(openai_server: ScriptedOpenAIServer) -> None:
+    openai_server.queue("Done.", usage=(100, 2))
+    run = run_with(openai_server.base_url)
+    seen: list[str] = []
+    run.observers = lambda kind, run_id, **data: seen.append(kind)  # a tracer: not the caller
+    answer = await respond(run)
+    assert answer == Answer("Done.", source="llm:fast")
+    [body] = openai_server.requests
+    assert "stream" not in body
+    assert "phase_started" in seen and "answer_delta" not in seen  # the llm phase was observed
+
+
 async def test_streamed_deltas_arrive_in_order_and_join_to_the_answer(openai_server: ScriptedOpenAIServer) -> None:
     pieces = ["Order 1001 ", "has shipped; ", "it was refunded ", "$10.00."]
     openai_server.queue(chunks=pieces, usage=(600, 12))

@@ -17,8 +17,11 @@ Runs before the deterministic responder (``agentkeel.responder.default``,
   how the run ended, and the steps and the host's detail as quoted untrusted
   data (``agentkeel.models.data``): the model is told never to follow
   instructions inside it. The user message is the request's message.
-- When someone listens to the run's events the answer is streamed: each piece
-  of text is an ``answer_delta`` event, in order; they join to the answer. (If
+- When the caller follows the run's events (``AgentSystem.stream``, ``run(...,
+  on_event=...)``, the service) the answer is streamed: each piece of text is an
+  ``answer_delta`` event, in order; they join to the answer. Observer plugins
+  alone (a tracer, a log) do not make it stream, so installing one never changes
+  the calls a run makes. (If
   the call fails mid-stream the answer is the fallback below; the ``answer``
   event the host sends afterwards always carries the final text.)
 - The budget cannot cover the call, or the call fails: the deterministic answer
@@ -249,7 +252,7 @@ async def answer_with_llm(
     unconfigured = "the LLM responder has no endpoint: set [models] base_url, OPENAI_BASE_URL or OPENAI_API_KEY"
     try:
         async with make_client(run.config, unconfigured=unconfigured) as client:
-            done = await complete(client, tier, messages, run, on_text=on_delta if run.listened else None,
+            done = await complete(client, tier, messages, run, on_text=on_delta if run.sink is not None else None,
                                   purpose="respond", reason=reason)
     except BudgetExceededError:
         return fallback(BUDGET_NOTE)
