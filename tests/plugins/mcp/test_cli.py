@@ -93,3 +93,19 @@ args = [{json.dumps(str(BROKEN))}, "exit"]
     assert "mcp server 'broken'" in broken[0] and "missing API key" in broken[0]
     assert "files.read" not in proc.stdout  # the plugin's registration failed as a whole...
     assert wait_gone(pids(state)[0])  # ...and the server it had started was stopped
+
+
+def test_a_server_that_writes_garbage_is_one_clean_error(tmp_path: Path, state: Path) -> None:
+    """The SDK logs each line it cannot parse with a traceback: a command shows none of them."""
+    extra = f"""
+[mcp.servers.junk]
+command = {json.dumps(sys.executable)}
+args = [{json.dumps(str(BROKEN))}, "garbage"]
+startup_timeout_s = 2
+"""
+    config = write_config(tmp_path / "agentkeel.toml", state, extra)
+    proc = agentkeel("run", "hello", "--user", "demo", cwd=tmp_path, env={"AGENTKEEL_CONFIG": str(config)})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "not JSON-RPC" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: plugin 'mcp'") and "mcp server 'junk'" in line and "handshake" in line

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,11 @@ from agentkeel_mcp.runtime import (
     ServerUnavailable,
     get_runtime,
 )
+
+# The SDK logs every line a server writes that is not JSON-RPC, with a traceback. Without a
+# handler of the application's, those would reach stderr through logging's last resort; a server
+# that never answers is reported once instead, as a start-up error naming it.
+logging.getLogger("mcp").addHandler(logging.NullHandler())
 
 REGISTRATION_SLACK_S = 30.0
 """How much longer than the slowest ``startup_timeout_s`` registration waits (listing tools, stopping)."""
