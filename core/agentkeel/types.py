@@ -141,7 +141,8 @@ class ToolSpec:
     """Every call waits for a human's approval (``agentkeel approve``) before it runs."""
     source: str = ""
     """Where the tool comes from when it is not a Python function of its plugin (e.g. an MCP
-    server: ``"mcp stdio server 'files': python server.py"``); shown by ``agentkeel tools``."""
+    server: ``"mcp stdio server 'files': python server.py"``); shown by ``agentkeel tools``. Such a
+    tool runs in the isolation it declares: config cannot move it to another sandbox."""
     derived: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
     """For metadata the tool did not declare itself: each field (``idempotent``, ``permissions``,
     ``timeout``, ...) with where its value came from (``"readOnlyHint"``, ``"config"``, ``"default"``)."""

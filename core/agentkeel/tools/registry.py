@@ -136,11 +136,12 @@ class ToolRegistry:
                     f"tools.{tool_name}.isolation: tool {tool_name!r} takes the run's context (a 'run' "
                     f"parameter), which cannot leave the process: it runs {spec.isolation!r} only"
                 )
-            if isolation != spec.isolation and spec.isolation == "inprocess" and not _importable(spec):
-                where = spec.source or spec.qualified_name
+            if isolation != spec.isolation and spec.source:
+                # Not a Python function of its plugin (a proxy of an MCP server's tool, say): what
+                # it calls runs elsewhere already, and the proxy cannot be imported by a sandbox.
                 raise ConfigError(
-                    f"tools.{tool_name}.isolation: tool {tool_name!r} is carried out in this process ({where}) "
-                    f"and cannot be imported elsewhere, so it runs {spec.isolation!r} only"
+                    f"tools.{tool_name}.isolation: tool {tool_name!r} comes from {spec.source} and runs "
+                    f"{spec.isolation!r} only"
                     + ("; an MCP server is isolated by its own settings ([mcp.servers.NAME] isolation)"
                        if spec.source.startswith("mcp") else "")
                 )
@@ -174,11 +175,6 @@ class ToolRegistry:
 
     def all(self) -> dict[str, ToolSpec]:
         return dict(self._tools)
-
-
-def _importable(spec: ToolSpec) -> bool:
-    """True when ``module:qualname`` names the implementation, so another process can import it."""
-    return all(part.isidentifier() for part in spec.fn.__qualname__.split(".")) and bool(spec.fn.__module__)
 
 
 def _strength(backend: object) -> int:
