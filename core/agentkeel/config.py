@@ -31,6 +31,8 @@ DEFAULT_MAX_ROUNDS = 5
 """``[planner] max_rounds``: the most plan revisions of rounds (the first plan included) in one run."""
 DEFAULT_MAX_REPLANS = 1
 """``[recovery] max_replans``: how many times one run may replan after a failed step."""
+DEFAULT_MAX_PARALLEL = 8
+"""``[executor] max_parallel``: the most steps of one run that run at the same time."""
 DEFAULT_APPROVAL_TTL_S = 86400.0
 """``[approvals] ttl_s``: how long an approval stays pending before it expires as a denial."""
 
@@ -102,6 +104,14 @@ CONFIG_SCHEMA: dict[str, Any] = {
             "properties": {
                 "max_steps": {"type": "integer", "minimum": 1},
                 "max_rounds": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        },
+        "executor": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_parallel": {"type": "integer", "minimum": 1, "maximum": 256},
+                "order_effects": {"type": "boolean"},
             },
         },
         "recovery": {
@@ -205,6 +215,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                     "rate_limit": _POSITIVE,
                     "isolation": {"type": "string", "minLength": 1},
                     "cost_usd": {"type": "number", "minimum": 0},
+                    "max_concurrency": {"type": "integer", "minimum": 1, "maximum": 100_000},
                 },
             },
         },
@@ -307,6 +318,11 @@ class Config:
     timezone: str = "UTC"
     """``[budget] timezone``: where a day and a month begin and end (an IANA name)."""
     reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
+    max_parallel: int = DEFAULT_MAX_PARALLEL
+    """``[executor] max_parallel``: independent steps of one run that may run at the same time."""
+    order_effects: bool = True
+    """``[executor] order_effects``: a step whose tool is not idempotent waits for every earlier
+    step, and later steps wait for it (so no effect happens after an earlier step failed)."""
 
     def limits_for(self, principal: str) -> dict[str, float]:
         """The scope limits that apply to ``principal``: its own where it set them, else ``[budget]``'s."""
@@ -387,6 +403,8 @@ class Config:
                               for name, p in data.get("principals", {}).items() if p.get("budget")},
             timezone=_timezone(data.get("budget", {}).get("timezone", "UTC"), source),
             reservation_ttl_s=float(data.get("budget", {}).get("reservation_ttl_s", DEFAULT_RESERVATION_TTL_S)),
+            max_parallel=int(data.get("executor", {}).get("max_parallel", DEFAULT_MAX_PARALLEL)),
+            order_effects=bool(data.get("executor", {}).get("order_effects", True)),
         )
 
     @classmethod

@@ -139,6 +139,8 @@ class ToolSpec:
     allow_uncancellable: bool = False
     requires_approval: bool = False
     """Every call waits for a human's approval (``agentkeel approve``) before it runs."""
+    max_concurrency: int | None = None
+    """The most calls of this tool in flight at once in one process (all runs together); None: no limit."""
     source: str = ""
     """Where the tool comes from when it is not a Python function of its plugin (e.g. an MCP
     server: ``"mcp stdio server 'files': python server.py"``); shown by ``agentkeel tools``. Such a
@@ -173,6 +175,7 @@ class ToolSpec:
             "cost_usd": self.cost_usd,
             "allow_uncancellable": self.allow_uncancellable,
             "requires_approval": self.requires_approval,
+            "max_concurrency": self.max_concurrency,
             "source": self.source,
             "metadata_from": dict(self.derived),
             "args_schema": dict(self.args_schema),
@@ -187,7 +190,9 @@ class PlanStep:
     `when` is a declarative condition on earlier results (see `agentkeel.planner.plan`),
     `expect` a JSON Schema the result must satisfy, `depends_on` the earlier
     steps whose results this step reads (through `when` or `{"$ref": ...}` args),
-    `arg_refs` those its arguments read (arguments without them are final as planned).
+    `arg_refs` those its arguments read (arguments without them are final as planned),
+    and the steps it waits for without reading them (`after`). Steps that do not depend
+    on each other may run at the same time (``[executor] max_parallel``).
     An `optional` step whose tool is unavailable (it failed without taking effect)
     does not abort the run: the run goes on without it and ends ``degraded``.
     Step ids are unique within a run: the steps of a later plan revision (a
@@ -203,6 +208,9 @@ class PlanStep:
     depends_on: frozenset[int] = frozenset()
     arg_refs: frozenset[int] = frozenset()
     optional: bool = False
+    after: frozenset[int] = frozenset()
+    """Steps the plan says this one must wait for (its ``"depends_on"``), though it reads none of
+    their results; part of ``depends_on``."""
 
 
 AnswerTemplate = str | tuple[Mapping[str, Any], ...]
@@ -245,6 +253,7 @@ class Plan:
                     **({"when": s.when} if s.when is not None else {}),
                     **({"expect": s.expect} if s.expect is not None else {}),
                     **({"optional": True} if s.optional else {}),
+                    **({"depends_on": sorted(s.after)} if s.after else {}),
                 }
                 for s in self.steps
             ],

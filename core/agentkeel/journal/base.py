@@ -40,7 +40,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from json.encoder import c_encode_basestring as _c_encode_basestring  # type: ignore[attr-defined]
 from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
 from typing import Any, Protocol, runtime_checkable
@@ -292,6 +292,11 @@ class Journal(Protocol):
         """Append an outcome record (``record.phase == "outcome"``), committed before returning."""
         ...
 
+    def write_steps(self, lease: Lease, records: Sequence[StepRecord]) -> None:
+        """Append ``records`` (intents and outcomes, each checked as ``intent``/``outcome`` check it)
+        in order, in one transaction: all of them are committed before returning, or none is."""
+        ...
+
     def set_status(
         self, lease: Lease, status: str, detail: str = "", then_status: str = "", answer: str | None = None
     ) -> None:
@@ -521,6 +526,12 @@ def encode_optional(value: Any, what: str) -> str | None:
 
 def decode(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def check_records(records: Sequence[StepRecord]) -> None:
+    """Check each of ``records`` as ``intent``/``outcome`` would (``write_steps``)."""
+    for record in records:
+        check_record(record, record.phase if record.phase in PHASES else PHASES[0])
 
 
 def check_record(record: StepRecord, phase: str) -> None:

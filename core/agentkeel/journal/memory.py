@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -37,6 +37,7 @@ from agentkeel.journal.base import (
     check_decider,
     check_listed_status,
     check_record,
+    check_records,
     check_revision,
     check_takeover,
     decode,
@@ -213,6 +214,16 @@ class MemoryJournal:
     def outcome(self, lease: Lease, record: StepRecord) -> None:
         check_record(record, "outcome")
         self._append(lease, record)
+
+    def write_steps(self, lease: Lease, records: Sequence[StepRecord]) -> None:
+        check_records(records)
+        now = self._clock()
+        rows = [encode_step(record, now) for record in records]  # all encoded before any is written
+        with self._lock:
+            run = self._fenced_run(lease)
+            run.steps.extend(rows)
+            if rows:
+                run.last_step_ts = max(run.last_step_ts, *(row[-1] for row in rows))
 
     def _append(self, lease: Lease, record: StepRecord) -> None:
         row = encode_step(record, self._clock())  # encode outside the lock: may raise

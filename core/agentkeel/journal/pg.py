@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -63,6 +63,7 @@ from agentkeel.journal.base import (
     check_decider,
     check_listed_status,
     check_record,
+    check_records,
     check_revision,
     check_takeover,
     decode,
@@ -307,6 +308,25 @@ class PostgresJournal:
     def outcome(self, lease: Lease, record: StepRecord) -> None:
         check_record(record, "outcome")
         self._append(lease, record)
+
+    def write_steps(self, lease: Lease, records: Sequence[StepRecord]) -> None:
+        self._check_lease(lease)
+        check_records(records)
+        now = self._clock()
+        params = []
+        for record in records:
+            row = encode_step(record, now)
+            _check_text(f"step {record.step_id} ({record.kind} {record.phase})", tool_name=row[3],
+                        idempotency_key=row[5], status=row[6], error=row[8])
+            params.append((*row, lease.run_id, lease.epoch, lease.owner))
+
+        def write(conn: Conn) -> None:
+            for values in params:
+                if conn.execute(_INSERT_STEP, values).rowcount != 1:
+                    raise self._refusal(conn, lease)
+
+        if params:
+            self._run(f"writing steps {', '.join(str(r.step_id) for r in records)}", write)
 
     def _append(self, lease: Lease, record: StepRecord) -> None:
         self._check_lease(lease)

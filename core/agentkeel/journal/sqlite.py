@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from agentkeel.journal.base import (
     check_decider,
     check_listed_status,
     check_record,
+    check_records,
     check_revision,
     check_takeover,
     decode,
@@ -319,6 +320,24 @@ class SQLiteJournal:
     def outcome(self, lease: Lease, record: StepRecord) -> None:
         check_record(record, "outcome")
         self._append(lease, record)
+
+    def write_steps(self, lease: Lease, records: Sequence[StepRecord]) -> None:
+        check_records(records)
+        if len(records) == 1:
+            self._append(lease, records[0])
+            return
+        fence = (lease.run_id, lease.epoch, lease.owner)
+        now = self._clock()
+        rows = [encode_step(record, now) + fence for record in records]
+
+        def write(conn: sqlite3.Connection) -> None:
+            for row in rows:
+                if conn.execute(_INSERT_STEP, row).rowcount != 1:
+                    raise self._refusal(conn, lease)
+
+        if rows:
+            self._run(f"writing steps {', '.join(str(r.step_id) for r in records)}",
+                      lambda conn: atomic(conn, write))
 
     def _append(self, lease: Lease, record: StepRecord) -> None:
         fence = (lease.run_id, lease.epoch, lease.owner)

@@ -14,6 +14,9 @@ Steps are numbered from 1 in order (a later revision of a run's plan, after a
 replan or a round, from the step id it is given: ids are unique within a run).
 ``{"$ref": "/N/a/b"}`` is a JSON Pointer into the result of step N (which must
 come earlier; in a later revision, any earlier step of the run that succeeded).
+``"depends_on": [N, ...]`` makes a step wait for earlier steps whose results it
+does not read. Steps that depend on no unfinished step may run at the same time
+(``[executor] max_parallel``; see ``agentkeel.runtime.executor``).
 A step may be ``"optional": true``: when its tool is unavailable the run goes on
 without it and ends ``degraded``. At the top level, ``"observe": true`` marks a
 round (the planner sees the results and plans again) and ``"final": true`` with
@@ -119,6 +122,8 @@ def plan_wire_schema(tool_names: Iterable[str] | None = None) -> dict[str, Any]:
                         "when": CONDITION_SCHEMA["$defs"]["cond"],
                         "expect": {"type": "object"},
                         "optional": {"type": "boolean"},
+                        "depends_on": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                                       "uniqueItems": True, "maxItems": 1000},
                     },
                 },
             },
@@ -187,6 +192,8 @@ def parse_plan(
         depends = set(arg_refs)
         if when is not None:
             depends.update(refs_in_condition(when))
+        after = frozenset(raw.get("depends_on", ()))
+        depends.update(after)
         steps.append(
             PlanStep(
                 step_id=index,
@@ -198,6 +205,7 @@ def parse_plan(
                 depends_on=frozenset(depends),
                 arg_refs=arg_refs,
                 optional=bool(raw.get("optional", False)),
+                after=after,
             )
         )
     return Plan(steps=tuple(steps), reasoning=data["reasoning"], planner=planner,

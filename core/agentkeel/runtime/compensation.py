@@ -2,7 +2,9 @@
 
 When a run aborts (or on ``agentkeel rollback``), every step that took effect
 (it succeeded, or its result was rejected after the tool ran) and whose tool
-names a ``rollback`` tool is compensated, last step first. The compensator gets
+names a ``rollback`` tool is compensated, in the reverse of the order the steps
+finished (with steps run one at a time: last step first; a step a crash
+interrupted, first of all). The compensator gets
 the step's original arguments merged with its result (arguments win), keeping
 only the parameters it declares, plus the forward step's idempotency key when it
 takes one, so a compensator can find the effect it undoes and running it twice
@@ -15,7 +17,7 @@ continues on resume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,13 @@ def compensation_args(compensator: ToolSpec, args: Mapping[str, Any], result: An
         merged = {k: v for k, v in merged.items() if k in declared}
     merged.pop("idempotency_key", None)
     return merged
+
+
+def completion_order(state: RunState | None) -> list[int]:
+    """Forward step ids in the order their first outcomes were journaled."""
+    if state is None:
+        return []
+    return list(dict.fromkeys(r.step_id for r in state.steps if r.kind == "forward" and r.phase == "outcome"))
 
 
 @attrs.define
@@ -72,9 +81,11 @@ class Compensation:
     run: RunContext
     lease: HeldLease
     state: RunState | None = None
+    order: Sequence[int] | None = None
+    """Forward step ids in the order they finished (default: as journaled in ``state``, else by id)."""
 
     async def compensate(self, steps: list[StepResult]) -> CompensationReport:
-        """Compensate the steps of ``steps`` that took effect, last first.
+        """Compensate the steps of ``steps`` that took effect, the last to finish first.
 
         A step interrupted by a crash (status ``running``, from the journal) is
         compensated too when its tool takes the idempotency key: its compensator
@@ -88,7 +99,10 @@ class Compensation:
         report = CompensationReport(list(steps))
         by_id = {s.step_id: s for s in steps}
         tools = self.runner.tools
-        for step in sorted(steps, key=lambda s: s.step_id, reverse=True):
+        order = self.order if self.order is not None else completion_order(self.state)
+        rank = {step_id: index for index, step_id in enumerate(order)}
+        unfinished = len(rank)  # a step no outcome names (a crash interrupted it) finished last
+        for step in sorted(steps, key=lambda s: (rank.get(s.step_id, unfinished), s.step_id), reverse=True):
             if not (took_effect(step) or step.status is StepStatus.RUNNING):
                 continue
             where = f"step {step.step_id} ({step.tool_name})"
@@ -145,7 +159,9 @@ class Compensation:
             # finished, and asks a human instead of running a compensator that is not retry-safe again.
             return (f"{where}: its compensation {comp.name} was given up at its timeout and may or may not "
                     f"have run; {comp.name} is not retry-safe, so a human must check it")
-        self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "compensation", result))
+        ran = self.runner.tools.get(result.tool_name)
+        self.lease.outcome(outcome_record(self.run.run_id, step.step_id, "compensation", result),
+                           defer=ran is not None and ran.retry_safe)
         self.run.emit("step_compensated", step_id=step.step_id, tool=comp.name, status=result.status.value,
                       error=result.error)
         if result.status is StepStatus.SUCCEEDED:

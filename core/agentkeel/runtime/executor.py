@@ -27,6 +27,7 @@ This is the path benchmarked in ``bench/overhead.py``; keep it lean.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -190,15 +191,28 @@ class StepRunner:
 
 class PlanExecutor:
     """Runs the steps of a run's plan revisions, one ``execute`` per revision, journaling
-    as it goes; results and outcomes carry over from one revision to the next."""
+    as it goes; results and outcomes carry over from one revision to the next.
 
-    def __init__(self, runner: StepRunner, run: RunContext, lease: HeldLease, state: RunState | None = None) -> None:
+    A plan is a graph: a step waits for the steps it depends on (``PlanStep.depends_on``:
+    its references, its condition's, its ``"depends_on"``) and, with ``order_effects``,
+    a step with an effect (its tool, or its fallback, is not idempotent) waits for every
+    earlier step and every later step waits for it. Every step whose dependencies are
+    decided starts, up to ``max_parallel`` at once (in step order). A lone ready step runs
+    inline (no task): a chain costs what a sequential loop does."""
+
+    def __init__(self, runner: StepRunner, run: RunContext, lease: HeldLease, state: RunState | None = None,
+                 *, max_parallel: int = 1, order_effects: bool = True) -> None:
         self.runner = runner
         self.run = run
         self.lease = lease
         self.state = state
+        self.max_parallel = max(1, max_parallel)
+        self.order_effects = order_effects
         self.results: dict[int, Any] = {}
         self.outcomes: dict[int, StepResult] = {}
+        self.completed: list[int] = []
+        """Forward steps in the order their outcomes were decided (journaled ones first, as journaled):
+        compensation runs in the reverse of it."""
         self.budget_exhausted = False
         self.condition_skipped: set[int] = set()
         self.degraded: list[StepResult] = []
@@ -207,111 +221,216 @@ class PlanExecutor:
         """The failed step whose recovery asked for a replan (set by ``execute``)."""
         self.status = RunStatus.SUCCEEDED
         self.detail = ""
+        self._halt: tuple[int, PlanStep, StepResult | None] | None = None
+        self._stopped_before: PlanStep | None = None  # a stop requested (cancel or pause) before this step
         if state is not None:  # earlier revisions' results, for references and dependencies
             for record in state.steps:
                 if record.kind == "forward" and record.phase == "outcome" and record.status != "pending":
                     self.outcomes[record.step_id] = step_result_from_record(record)
+                    self.completed.append(record.step_id)
                     if record.status == StepStatus.SUCCEEDED.value:
                         self.results[record.step_id] = record.result
                     if record.status == StepStatus.SKIPPED.value and record.error == "condition not met":
                         self.condition_skipped.add(record.step_id)
 
+    def graph(self, plan: Plan) -> dict[int, set[int]]:
+        """For each step of ``plan``, the steps of ``plan`` it must wait for."""
+        ids = {step.step_id for step in plan.steps}
+        tools = self.runner.tools
+        deps: dict[int, set[int]] = {}
+        last_effect: int | None = None
+        since: list[int] = []  # steps after the last effect
+        for step in plan.steps:
+            mine = {d for d in step.depends_on if d in ids}
+            if self.order_effects:
+                if has_effect(tools, step.tool_name):
+                    mine.update(since)
+                    if last_effect is not None:
+                        mine.add(last_effect)
+                    last_effect, since = step.step_id, []
+                else:
+                    if last_effect is not None:
+                        mine.add(last_effect)
+                    since.append(step.step_id)
+            deps[step.step_id] = mine
+        return deps
+
     async def execute(self, plan: Plan) -> list[StepResult]:
         """Run (or resume) every step of ``plan``; sets ``status``, ``detail`` and ``replan_step``."""
         self.status, self.detail, self.replan_step = RunStatus.SUCCEEDED, "", None
-        out: list[StepResult] = []
-        stopped_at: PlanStep | None = None
+        if self.max_parallel == 1 and not self.order_effects:
+            deps: dict[int, set[int]] = {s.step_id: set() for s in plan.steps}  # one at a time, in order: no graph needed
+        else:
+            deps = self.graph(plan)
+        waiting = {sid: len(d) for sid, d in deps.items()}
+        dependants: dict[int, list[int]] = {}
+        for sid, d in deps.items():
+            for dep in d:
+                dependants.setdefault(dep, []).append(sid)
+        by_id = {step.step_id: step for step in plan.steps}
+        ready = [sid for sid, n in waiting.items() if n == 0]
+        heapq.heapify(ready)
+        finished: dict[int, StepResult] = {}  # this execute's steps, any status (waiting too)
+        self._halt = None
+        self._stopped_before = None
+        inflight: dict[asyncio.Task[tuple[StepResult, str | None]], PlanStep] = {}
         run = self.run
-        stopped_before: PlanStep | None = None  # a stop requested (cancel or pause) before this step
-        for step in plan.steps:
-            result = self._recorded(step)
-            if result is None:
+
+        def decide(step: PlanStep, result: StepResult) -> None:
+            finished[step.step_id] = result
+            for later in dependants.get(step.step_id, ()):
+                waiting[later] -= 1
+                if waiting[later] == 0:
+                    heapq.heappush(ready, later)
+
+        while ready or inflight:
+            launch: list[PlanStep] = []
+            while ready and self._halt is None and self._stopped_before is None and (
+                    len(inflight) + len(launch) < self.max_parallel):
+                step = by_id[heapq.heappop(ready)]
+                result = self._recorded(step)
+                if result is not None:
+                    decide(step, result)
+                    self._after(step, result, journaled=True)
+                    continue
                 if self.state is not None and self._in_doubt(step):
-                    out.append(self.outcomes[step.step_id])
-                    stopped_at = step
+                    finished[step.step_id] = self.outcomes[step.step_id]
+                    self._stop(0, step, None)
                     break
                 if run.stop is not None:
                     cancel = run.stop.kind == "cancel"
                     self.status = RunStatus.CANCELLED if cancel else RunStatus.RUNNING
                     self.detail = (f"{'cancelled' if cancel else 'paused'} before step {step.step_id} "
                                    f"({step.tool_name}): {run.stop.reason}")
-                    stopped_before = step
+                    self._stopped_before = step
                     break
-                self.lease.keep()
-                if run.listened:
-                    run.emit("step_started", step_id=step.step_id, tool=step.tool_name,
-                             description=step.description)
-                token = STEP_ID.set(step.step_id)
-                try:
-                    with run.span("step", step_id=step.step_id, tool=step.tool_name, call_kind="forward") as span:
-                        result, signal = await self.execute_step(step)
-                        span.set(status=result.status.value, attempts=result.attempts, tool=result.tool_name,
-                                 cost_usd=result.cost_usd, step_error=result.error or "")
-                finally:
-                    STEP_ID.reset(token)
-                if result.status is StepStatus.IN_DOUBT:
-                    # No outcome is journaled: the journal says what is known (started, never
-                    # finished), so a resume asks a human exactly as after a crash.
-                    self.status = RunStatus.IN_DOUBT
-                    self.detail = in_doubt_detail(
-                        run.run_id, step.step_id, result.tool_name, result.tool_args,
-                        f"was given up at its timeout ({result.error}) and may have taken effect or still may",
-                    )
-                    result = attrs.evolve(result, error=self.detail)
-                    self.outcomes[step.step_id] = result
-                    out.append(result)
-                    stopped_at = step
-                    break
-                if result.status is StepStatus.WAITING:
-                    self.status = RunStatus.WAITING
-                    self.detail = f"step {step.step_id} ({step.tool_name}) is waiting: {result.error}"
-                    out.append(result)
-                    if run.listened:
-                        run.emit("step_finished", step=result)
-                    stopped_at = step
-                    break
-                if signal == REPLAN and result.status is StepStatus.FAILED and not step.optional:
-                    # Journaled before the outcome: a resume after a crash in between still replans.
-                    self.lease.set_status(RunStatus.RUNNING, f"step {step.step_id} ({result.tool_name}) failed: "
-                                          f"{result.error}; replanning", then_status="replan")
-                    self.replan_step = result
-                self.lease.outcome(outcome_record(run.run_id, step.step_id, "forward", result))
-                if run.listened:
-                    run.emit("step_finished", step=result)
-            self.outcomes[step.step_id] = result
-            if result.status is StepStatus.SUCCEEDED:
-                self.results[step.step_id] = result.result
-            out.append(result)
-            if (step.optional and result.status is StepStatus.FAILED and not took_effect(result)
-                    and not self.budget_exhausted):
-                self.degraded.append(result)  # unavailable: the run goes on without it
-                self.replan_step = None
-                continue
-            if result.status in ABORTING or self.budget_exhausted:
-                self.status = (
-                    RunStatus.BUDGET_EXHAUSTED if self.budget_exhausted
-                    else RunStatus.DENIED if result.status is StepStatus.DENIED
-                    else RunStatus.FAILED
-                )
-                self.detail = f"step {step.step_id} ({result.tool_name}) {result.status.value}: {result.error}"
-                stopped_at = step
+                launch.append(step)
+            if not launch and not inflight:
                 break
-        if stopped_before is not None:
+            if len(launch) == 1 and not inflight:
+                step = launch[0]  # alone: inline, no task
+                result, signal = await self._step(step, ())
+                decide(step, self._settle(step, result, signal))
+                continue
+            for step in launch:
+                alongside = tuple(sorted(s.step_id for s in inflight.values())) + tuple(
+                    s.step_id for s in launch if s is not step)
+                inflight[asyncio.ensure_future(self._step(step, alongside))] = step
+            try:
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # this run was cancelled: so are its steps, as a lone step would be
+                await _drain(inflight, cancel=True)
+                raise
+            for task in sorted(done, key=lambda t: inflight[t].step_id):
+                step = inflight.pop(task)
+                try:
+                    result, signal = task.result()
+                except BaseException:
+                    await _drain(inflight, cancel=False)
+                    raise
+                decide(step, self._settle(step, result, signal))
+        return self._collect(plan, finished)
+
+    async def _step(self, step: PlanStep, alongside: tuple[int, ...]) -> tuple[StepResult, str | None]:
+        """Run one step (journaling its intent); its outcome is journaled by ``_settle``."""
+        run = self.run
+        self.lease.keep()
+        if run.listened:
+            run.emit("step_started", step_id=step.step_id, tool=step.tool_name, description=step.description,
+                     alongside=list(alongside))
+        token = STEP_ID.set(step.step_id)
+        try:
+            with run.span("step", step_id=step.step_id, tool=step.tool_name, call_kind="forward") as span:
+                result, signal = await self.execute_step(step)
+                span.set(status=result.status.value, attempts=result.attempts, tool=result.tool_name,
+                         cost_usd=result.cost_usd, step_error=result.error or "")
+        finally:
+            STEP_ID.reset(token)
+        return result, signal
+
+    def _settle(self, step: PlanStep, result: StepResult, signal: str | None) -> StepResult:
+        """Journal a step's outcome (before any dependant starts) and decide what it means for the
+        run; returns the step's result as the run reports it."""
+        run = self.run
+        if result.status is StepStatus.IN_DOUBT:
+            # No outcome is journaled: the journal says what is known (started, never
+            # finished), so a resume asks a human exactly as after a crash.
+            detail = in_doubt_detail(
+                run.run_id, step.step_id, result.tool_name, result.tool_args,
+                f"was given up at its timeout ({result.error}) and may have taken effect or still may",
+            )
+            result = attrs.evolve(result, error=detail)
+            self.outcomes[step.step_id] = result
+            self._stop(0, step, result, RunStatus.IN_DOUBT, detail)
+            return result
+        if result.status is StepStatus.WAITING:
+            if run.listened:
+                run.emit("step_finished", step=result)
+            self._stop(2, step, result, RunStatus.WAITING,
+                       f"step {step.step_id} ({step.tool_name}) is waiting: {result.error}")
+            return result
+        if signal == REPLAN and result.status is StepStatus.FAILED and not step.optional:
+            # Journaled before the outcome: a resume after a crash in between still replans.
+            self.lease.set_status(RunStatus.RUNNING, f"step {step.step_id} ({result.tool_name}) failed: "
+                                  f"{result.error}; replanning", then_status="replan")
+            self.replan_step = result
+        spec = self.runner.tools.get(result.tool_name)
+        self.lease.outcome(outcome_record(run.run_id, step.step_id, "forward", result),
+                           defer=spec is not None and spec.retry_safe)
+        if run.listened:
+            run.emit("step_finished", step=result)
+        self._after(step, result)
+        return result
+
+    def _after(self, step: PlanStep, result: StepResult, journaled: bool = False) -> None:
+        """Record a decided step (run now, or ``journaled`` by an earlier process); an abort stops the plan."""
+        self.outcomes[step.step_id] = result
+        if not journaled:
+            self.completed.append(step.step_id)
+        if result.status is StepStatus.SUCCEEDED:
+            self.results[step.step_id] = result.result
+        if (step.optional and result.status is StepStatus.FAILED and not took_effect(result)
+                and not self.budget_exhausted):
+            self.degraded.append(result)  # unavailable: the run goes on without it
+            return
+        if result.status in ABORTING or self.budget_exhausted:
+            status = (
+                RunStatus.BUDGET_EXHAUSTED if self.budget_exhausted
+                else RunStatus.DENIED if result.status is StepStatus.DENIED
+                else RunStatus.FAILED
+            )
+            self._stop(1, step, result, status,
+                       f"step {step.step_id} ({result.tool_name}) {result.status.value}: {result.error}")
+
+    def _stop(self, rank: int, step: PlanStep, result: StepResult | None, status: RunStatus | None = None,
+              detail: str = "") -> None:
+        """Stop starting steps. Of several reasons in one wave the gravest wins (in doubt, then an
+        abort, then waiting for approval), then the lowest step id."""
+        if self._halt is not None and (self._halt[0], self._halt[1].step_id) <= (rank, step.step_id):
+            return
+        self._halt = (rank, step, result)
+        if status is not None:
+            self.status, self.detail = status, detail
+
+    def _collect(self, plan: Plan, finished: Mapping[int, StepResult]) -> list[StepResult]:
+        """The plan's steps in order: what each did, or why it did not run."""
+        out: list[StepResult] = []
+        if self._stopped_before is not None:
             paused = self.status is RunStatus.RUNNING
-            status = StepStatus.PENDING if paused else StepStatus.SKIPPED
-            for step in plan.steps:
-                if step.step_id >= stopped_before.step_id and step.step_id not in self.outcomes:
-                    out.append(StepResult(step.step_id, step.tool_name, status, step.tool_args,
-                                          error=f"not run: {self.detail}"))
-        elif stopped_at is not None:
+            why = f"not run: {self.detail}"
+        elif self._halt is not None:
             paused = self.status is RunStatus.WAITING
-            reason = "run paused" if paused else "run stopped"
-            status = StepStatus.PENDING if paused else StepStatus.SKIPPED
-            for step in plan.steps:
-                if step.step_id > stopped_at.step_id and step.step_id not in self.outcomes:
-                    out.append(StepResult(step.step_id, step.tool_name, status, step.tool_args,
-                                          error=f"not run: {reason} at step {stopped_at.step_id}"))
-        elif self.degraded and self.status is RunStatus.SUCCEEDED:
+            why = f"not run: {'run paused' if paused else 'run stopped'} at step {self._halt[1].step_id}"
+        else:
+            paused, why = False, ""
+        status = StepStatus.PENDING if paused else StepStatus.SKIPPED
+        for step in plan.steps:
+            result = finished.get(step.step_id) or self.outcomes.get(step.step_id)
+            if result is None:
+                result = StepResult(step.step_id, step.tool_name, status, step.tool_args, error=why)
+            out.append(result)
+        if self._halt is None and self._stopped_before is None and self.degraded and (
+                self.status is RunStatus.SUCCEEDED):
             self.status = RunStatus.DEGRADED
             self.detail = "; ".join(
                 f"optional step {s.step_id} ({s.tool_name}) was unavailable and skipped: {s.error}"
@@ -376,6 +495,30 @@ class PlanExecutor:
         if signal == BUDGET:
             self.budget_exhausted = True
         return result, signal
+
+
+async def _drain(inflight: Mapping[asyncio.Task[Any], PlanStep], *, cancel: bool) -> None:
+    """Bring the steps still in flight to a known end before the error that stopped the plan goes
+    on: cancelled (the run itself was cancelled) or awaited (a sibling raised)."""
+    if not inflight:
+        return
+    if cancel:
+        for task in inflight:
+            task.cancel()
+    await asyncio.wait(list(inflight))
+    for task in inflight:
+        if not task.cancelled():
+            task.exception()  # retrieved here: the error on its way out is the one reported
+
+
+def has_effect(tools: Mapping[str, ToolSpec], name: str) -> bool:
+    """Whether a step of tool ``name`` may have an effect that ordering must protect: its tool, or
+    the fallback it names, is not idempotent (an unknown tool counts as one)."""
+    spec = tools.get(name)
+    if spec is None or not spec.idempotent:
+        return True
+    fallback = tools.get(spec.fallback) if spec.fallback else None
+    return spec.fallback is not None and (fallback is None or not fallback.idempotent)
 
 
 def in_doubt_detail(run_id: str, step_id: int, tool_name: str, args: Mapping[str, Any], what: str) -> str:

@@ -29,6 +29,7 @@ class HeldLease:
         self.lease = lease
         self.ttl_s = ttl_s
         self._timer: asyncio.TimerHandle | None = None
+        self._deferred: list[StepRecord] = []
 
     def __enter__(self) -> HeldLease:
         self._watch()
@@ -38,6 +39,12 @@ class HeldLease:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._unwatch()
+        try:
+            self.flush()
+        except (FencedError, StoreError):
+            if exc is None:
+                raise
+            # an error is already on its way out; the deferred outcomes are retry-safe re-runs
         try:
             self.journal.release(self.lease)
         except FencedError:
@@ -75,14 +82,39 @@ class HeldLease:
             self.lease = self.journal.renew(self.lease, self.ttl_s)
 
     def intent(self, record: StepRecord) -> None:
-        self.journal.intent(self.lease, record)
+        """Journal an intent, committed before returning (with any deferred outcomes before it)."""
+        if self._deferred:
+            self._write([*self._deferred, record])
+        else:
+            self.journal.intent(self.lease, record)
 
-    def outcome(self, record: StepRecord) -> None:
-        self.journal.outcome(self.lease, record)
+    def outcome(self, record: StepRecord, *, defer: bool = False) -> None:
+        """Journal an outcome. ``defer`` (for a tool that is retry-safe only) lets it wait for the
+        run's next journal write and be committed in the same transaction: one commit per step
+        instead of two. Lost to a crash before that write, it only means the step runs again on
+        resume, which its tool makes safe (idempotent, or the same idempotency key)."""
+        if defer:
+            self._deferred.append(record)
+        elif self._deferred:
+            self._write([*self._deferred, record])
+        else:
+            self.journal.outcome(self.lease, record)
+
+    def flush(self) -> None:
+        """Commit the deferred outcomes now."""
+        if self._deferred:
+            self._write(list(self._deferred))
+
+    def _write(self, records: list[StepRecord]) -> None:
+        """``records``: the deferred outcomes, maybe one more record after them; one transaction."""
+        deferred = len(self._deferred)
+        self.journal.write_steps(self.lease, records)
+        del self._deferred[:deferred]  # only once committed: a failed write keeps them for the next
 
     def set_status(
         self, status: RunStatus, detail: str = "", then_status: RunStatus | str | None = None, answer: str | None = None
     ) -> None:
+        self.flush()
         then = then_status.value if isinstance(then_status, RunStatus) else (then_status or "")
         if answer is None:
             self.journal.set_status(self.lease, status.value, detail, then)
@@ -90,4 +122,5 @@ class HeldLease:
             self.journal.set_status(self.lease, status.value, detail, then, answer=answer)
 
     def revise_plan(self, plan: dict[str, Any], reason: str, planning_cost_usd: float) -> int:
+        self.flush()
         return self.journal.revise_plan(self.lease, plan, reason, planning_cost_usd)

@@ -352,7 +352,8 @@ class Pipeline:
     ) -> AgentResponse:
         """Run (or resume) the latest revision, then the rounds and replans it leads to;
         abort means compensate the steps of every revision that took effect."""
-        executor = PlanExecutor(self.runner, run, held, state)
+        executor = PlanExecutor(self.runner, run, held, state, max_parallel=self.config.max_parallel,
+                                order_effects=self.config.order_effects)
         steps: dict[int, StepResult] = {}
         # A replan decided before a crash: the latest revision failed (or fails again) where it did.
         marker = False
@@ -399,7 +400,7 @@ class Pipeline:
         detail = "; ".join(p for p in (detail, *notes) if p)
         if status in ABORTED:
             held.set_status(RunStatus.ROLLING_BACK, detail, then_status=status)
-            report = await Compensation(self.runner, run, held, state).compensate(ordered)
+            report = await Compensation(self.runner, run, held, state, executor.completed).compensate(ordered)
             ordered = report.steps
             detail = "; ".join(p for p in (detail, report.describe()) if p)
         return await self._finish(run, context, held, status, detail, revisions, ordered, started)

@@ -105,6 +105,7 @@ def tool(
     image: str | None = None,
     allow_uncancellable: bool = False,
     requires_approval: bool = False,
+    max_concurrency: int | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -126,6 +127,7 @@ def tool(
     image: str | None = None,
     allow_uncancellable: bool = False,
     requires_approval: bool = False,
+    max_concurrency: int | None = None,
 ) -> Any:
     """Declare a tool. Usable bare (``@tool``) or with options (``@tool(...)``).
 
@@ -146,7 +148,9 @@ def tool(
     step ``in_doubt``); otherwise make it async, give it a stronger
     ``isolation`` ("subprocess", "docker"), or make it retry-safe.
     ``requires_approval=True`` makes every forward call wait for a human's
-    approval (``agentkeel approve``) before it runs.
+    approval (``agentkeel approve``) before it runs. ``max_concurrency=N`` lets at
+    most N calls of the tool run at once in one process (parallel steps and
+    concurrent runs together; the rest wait their turn).
     Declaration errors raise ``ToolSpecError`` at import time, naming the tool.
     """
 
@@ -163,6 +167,11 @@ def tool(
             schema = dict(args_schema) if args_schema is not None else schema_from_signature(func)
         except (NameError, TypeError) as exc:
             raise ToolSpecError(func.__module__, f"tool {tool_name!r}: cannot derive argument schema: {exc}") from exc
+        if max_concurrency is not None and (
+                isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1):
+            raise ToolSpecError(
+                func.__module__, f"tool {tool_name!r}: max_concurrency must be an integer >= 1 or None, "
+                f"got {max_concurrency!r}")
         target = inspect.unwrap(func)
         accepts_run = RUN_ARG in inspect.signature(func).parameters
         if accepts_run and isolation != "inprocess":
@@ -189,6 +198,7 @@ def tool(
             image=image,
             allow_uncancellable=bool(allow_uncancellable),
             requires_approval=bool(requires_approval),
+            max_concurrency=max_concurrency,
         )
         setattr(func, SPEC_ATTR, spec)
         return func

@@ -112,7 +112,7 @@ class ToolRegistry:
                 )
 
     def apply_overrides(self, overrides: Mapping[str, Mapping[str, Any]], sandboxes: Mapping[str, _Ranked]) -> None:
-        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation, cost_usd).
+        """Apply per-tool config (``[tools.NAME]``: timeout, rate_limit, isolation, cost_usd, max_concurrency).
 
         A section naming a tool no plugin registers is a ``ConfigError`` (a typo
         would otherwise silently leave the tool unconstrained). Isolation may move

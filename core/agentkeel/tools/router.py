@@ -72,6 +72,7 @@ class ToolRouter:
         self.call_hook = call_hook
         self.shared_breakers = shared_breakers
         """Breakers shared by replicas (Redis): used instead of ``breakers`` when set."""
+        self._slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     async def call(
         self,
@@ -87,8 +88,31 @@ class ToolRouter:
         """Make one attempt; the tool's result, or ``CallFailure``.
 
         ``BudgetExceededError`` (the tool's price does not fit) and journal errors
-        propagate: nothing was sent. ``intent`` journals the intent record.
+        propagate: nothing was sent. ``intent`` journals the intent record. A tool
+        with ``max_concurrency`` waits for a free slot first (shared by every run).
         """
+        if spec.max_concurrency is None:
+            return await self._call(run, spec, args, step_id=step_id, kind=kind, attempt=attempt, intent=intent)
+        async with self._slot(spec.name, spec.max_concurrency):
+            return await self._call(run, spec, args, step_id=step_id, kind=kind, attempt=attempt, intent=intent)
+
+    def _slot(self, name: str, limit: int) -> asyncio.Semaphore:
+        held = self._slots.get(name)
+        if held is None or held[0] != limit:
+            held = self._slots[name] = (limit, asyncio.Semaphore(limit))
+        return held[1]
+
+    async def _call(
+        self,
+        run: RunContext,
+        spec: ToolSpec,
+        args: Mapping[str, Any],
+        *,
+        step_id: int,
+        kind: str,
+        attempt: int,
+        intent: WriteIntent,
+    ) -> Any:
         key = idempotency_key(run.run_id, step_id)
         reservation = run.budget.reserve(spec.cost_usd, f"tool {spec.name}", purpose="tool",
                                          reason="tool") if spec.cost_usd else None
