@@ -259,7 +259,8 @@ class PlanExecutor:
         """Run (or resume) every step of ``plan``; sets ``status``, ``detail`` and ``replan_step``."""
         self.status, self.detail, self.replan_step = RunStatus.SUCCEEDED, "", None
         if self.max_parallel == 1 and not self.order_effects:
-            deps: dict[int, set[int]] = {s.step_id: set() for s in plan.steps}  # one at a time, in order: no graph needed
+            # One at a time, in step order: every dependency is decided before its dependant starts.
+            deps: dict[int, set[int]] = {s.step_id: set() for s in plan.steps}
         else:
             deps = self.graph(plan)
         waiting = {sid: len(d) for sid, d in deps.items()}
@@ -274,6 +275,14 @@ class PlanExecutor:
         self._halt = None
         self._stopped_before = None
         inflight: dict[asyncio.Task[tuple[StepResult, str | None]], PlanStep] = {}
+        done: list[asyncio.Task[tuple[StepResult, str | None]]] = []  # finished, not yet settled
+        wake: list[asyncio.Future[None] | None] = [None]  # what the loop awaits while steps are in flight
+
+        def on_done(task: asyncio.Task[tuple[StepResult, str | None]]) -> None:
+            done.append(task)
+            if wake[0] is not None and not wake[0].done():
+                wake[0].set_result(None)
+
         run = self.run
 
         def decide(step: PlanStep, result: StepResult) -> None:
@@ -312,16 +321,23 @@ class PlanExecutor:
                 result, signal = await self._step(step, ())
                 decide(step, self._settle(step, result, signal))
                 continue
+            wave = sorted([*(s.step_id for s in inflight.values()), *(s.step_id for s in launch)])
             for step in launch:
-                alongside = tuple(sorted(s.step_id for s in inflight.values())) + tuple(
-                    s.step_id for s in launch if s is not step)
-                inflight[asyncio.ensure_future(self._step(step, alongside))] = step
+                alongside = tuple(i for i in wave if i != step.step_id)
+                task = asyncio.ensure_future(self._step(step, alongside))
+                task.add_done_callback(on_done)
+                inflight[task] = step
             try:
-                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                while not done:
+                    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    wake[0] = woken
+                    await woken
             except BaseException:  # this run was cancelled: so are its steps, as a lone step would be
                 await _drain(inflight, cancel=True)
                 raise
-            for task in sorted(done, key=lambda t: inflight[t].step_id):
+            batch = list(done)  # in the order they finished: compensation goes by it
+            done.clear()
+            for task in batch:
                 step = inflight.pop(task)
                 try:
                     result, signal = task.result()

@@ -26,6 +26,11 @@ from agentkeel.sandbox.protocol import SandboxBackend, ToolCall
 _Key = tuple[str, int, str]
 
 
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
+
+
 class InProcessBackend:
     """Runs tools on the host's event loop (async) or a worker thread (sync)."""
 
@@ -39,18 +44,31 @@ class InProcessBackend:
     async def run(self, call: ToolCall) -> Any:
         spec = call.spec
         if spec.is_async:
-            deadline = asyncio.timeout(call.timeout)
+            # asyncio.timeout's semantics with less work on the per-step path (one timer, one
+            # running-loop lookup): at the deadline the task is cancelled; that cancellation, and
+            # only that one, becomes ToolTimeoutError.
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None
+            cancelling = task.cancelling()
+            expired: list[bool] = []
+            handle = loop.call_later(call.timeout, _expire, task, expired)
             try:
-                async with deadline:
-                    return await spec.fn(**call.args)
-            except TimeoutError as exc:
-                if deadline.expired():
-                    raise ToolTimeoutError(f"{spec.name} timed out after {call.timeout:g}s") from None
-                raise ToolError(f"TimeoutError: {exc}") from exc
+                return await spec.fn(**call.args)
+            except asyncio.CancelledError:
+                if expired:
+                    expired.clear()
+                    if task.uncancel() <= cancelling:  # ours alone: the deadline, not a cancelled run
+                        raise ToolTimeoutError(f"{spec.name} timed out after {call.timeout:g}s") from None
+                raise
             except ToolError:
                 raise
             except Exception as exc:
                 raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                handle.cancel()
+                if expired:  # the tool swallowed the cancellation and went on: take it back
+                    task.uncancel()
         return await self._run_sync(call)
 
     async def _run_sync(self, call: ToolCall) -> Any:
