@@ -31,7 +31,7 @@ DEFAULT_MAX_ROUNDS = 5
 """``[planner] max_rounds``: the most plan revisions of rounds (the first plan included) in one run."""
 DEFAULT_MAX_REPLANS = 1
 """``[recovery] max_replans``: how many times one run may replan after a failed step."""
-DEFAULT_MAX_PARALLEL = 8
+DEFAULT_MAX_PARALLEL = 16
 """``[executor] max_parallel``: the most steps of one run that run at the same time."""
 DEFAULT_APPROVAL_TTL_S = 86400.0
 """``[approvals] ttl_s``: how long an approval stays pending before it expires as a denial."""

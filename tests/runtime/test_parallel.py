@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import pytest
 from agentkeel import AgentRequest, RunStatus, StepStatus, ToolError, hookimpl, tool
-from agentkeel.config import Config
+from agentkeel.config import DEFAULT_MAX_PARALLEL, Config
 from agentkeel.errors import ConfigError, ToolSpecError
 from agentkeel.journal.base import Lease, StepRecord
 from agentkeel.journal.memory import MemoryJournal
@@ -275,7 +275,7 @@ async def test_independent_steps_overlap_up_to_the_default_max_parallel() -> Non
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED] * 10
     assert [s.result["tag"] for s in response.steps] == [f"s{i}" for i in range(1, 11)]
-    assert REC.peak == 8  # min(10, [executor] max_parallel = 8 by default)
+    assert REC.peak == min(10, DEFAULT_MAX_PARALLEL)  # [executor] max_parallel = 16 by default
     assert wall < 0.5 * 10 * SLEEP, f"{wall:.3f}s: not run concurrently"
 
 
@@ -544,7 +544,7 @@ def test_max_concurrency_zero_is_refused_in_config() -> None:
 
 async def test_step_started_events_say_what_runs_alongside() -> None:
     events = Events()
-    async with system(lookups(10, 0.02), events) as sys:
+    async with system(lookups(10, 0.02), events, executor={"max_parallel": 8}) as sys:
         response = await sys.run(request())
     assert response.status is RunStatus.SUCCEEDED, response.message
     started = events.started()
