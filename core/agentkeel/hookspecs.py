@@ -482,6 +482,9 @@ def agentkeel_event(event: Event) -> None:
     with ``revision``, ``reason`` and ``plan``), "step_started", "step_attempt_failed",
     "step_finished", "replan", "step_compensated", "approval_requested",
     "answer_delta" (streamed answer text), "answer", "run_finished".
+    Steps may run at the same time (``[executor] max_parallel``): "step_started"
+    names in ``alongside`` the step ids in flight or starting with it, and the
+    events of such steps interleave.
 
     Observers (not a run's stream) also get:
 

@@ -209,6 +209,7 @@ def _describe(event: Event) -> tuple[str, dict[str, Any]]:
                    "tools": [name for s in steps if (name := _name(getattr(s, "tool_name", None)))]}
         message = f"plan revision {fields['revision'] or '?'} ready: {len(steps)} steps"
     elif kind == "step_started":
+        fields["alongside"] = [i for i in data.get("alongside") or () if isinstance(i, int)]
         message = f"step {fields['step_id']} {fields['tool'] or '?'} started"
     elif kind == "step_attempt_failed":
         fields |= {"action": _name(data.get("action")), "call_kind": _name(data.get("call_kind"))}

@@ -135,9 +135,11 @@ class Progress:
         step_id, tool = data.get("step_id"), str(data.get("tool", ""))
         if isinstance(step_id, int):
             self._tools[step_id] = tool
+        alongside = data.get("alongside") or []
+        with_others = f" (alongside {', '.join(map(str, alongside))})" if alongside else ""
         if self.mode == PLAIN:
-            self._echo(f"step {step_id} {tool}: started")
-        self._status(f"step {step_id} {tool}")
+            self._echo(f"step {step_id} {tool}: started{with_others}")
+        self._status(f"step {step_id} {tool}{with_others}")
 
     def _on_step_attempt_failed(self, data: Any) -> None:
         step_id = data.get("step_id")
