@@ -569,21 +569,30 @@ STEP_COLUMNS = (
 
 def encode_step(record: StepRecord, now: float) -> StepRow:
     """``record`` as a row; JSON fields encoded, numbers normalised, ``ts`` 0 stamped ``now``."""
-    where = f"step {record.step_id} ({record.kind} {record.phase})"
+    try:
+        args = _encode(record.args)
+        result = None if record.result is None else _encode(record.result)
+        verdict = None if record.verdict is None else _encode(record.verdict)
+    except (TypeError, ValueError, RecursionError):  # say which field (the messages cost: built only now)
+        where = f"step {record.step_id} ({record.kind} {record.phase})"
+        encode(record.args, f"the args of {where}")
+        encode_optional(record.result, f"the result of {where}")
+        encode_optional(record.verdict, f"the verdict of {where}")
+        raise
     return (
         int(record.step_id),
         record.kind,
         record.phase,
         record.tool_name,
-        encode(record.args, f"the args of {where}"),
+        args,
         record.idempotency_key,
         record.status,
-        encode_optional(record.result, f"the result of {where}"),
+        result,
         None if record.error is None else str(record.error),
         float(record.duration_s),
         float(record.cost_usd),
         int(record.attempts),
-        encode_optional(record.verdict, f"the verdict of {where}"),
+        verdict,
         float(record.ts) if record.ts else now,
     )
 

@@ -56,10 +56,10 @@ class Plugins:
         self.pm = loaded.pm
         self.hook = loaded.pm.hook
         self.has_observers = bool(self.hook.agentkeel_event.get_hookimpls())
-        # Per-step hooks with one implementation are called directly (pluggy's dispatch costs
+        # The per-step hooks are called directly when no wrapper needs pluggy (its dispatch costs
         # more than most implementations do); the plugins are fixed once the system is built.
-        self._sole_authorize = _sole(self.hook.agentkeel_authorize)
-        self._sole_evaluate = _sole(self.hook.agentkeel_evaluate)
+        self._authorize = _direct(self.hook.agentkeel_authorize)
+        self._evaluate = _direct(self.hook.agentkeel_evaluate)
         impls = self.hook.agentkeel_call_tool.get_hookimpls()
         self.wraps_tool_calls = any(i.wrapper or i.hookwrapper for i in impls) or _replaced_default(impls)
         self._callers: dict[str, list[tuple[str, pluggy.HookCaller]]] = {}
@@ -107,10 +107,8 @@ class Plugins:
 
     def authorize(self, principal: Principal, tool: ToolSpec, args: Mapping[str, Any] | None) -> Decision:
         """Combine every decision: allowed only if someone allows and nobody denies."""
-        sole = self._sole_authorize
-        if sole is not None:
-            one = sole({"principal": principal, "tool": tool, "args": args})
-            return combine_decisions(() if one is None else (one,))
+        if self._authorize is not None:
+            return combine_decisions(self._authorize({"principal": principal, "tool": tool, "args": args}))
         return combine_decisions(self.hook.agentkeel_authorize(principal=principal, tool=tool, args=args))
 
     def open_key_store(self, config: Config) -> KeyStore:
@@ -265,10 +263,8 @@ class Plugins:
         self, step: PlanStep, tool: ToolSpec, result: Any, run: RunContext
     ) -> Verdict | Awaitable[Verdict]:
         """The combined verdict; an awaitable of it when some evaluator answered with one."""
-        sole = self._sole_evaluate
-        if sole is not None:
-            one = sole({"step": step, "tool": tool, "result": result, "run": run})
-            verdicts: list[Any] = [] if one is None else [one]
+        if self._evaluate is not None:
+            verdicts: list[Any] = self._evaluate({"step": step, "tool": tool, "result": result, "run": run})
         else:
             verdicts = self.hook.agentkeel_evaluate(step=step, tool=tool, result=result, run=run)
         for verdict in verdicts:
@@ -356,15 +352,29 @@ def _replaced_default(impls: Sequence[Any]) -> bool:
 _PASS = Verdict(True, 1.0, "")
 
 
-def _sole(caller: pluggy.HookCaller) -> Callable[[Mapping[str, Any]], Any] | None:
-    """A direct call of the hook's one implementation (taking the arguments it names), or None
-    when there are several or a wrapper: then pluggy dispatches."""
+def _direct(caller: pluggy.HookCaller) -> Callable[[Mapping[str, Any]], list[Any]] | None:
+    """The hook's implementations called one after the other, as pluggy orders them, their
+    non-None results collected (pluggy's own semantics for a hook without ``firstresult``), or
+    None when a wrapper needs pluggy's machinery."""
     impls = caller.get_hookimpls()
-    if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper:
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
         return None
-    function, names = impls[0].function, impls[0].argnames
+    calls = [(impl.function, impl.argnames) for impl in reversed(impls)]
+    if len(calls) == 1:
+        function, names = calls[0]
 
-    def call(arguments: Mapping[str, Any]) -> Any:
-        return function(*[arguments[name] for name in names])
+        def one(arguments: Mapping[str, Any]) -> list[Any]:
+            result = function(*[arguments[name] for name in names])
+            return [] if result is None else [result]
 
-    return call
+        return one
+
+    def each(arguments: Mapping[str, Any]) -> list[Any]:
+        results = []
+        for function, names in calls:
+            result = function(*[arguments[name] for name in names])
+            if result is not None:
+                results.append(result)
+        return results
+
+    return each

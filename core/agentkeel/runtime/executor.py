@@ -148,10 +148,14 @@ class StepRunner:
                     # result cannot be journaled, evaluated or referenced by later steps.
                     result, verdict = None, Verdict(False, 0.0, str(exc))
                 else:
-                    with run.span("evaluate", step_id=step.step_id, tool=spec.name, call_kind=kind) as span:
+                    if run.observers is None:
                         judged = plugins.evaluate(step, spec, result, run)
                         verdict = judged if isinstance(judged, Verdict) else await judged
-                        span.set(passed=verdict.passed, score=verdict.score, reason=verdict.reason)
+                    else:
+                        with run.span("evaluate", step_id=step.step_id, tool=spec.name, call_kind=kind) as span:
+                            judged = plugins.evaluate(step, spec, result, run)
+                            verdict = judged if isinstance(judged, Verdict) else await judged
+                            span.set(passed=verdict.passed, score=verdict.score, reason=verdict.reason)
                 if verdict.passed:
                     return finish(StepStatus.SUCCEEDED, result, verdict=verdict, cost=spec.cost_usd), None
                 error = f"evaluator rejected the result: {verdict.reason}"
@@ -321,15 +325,17 @@ class PlanExecutor:
                 result, signal = await self._step(step, ())
                 decide(step, self._settle(step, result, signal))
                 continue
-            wave = sorted([*(s.step_id for s in inflight.values()), *(s.step_id for s in launch)])
+            wave = sorted([*(s.step_id for s in inflight.values()), *(s.step_id for s in launch)]) if (
+                run.listened) else []
+            loop = asyncio.get_running_loop()
             for step in launch:
                 alongside = tuple(i for i in wave if i != step.step_id)
-                task = asyncio.ensure_future(self._step(step, alongside))
+                task = loop.create_task(self._step(step, alongside))
                 task.add_done_callback(on_done)
                 inflight[task] = step
             try:
                 while not done:
-                    woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    woken: asyncio.Future[None] = loop.create_future()
                     wake[0] = woken
                     await woken
             except BaseException:  # this run was cancelled: so are its steps, as a lone step would be
@@ -356,13 +362,15 @@ class PlanExecutor:
                      alongside=list(alongside))
         token = STEP_ID.set(step.step_id)
         try:
+            if run.observers is None:
+                return await self.execute_step(step)
             with run.span("step", step_id=step.step_id, tool=step.tool_name, call_kind="forward") as span:
                 result, signal = await self.execute_step(step)
                 span.set(status=result.status.value, attempts=result.attempts, tool=result.tool_name,
                          cost_usd=result.cost_usd, step_error=result.error or "")
+            return result, signal
         finally:
             STEP_ID.reset(token)
-        return result, signal
 
     def _settle(self, step: PlanStep, result: StepResult, signal: str | None) -> StepResult:
         """Journal a step's outcome (before any dependant starts) and decide what it means for the
