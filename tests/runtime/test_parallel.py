@@ -628,22 +628,30 @@ async def test_each_step_leaves_one_intent_then_one_outcome_in_the_sqlite_journa
         assert intent is not None and outcome is not None and outcome.status == "succeeded"
 
 
-async def test_retry_safe_outcomes_ride_with_the_next_intent() -> None:
+async def test_retry_safe_steps_with_nothing_to_undo_are_committed_together() -> None:
     spy = Spying()
     async with system(lookups(5, 0.01), spy, executor={"max_parallel": 1}) as sys:
         response = await sys.run(request())
     assert response.status is RunStatus.SUCCEEDED, response.message
-    assert spy.journal.writes == [
-        ("intent", [(1, "intent")]),
-        ("write_steps", [(1, "outcome"), (2, "intent")]),
-        ("write_steps", [(2, "outcome"), (3, "intent")]),
-        ("write_steps", [(3, "outcome"), (4, "intent")]),
-        ("write_steps", [(4, "outcome"), (5, "intent")]),
-        ("write_steps", [(5, "outcome")]),  # flushed with the run's final status
+    assert spy.journal.writes == [  # one commit, with the run's final status
+        ("write_steps", [(i, p) for i in range(1, 6) for p in ("intent", "outcome")]),
     ]
     state = spy.journal.load(response.run_id)
     assert [(r.step_id, r.phase) for r in state.steps] == [
         (i, p) for i in range(1, 6) for p in ("intent", "outcome")]
+
+
+async def test_a_retry_safe_step_with_a_rollback_commits_its_intent_before_its_call() -> None:
+    spy = Spying()
+    plan = wire(step("lookup", "l1", delay=0.0), step("reserve", "r2", delay=0.0), step("lookup", "l3", delay=0.0))
+    async with system(plan, spy, executor={"max_parallel": 1}) as sys:
+        response = await sys.run(request())
+    assert response.status is RunStatus.SUCCEEDED, response.message
+    assert spy.journal.writes == [
+        # the lookup's records ride with the intent of reserve, which a rollback must be able to find
+        ("write_steps", [(1, "intent"), (1, "outcome"), (2, "intent")]),
+        ("write_steps", [(2, "outcome"), (3, "intent"), (3, "outcome")]),
+    ]
 
 
 async def test_the_outcome_of_a_step_that_is_not_retry_safe_is_written_at_once() -> None:
@@ -654,11 +662,9 @@ async def test_the_outcome_of_a_step_that_is_not_retry_safe_is_written_at_once()
         response = await sys.run(request())
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert spy.journal.writes == [
-        ("intent", [(1, "intent")]),
-        ("write_steps", [(1, "outcome"), (2, "intent")]),
+        ("write_steps", [(1, "intent"), (1, "outcome"), (2, "intent")]),  # before the effect's call
         ("outcome", [(2, "outcome")]),  # not deferred: committed before step 3 starts
-        ("intent", [(3, "intent")]),
-        ("write_steps", [(3, "outcome")]),
+        ("write_steps", [(3, "intent"), (3, "outcome")]),
     ]
 
 
@@ -745,3 +751,17 @@ async def test_a_pause_while_a_wave_is_in_flight_resumes_with_only_the_rest() ->
         await sys.aclose()
     assert resumed.status is RunStatus.SUCCEEDED, resumed.message
     assert REC.started.count("g1") == 1 and sorted(REC.started) == ["after", "g1", "g2", "g3"]
+
+
+def test_held_lease_holds_back_at_most_max_deferred_records() -> None:
+    from agentkeel.runtime.lease import MAX_DEFERRED
+
+    spy = SpyJournal()
+    lease = spy.create_run(run_id="r", user_id="u", session_id="s", message="m", principal="u", budget_usd=None,
+                           plan={}, owner="me", ttl_s=30.0)
+    with HeldLease(spy, lease, 30.0) as held:
+        for step_id in range(1, MAX_DEFERRED + 2):
+            held.deferred_intent(StepRecord(step_id, "forward", "intent", "lookup", {}, f"r:{step_id}"))
+        assert spy.writes == [("write_steps", [(i, "intent") for i in range(1, MAX_DEFERRED + 1)])]
+    assert spy.writes[-1] == ("write_steps", [(MAX_DEFERRED + 1, "intent")])  # the rest, on exit
+    assert [r.step_id for r in spy.load("r").steps] == list(range(1, MAX_DEFERRED + 2))

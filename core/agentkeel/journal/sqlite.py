@@ -17,7 +17,9 @@ Promises, on top of the ``agentkeel.journal.Journal`` protocol:
   writes that revision 1 before their revision 2.
 - Each call has committed when it returns; ``intent`` and ``outcome`` are one
   ``INSERT`` each (the run row is not touched; its ``updated_at`` is read as the
-  later of its own and its last step's timestamp). With ``synchronous="NORMAL"`` (the
+  later of its own and its last step's timestamp); ``write_steps`` checks the
+  fence once inside ``BEGIN IMMEDIATE`` and inserts every record in the same
+  transaction. With ``synchronous="NORMAL"`` (the
   default; WAL mode) a commit survives the process being killed at any point,
   but the last commits before a power loss or kernel crash may be lost. With
   ``synchronous="FULL"`` every commit is fsynced before the call returns, which
@@ -89,6 +91,9 @@ _INSERT_STEP = (
     f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) "
     f"SELECT run_id, {', '.join('?' * len(STEP_COLUMNS))} FROM runs "
     "WHERE run_id = ? AND epoch = ? AND owner = ?"
+)
+_INSERT_STEP_ROW = (
+    f"INSERT INTO steps (run_id, {', '.join(STEP_COLUMNS)}) VALUES ({', '.join('?' * (1 + len(STEP_COLUMNS)))})"
 )
 _SELECT_STEPS = f"SELECT {', '.join(STEP_COLUMNS)} FROM steps WHERE run_id = ? ORDER BY seq"
 _INSERT_REVISION = (
@@ -326,14 +331,15 @@ class SQLiteJournal:
         if len(records) == 1:
             self._append(lease, records[0])
             return
-        fence = (lease.run_id, lease.epoch, lease.owner)
         now = self._clock()
-        rows = [encode_step(record, now) + fence for record in records]
+        rows = [(lease.run_id, *encode_step(record, now)) for record in records]
 
         def write(conn: sqlite3.Connection) -> None:
-            for row in rows:
-                if conn.execute(_INSERT_STEP, row).rowcount != 1:
-                    raise self._refusal(conn, lease)
+            # Inside BEGIN IMMEDIATE the write lock is held from the fence check to the commit,
+            # so one check covers every row.
+            if self._holder(conn, lease.run_id) != (lease.epoch, lease.owner):
+                raise self._refusal(conn, lease)
+            conn.executemany(_INSERT_STEP_ROW, rows)
 
         if rows:
             self._run(f"writing steps {', '.join(str(r.step_id) for r in records)}",

@@ -1,14 +1,18 @@
-"""Executes a checked plan step by step: the per-step path of a request.
+"""Executes a checked plan: the per-step path of a request.
 
-For each step: dependencies and condition, references resolved, arguments
-validated, then ``StepRunner.run_call``: permission decided and audited, the
-approval (when the call needs one: else the run stops ``waiting``), the tool
-router (budget, rate limit, breaker, journal intent, sandbox), the evaluator,
-recovery (retry only when retry-safe, then the fallback tool, else
-fail, or replan); and the outcome journaled before the next step starts. A step
-that fails or is denied aborts the plan: later steps do not run; the pipeline
-then replans (when recovery asked for it) or aborts the run, compensating the
-steps that took effect (``compensation.py``, through the same ``StepRunner``).
+Steps run as their dependencies allow (``PlanExecutor``): up to ``[executor]
+max_parallel`` at once, a lone ready step inline. For each step: dependencies
+and condition, references resolved, arguments validated, then
+``StepRunner.run_call``: permission decided and audited, the approval (when
+the call needs one: else the run stops ``waiting``), the tool router (budget,
+rate limit, breaker, journal intent, sandbox), the evaluator, recovery (retry
+only when retry-safe, then the fallback tool, else fail, or replan); and the
+outcome journaled before any step that depends on it starts (for a retry-safe
+tool, in the transaction of the run's next journal write; see ``HeldLease``).
+A step that fails or is denied aborts the plan: no further step starts, the
+steps still running are awaited; the pipeline then replans (when recovery
+asked for it) or aborts the run, compensating the steps that took effect
+(``compensation.py``, through the same ``StepRunner``).
 An ``optional`` step that failed without taking effect does not abort: the run
 goes on and ends ``degraded``.
 
@@ -128,9 +132,13 @@ class StepRunner:
                     return finish(stop[0], error=stop[1]), None
             attempt += 1
             rejected: tuple[Any, Verdict] | None = None  # a result the evaluator turned down
+            # A forward step of a retry-safe tool with nothing to undo needs no intent committed
+            # before its call: lost to a crash, the step is re-run, which its tool makes safe.
+            intent = (lease.deferred_intent if kind == "forward" and spec.retry_safe and spec.rollback is None
+                      else lease.intent)
             try:
                 result = await self.router.call(
-                    run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=lease.intent
+                    run, spec, args, step_id=step.step_id, kind=kind, attempt=attempt, intent=intent
                 )
             except BudgetExceededError as exc:
                 return finish(StepStatus.FAILED, error=str(exc)), BUDGET
@@ -351,7 +359,36 @@ class PlanExecutor:
                     await _drain(inflight, cancel=False)
                     raise
                 decide(step, self._settle(step, result, signal))
+        if self.state is not None and (self._halt is not None or (
+                self._stopped_before is not None and self.status is RunStatus.CANCELLED)):
+            self._interrupted(plan, finished)
         return self._collect(plan, finished)
+
+    def _interrupted(self, plan: Plan, finished: dict[int, StepResult]) -> None:
+        """Steps a crashed process started and never finished, which this resume will not start
+        (the run stopped first, e.g. at a failure journaled beside them in one wave): a step of a
+        tool that is not retry-safe puts the run in doubt (the lowest one names it); any other is
+        ``running``, so a rollback undoes it by its idempotency key."""
+        assert self.state is not None
+        for step in plan.steps:
+            if step.step_id in finished or step.step_id in self.outcomes:
+                continue
+            intent, outcome = self.state.forward(step.step_id)
+            if intent is None or outcome is not None:
+                continue
+            spec = self.runner.tools.get(intent.tool_name)
+            if spec is not None and spec.retry_safe:
+                finished[step.step_id] = StepResult(step.step_id, intent.tool_name, StepStatus.RUNNING, intent.args,
+                                                    error="started before a crash; no outcome recorded")
+            elif self.status is RunStatus.IN_DOUBT:  # another step already names the doubt
+                finished[step.step_id] = StepResult(
+                    step.step_id, intent.tool_name, StepStatus.IN_DOUBT, intent.args,
+                    error=in_doubt_detail(self.run.run_id, step.step_id, intent.tool_name, intent.args,
+                                          "started but its outcome was never recorded"))
+            else:
+                self._in_doubt(step)
+                finished[step.step_id] = self.outcomes[step.step_id]
+                self._halt = (0, step, None)
 
     async def _step(self, step: PlanStep, alongside: tuple[int, ...]) -> tuple[StepResult, str | None]:
         """Run one step (journaling its intent); its outcome is journaled by ``_settle``."""

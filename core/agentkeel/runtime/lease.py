@@ -20,6 +20,10 @@ from agentkeel.types import RunStatus
 
 log = logging.getLogger("agentkeel")
 
+MAX_DEFERRED = 64
+"""The most step records a run holds back for its next journal write: a crash re-runs at most
+this many retry-safe steps (they also wait at most a third of the lease, ``lease_ttl_s / 3``)."""
+
 
 class HeldLease:
     """A lease on one run, renewed as work goes on and released on exit."""
@@ -69,6 +73,7 @@ class HeldLease:
 
     def _renew(self) -> None:
         try:
+            self.flush()  # deferred records wait at most a third of the lease
             self.keep()
         except (FencedError, StoreError) as exc:  # the next write of the run raises it for real
             log.warning("could not renew the lease of run %s: %s", self.lease.run_id, exc)
@@ -82,11 +87,20 @@ class HeldLease:
             self.lease = self.journal.renew(self.lease, self.ttl_s)
 
     def intent(self, record: StepRecord) -> None:
-        """Journal an intent, committed before returning (with any deferred outcomes before it)."""
+        """Journal an intent, committed before returning (with any deferred records before it)."""
         if self._deferred:
             self._write([*self._deferred, record])
         else:
             self.journal.intent(self.lease, record)
+
+    def deferred_intent(self, record: StepRecord) -> None:
+        """Journal the intent of a step whose tool is retry-safe and has no rollback tool with the
+        run's next journal write, not now. Lost to a crash, the step is simply not known to have
+        started: a resume runs it (which its tool makes safe), and there is nothing a rollback
+        would have to undo. The audit log has the call's permission decision all the same."""
+        self._deferred.append(record)
+        if len(self._deferred) >= MAX_DEFERRED:
+            self.flush()
 
     def outcome(self, record: StepRecord, *, defer: bool = False) -> None:
         """Journal an outcome. ``defer`` (for a tool that is retry-safe only) lets it wait for the
@@ -95,6 +109,8 @@ class HeldLease:
         resume, which its tool makes safe (idempotent, or the same idempotency key)."""
         if defer:
             self._deferred.append(record)
+            if len(self._deferred) >= MAX_DEFERRED:
+                self.flush()
         elif self._deferred:
             self._write([*self._deferred, record])
         else:

@@ -85,6 +85,8 @@ class CircuitBreaker:
         self._generation = 0  # bumped on every state change; stale admissions are ignored
         self._opened_at = 0.0
         self._probe_since: float | None = None
+        self._closed_token: Admission | None = Admission(0, False)
+        """While closed: the admission of every call (read without the lock: one attribute read)."""
 
     @property
     def state(self) -> BreakerState:
@@ -100,6 +102,9 @@ class CircuitBreaker:
 
     def admit(self) -> Admission:
         """Admit one call or raise ``CircuitOpenError`` (its ``retry_after_s`` says how long to wait)."""
+        closed = self._closed_token
+        if closed is not None:
+            return closed
         with self._lock:
             state = self._state
             if state is BreakerState.CLOSED:
@@ -120,6 +125,8 @@ class CircuitBreaker:
 
     def record_success(self, token: Admission) -> None:
         """The admitted call succeeded: closes a half-open breaker, resets the failure count."""
+        if token is self._closed_token and not self._failures:
+            return  # closed, nothing counted: nothing to change
         with self._lock:
             if token.generation != self._generation:
                 return
@@ -154,6 +161,7 @@ class CircuitBreaker:
             self._close()
 
     def _open(self) -> None:
+        self._closed_token = None
         self._state = BreakerState.OPEN
         self._opened_at = self._clock()
         self._failures = 0
@@ -165,6 +173,7 @@ class CircuitBreaker:
         self._failures = 0
         self._probe_since = None
         self._generation += 1
+        self._closed_token = Admission(self._generation, False)
 
     def _refusal(self, wait_s: float, why: str) -> CircuitOpenError:
         error = CircuitOpenError(
