@@ -726,6 +726,48 @@ class JournalConformance(ProcessConformance):
 
     # --- leases and fencing -------------------------------------------------------------
 
+    def test_write_steps_appends_every_record_in_order_in_one_go(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        journal.intent(lease, intent(1))
+        batch = [outcome(1), intent(2), outcome(2, result={"refund_id": "R-2"}), intent(3)]
+        journal.write_steps(lease, batch)
+        journal.write_steps(lease, [])  # nothing to write: nothing written, no error
+        steps = journal.load("run-1").steps
+        assert [(r.step_id, r.phase) for r in steps] == [(1, "intent"), (1, "outcome"), (2, "intent"),
+                                                         (2, "outcome"), (3, "intent")]
+        assert steps[3].result == {"refund_id": "R-2"}
+        assert all(r.ts > 0 for r in steps)
+
+    def test_write_steps_writes_nothing_when_one_record_is_bad(self, make_journal: MakeJournal) -> None:
+        journal = make_journal()
+        lease = new_run(journal)
+        before = journal.load("run-1")
+        bad = [
+            [outcome(1), intent(2, args={"x": object()})],  # not JSON
+            [intent(1), attrs.evolve(intent(2), kind="sideways")],  # no such kind
+            [intent(1), attrs.evolve(intent(2), phase="later")],  # no such phase
+        ]
+        for records in bad:
+            with pytest.raises(JournalRecordError):
+                journal.write_steps(lease, records)
+        assert journal.load("run-1") == before
+
+    def test_a_fenced_write_steps_writes_nothing(self, make_journal: MakeJournal) -> None:
+        clock = FakeClock()
+        journal = make_journal(clock=clock)
+        stale = new_run(journal, ttl_s=10)
+        clock.advance(10.5)
+        journal.acquire("run-1", BOB, ttl_s=10)
+        before = journal.load("run-1")
+        with pytest.raises(FencedError, match=BOB):
+            journal.write_steps(stale, [intent(1), outcome(1)])
+        with pytest.raises(FencedError, match=BOB):
+            journal.write_steps(stale, [intent(1)])
+        assert journal.load("run-1") == before
+        with pytest.raises(RunNotFoundError):
+            journal.write_steps(attrs.evolve(stale, run_id="run-nope"), [intent(1), outcome(1)])
+
     def test_fencing_after_takeover(self, make_journal: MakeJournal) -> None:
         clock = FakeClock()
         journal = make_journal(clock=clock)
