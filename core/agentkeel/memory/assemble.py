@@ -132,12 +132,30 @@ def default_context_tokens(config: Config) -> int:
     return max(DEFAULT_CONTEXT_TOKENS, 2 * min(t.max_tokens for t in config.tiers))
 
 
+_COUNTS: dict[tuple[type, str, str], int] = {}
+"""Token counts of recent lines, by tokenizer (its type and name) and text: the same turns are
+measured again by every request of their session."""
+_COUNTS_MAX = 4096
+_COUNTED_CHARS_MAX = 8192  # longer texts are counted each time (the cache stays small)
+
+
 def tokens(line: Mapping[str, Any], tokenizer: Tokenizer | None = None) -> int:
     """What one data line costs in a prompt: with ``tokenizer``, its tokens and the newline's;
     else, at most, its ASCII bytes and the newline. (Every encoding's pre-tokenizer splits at a
     newline, so the lines of a block cost what the block costs.)"""
     text = dumps_line(line)
-    return (tokenizer.count(text) if tokenizer is not None else len(text)) + 1
+    if tokenizer is None:
+        return len(text) + 1
+    if len(text) > _COUNTED_CHARS_MAX:
+        return tokenizer.count(text) + 1
+    key = (type(tokenizer), tokenizer.name, text)
+    count = _COUNTS.get(key)
+    if count is None:
+        count = tokenizer.count(text)
+        if len(_COUNTS) >= _COUNTS_MAX:
+            _COUNTS.clear()
+        _COUNTS[key] = count
+    return count + 1
 
 
 class _Redactor:
