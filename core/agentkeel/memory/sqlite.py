@@ -30,6 +30,7 @@ plugin instance (one instance per system), so the plugin follows
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -78,13 +79,27 @@ def cut(text: str, max_bytes: int) -> str:
     return data[: max(0, max_bytes - len(note))].decode(errors="ignore") + note
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(home: Path) -> Path:
+    """``home`` as the key of its stores (resolved once per home, not per request)."""
+    return Path(home).expanduser().resolve()
+
+
+_SETTINGS: list[tuple[Config, MemorySettings]] = []  # the last config's (a Config never changes)
+
+
 def settings_of(config: Config) -> MemorySettings:
     """``[memory]`` checked; a bad value warns and the defaults are used (memory never fails a request)."""
+    last = _SETTINGS[0] if _SETTINGS else None
+    if last is not None and last[0] is config:
+        return last[1]
     try:
-        return MemorySettings.from_config(config)
+        settings = MemorySettings.from_config(config)
     except (ConfigError, TypeError, ValueError) as exc:
         log.warning("%s; using the defaults", exc)
-        return MemorySettings()
+        settings = MemorySettings()
+    _SETTINGS[:] = [(config, settings)]
+    return settings
 
 
 def open_store(config: Config, settings: MemorySettings) -> MemoryStore:
@@ -234,7 +249,7 @@ class SQLiteMemory:
             store.close()
 
     def _store(self, config: Config, settings: MemorySettings) -> MemoryStore:
-        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        key = (_resolved(config.home), settings.backend)
         with self._lock:
             store = self._stores.get(key)
             if store is None:
@@ -244,7 +259,7 @@ class SQLiteMemory:
     def _expire(self, config: Config, settings: MemorySettings, store: MemoryStore) -> None:
         if settings.ttl_days <= 0:
             return
-        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        key = (_resolved(config.home), settings.backend)
         now = time.time()
         if now - self._expired_at.get(key, 0.0) < EXPIRE_EVERY_S:
             return
@@ -264,7 +279,7 @@ class SQLiteMemory:
             return None
 
     def _failed(self, config: Config, settings: MemorySettings, what: str, exc: BaseException) -> None:
-        key = (Path(config.home).expanduser().resolve(), settings.backend)
+        key = (_resolved(config.home), settings.backend)
         with self._lock:
             broken = self._stores.pop(key, None)  # a broken file is reopened (and re-checked) next time
         if broken is not None:
