@@ -21,6 +21,10 @@ completion instead).
 The plan's steps are independent no-op lookups, so they run concurrently up to
 ``[executor] max_parallel``; ``--max-parallel 1`` runs them one at a time.
 
+Two floors: ``bare`` validates with the compiled check the framework's fast path
+uses, ``bare-js`` with jsonschema's reference validator (as a hand-written loop
+without a schema compiler would).
+
 ``--instructions`` also counts CPU instructions per step with valgrind's
 callgrind (stable under machine noise, unlike time): each configuration runs in
 its own process under ``valgrind --tool=callgrind --instr-atstart=no``, which
@@ -48,6 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fastjsonschema
+import jsonschema
 from agentkeel import AgentRequest, hookimpl, tool
 from agentkeel.testing import ScriptedPlanner, make_system
 
@@ -115,10 +120,21 @@ async def measure(k: int, runs: int, warmup: int, journal: str, otel: bool = Fal
     return times
 
 
-async def measure_bare(k: int, runs: int, warmup: int, around: Callable[[bool], None] | None = None) -> list[float]:
-    """The floor: a loop that validates each step's arguments (compiled, as the framework's
-    fast path does) and awaits the tool, nothing else."""
-    validate = fastjsonschema.compile(noop_spec().args_schema)
+async def measure_bare(k: int, runs: int, warmup: int, around: Callable[[bool], None] | None = None,
+                       validator: str = "compiled") -> list[float]:
+    """The floor: a loop that validates each step's arguments and awaits the tool, nothing else.
+    ``compiled``: the compiled check the framework's fast path uses; ``jsonschema``: the
+    reference validator (``Draft202012Validator.iter_errors``), as a loop without a compiler would."""
+    schema = noop_spec().args_schema
+    if validator == "compiled":
+        validate: Callable[[Any], Any] = fastjsonschema.compile(schema)
+    else:
+        reference = jsonschema.Draft202012Validator(schema)
+
+        def validate(args: Any) -> Any:
+            errors = list(reference.iter_errors(args))
+            if errors:
+                raise ValueError(errors[0].message)
     fn = noop_spec().fn
     steps = wire(k)["steps"]
     times = []
@@ -141,6 +157,10 @@ async def measure_bare(k: int, runs: int, warmup: int, around: Callable[[bool], 
     return times
 
 
+BARE = {"bare": "compiled", "bare-js": "jsonschema"}
+"""The floors: a bare loop with the compiled check, and with the reference validator."""
+
+
 def noop_spec() -> Any:
     from agentkeel.tools.decorator import spec_of
 
@@ -157,8 +177,8 @@ def callgrind_toggle(on: bool) -> None:
 
 def count_child(kind: str, k: int, runs: int, max_parallel: int | None) -> None:
     """In a process under callgrind: the measured runs, counted."""
-    if kind == "bare":
-        asyncio.run(measure_bare(k, runs, 3, around=callgrind_toggle))
+    if kind in BARE:
+        asyncio.run(measure_bare(k, runs, 3, around=callgrind_toggle, validator=BARE[kind]))
     else:
         asyncio.run(measure(k, runs, 3, kind, max_parallel=max_parallel, around=callgrind_toggle))
 
@@ -185,12 +205,13 @@ def report_instructions(runs: int, max_parallel: int | None) -> None:
         print("instructions per step: valgrind (callgrind) is not installed; skipped")
         return
     print(f"instructions per step (callgrind; (I(K=102) - I(K=2)) / (100 x {runs} runs)):")
-    bare = 0.0
-    for kind in ("bare", "memory", "sqlite"):
+    floors: dict[str, float] = {}
+    for kind in (*BARE, "memory", "sqlite"):
         per_step = (instructions(kind, 102, runs, max_parallel) - instructions(kind, 2, runs, max_parallel)) / (
             100 * runs)
-        bare = per_step if kind == "bare" else bare
-        ratio = f"{per_step / bare:6.2f}x bare" if kind != "bare" and bare else ""
+        floors[kind] = per_step
+        ratio = ("  " + ", ".join(f"{per_step / floors[b]:.2f}x {b}" for b in BARE if floors.get(b))
+                 if kind not in BARE else "")
         print(f"{kind:>8} {per_step / 1000:12.1f}k {ratio}")
 
 
@@ -212,33 +233,35 @@ def main() -> None:
     ks = [int(k) for k in args.steps.split(",")]
     print(f"python {sys.version.split()[0]}, {args.runs} runs per K (fewer above K=20), {args.warmup} warm-up runs")
     print("memory: in-memory journal; sqlite: durable SQLite journal (WAL, synchronous=NORMAL); "
-          "bare: validate + await, nothing else")
+          "bare / bare-js: validate (compiled / jsonschema) + await, nothing else")
     if args.max_parallel is not None:
         print(f"[executor] max_parallel = {args.max_parallel}")
     if args.otel:
         print("with the OpenTelemetry plugin: a span per phase and per tool call, metrics (exported nowhere)")
     print(f"{'journal':>8} {'K steps':>8} {'median run (ms)':>16} {'per step (us)':>14} {'marginal step (us)':>19} "
-          f"{'marginal / bare':>16}")
-    bare_marginal: dict[int, float] = {}
-    for journal in ("bare", "memory", "sqlite"):
+          f"{'/ bare':>8} {'/ bare-js':>10}")
+    bare_marginal: dict[tuple[str, int], float] = {}
+    for journal in (*BARE, "memory", "sqlite"):
         with tempfile.TemporaryDirectory() as home:
             os.environ["AGENTKEEL_HOME"] = home
             medians: dict[int, float] = {}
             for k in ks:
                 runs = max(10, args.runs * 20 // k) if k > 20 else args.runs
-                times = (asyncio.run(measure_bare(k, runs, args.warmup)) if journal == "bare" else
-                         asyncio.run(measure(k, runs, args.warmup, journal, args.otel, args.max_parallel)))
+                if journal in BARE:
+                    times = asyncio.run(measure_bare(k, runs, args.warmup, validator=BARE[journal]))
+                else:
+                    times = asyncio.run(measure(k, runs, args.warmup, journal, args.otel, args.max_parallel))
                 medians[k] = statistics.median(times)
                 base_k = ks[0]
                 if k == base_k:
                     print(f"{journal:>8} {k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} {'-':>19}")
                     continue
                 marginal = (medians[k] - medians[base_k]) / (k - base_k)
-                if journal == "bare":
-                    bare_marginal[k] = marginal
-                ratio = f"{marginal / bare_marginal[k]:15.2f}x" if journal != "bare" and bare_marginal.get(k) else ""
+                bare_marginal[journal, k] = marginal
+                ratios = "" if journal in BARE else " ".join(
+                    f"{marginal / bare_marginal[b, k]:{w}.2f}x" for b, w in (("bare", 7), ("bare-js", 9)))
                 print(f"{journal:>8} {k:>8} {medians[k] * 1e3:16.3f} {medians[k] / k * 1e6:14.1f} "
-                      f"{marginal * 1e6:19.1f} {ratio:>16}")
+                      f"{marginal * 1e6:19.1f} {ratios}")
     print("responder (deterministic, per request, included above):")
     for k in ks:
         print(f"{'':>8} {k:>8} {responder_cost(k) * 1e6:16.1f} us")
