@@ -238,7 +238,7 @@ def test_the_event_log_logs_names_ids_statuses_and_numbers_only(stream: io.Strin
     for kind, data in [
         ("run_started", {"request": request}),
         ("plan_ready", {"revision": 1, "reason": "initial", "plan": plan}),
-        ("step_started", {"step_id": 1, "tool": "lookup_order", "description": SECRET_MESSAGE}),
+        ("step_started", {"step_id": 1, "tool": "lookup_order", "description": SECRET_MESSAGE, "alongside": []}),
         ("step_attempt_failed", {"step_id": 2, "error": SECRET_ARG, "action": "retry", "call_kind": "tool"}),
         ("step_finished", {"step": step_result()}),
         ("replan", {"failure": SECRET_ARG, "revision": 2}),
@@ -269,7 +269,7 @@ def test_the_event_log_logs_names_ids_statuses_and_numbers_only(stream: io.Strin
 
     assert fields("run_started") == {}
     assert fields("plan_ready") == {"revision": 1, "reason": "initial", "steps": 1, "tools": ["lookup_order"]}
-    assert fields("step_started") == {"step_id": 1, "tool": "lookup_order"}
+    assert fields("step_started") == {"step_id": 1, "tool": "lookup_order", "alongside": []}
     assert fields("step_attempt_failed") == {"step_id": 2, "action": "retry", "call_kind": "tool"}
     assert fields("step_finished") == {"step_id": 2, "tool": "issue_refund", "status": "failed", "attempts": 3,
                                        "duration_s": 0.25, "cost_usd": 0.001}

@@ -464,16 +464,25 @@ class AuditLog:
     ) -> AuditRecord:
         """Append one record and return it. One ``write`` and one anchor UPSERT per
         record; see the class docs."""
-        rec = AuditRecord(
-            ts=time.time(),
-            run_id=run_id,
-            principal=principal,
-            action=action,
-            tool=tool,
-            decision=decision,
-            reason=reason,
-            arg_keys=tuple(arg_keys),
-        )
+        keys = tuple(arg_keys)
+        ts = self.append(run_id=run_id, principal=principal, action=action, tool=tool, decision=decision,
+                         reason=reason, arg_keys=keys)
+        return AuditRecord(ts=ts, run_id=run_id, principal=principal, action=action, tool=tool, decision=decision,
+                           reason=reason, arg_keys=keys)
+
+    def append(
+        self,
+        *,
+        run_id: str,
+        principal: str,
+        action: str,
+        tool: str,
+        decision: str,
+        reason: str,
+        arg_keys: tuple[str, ...] = (),
+    ) -> float:
+        """``record`` without building the returned record (the per-step path): its timestamp."""
+        ts = time.time()
         with self._lock:
             if self._pid != os.getpid():
                 self._reopen_after_fork()
@@ -489,8 +498,8 @@ class AuditLog:
                     self._sync_tail(size)
                 seq = self._seq + 1
                 text = record_text(
-                    ts=rec.ts, run_id=run_id, principal=principal, action=action, tool=tool,
-                    decision=decision, reason=reason, arg_keys=rec.arg_keys, seq=seq, prev=self._prev,
+                    ts=ts, run_id=run_id, principal=principal, action=action, tool=tool,
+                    decision=decision, reason=reason, arg_keys=arg_keys, seq=seq, prev=self._prev,
                 )
                 digest = hashlib.sha256(text).hexdigest()
                 # The fixed suffix verify() expects: the hash of every byte before it.
@@ -508,14 +517,14 @@ class AuditLog:
                 self._seq = seq
                 self._prev = digest
                 if self.anchors:
-                    self._pending = (digest, seq, rec.ts, self._size)
+                    self._pending = (digest, seq, ts, self._size)
                     now = time.monotonic()
                     if self.fsync or now >= self._anchor_due:
                         self._anchor_due = now + ANCHOR_INTERVAL_S
                         self._flush_locked()
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-        return rec
+        return ts
 
     def flush(self) -> None:
         """Anchor the newest record now (the host calls this at the end of every request)."""

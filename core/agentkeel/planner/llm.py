@@ -119,6 +119,9 @@ Steps are numbered {n}, {n + 1}, {n + 2}... in order. Optional fields of a step:
 - "expect": a JSON Schema the step's result must satisfy.
 - "optional": true: the request can be answered without this step; if its tool
   is unavailable the run goes on without it (and the answer says what is missing).
+- "depends_on": [N, ...]: EARLIER steps this one must wait for although it reads
+  none of their results. Steps that depend on nothing unfinished run at the same
+  time, so plan independent lookups as separate steps without references.
 Optional fields of the plan:
 - "observe": true: you need to see the results of these steps before you can
   decide what to do next. Once they have run you are asked again, shown their

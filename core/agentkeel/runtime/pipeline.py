@@ -140,7 +140,7 @@ class Stores:
         """Append a permission decision. One is made before every tool call attempt
         (``action="tool_call"``, with the argument names), so the log holds every
         call made and every call refused; what a call returned is in the journal."""
-        self.audit.record(
+        self.audit.append(
             run_id=run.run_id,
             principal=run.principal.name,
             action="tool_call" if args is not None else "authorize",
