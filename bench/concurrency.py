@@ -16,7 +16,11 @@ request, as by default. Every request is from the user ``bench`` in the
 default session, each with its own message.
 
     python bench/concurrency.py [--requests 1000,10000] [--journal memory,sqlite]
-                                [--steps 5] [--planner-ms 10]
+                                [--steps 5] [--planner-ms 10] [--max-parallel N]
+
+The 5 steps are independent, so by default they run at the same time; each step in
+flight holds its own coroutine stack, which shows in the peak memory per request
+(``--max-parallel 1`` runs them one at a time).
 
 Prints, per N and journal backend (``memory``: the in-memory journal;
 ``sqlite``: the durable SQLite journal, WAL, synchronous=NORMAL):
@@ -138,11 +142,16 @@ class Footprint:
 
 
 def build(journal: str, steps: int, planner_ms: float) -> AgentSystem:
-    """A system with the no-op tool and the sleeping planner on ``journal``."""
-    return make_system(
-        NoopTools(), SleepingPlanner(steps, planner_ms / 1000), principals={"bench": ["bench"]},
-        config={"journal": {"backend": journal}, "planner": {"max_steps": max(steps, DEFAULT_MAX_STEPS)}},
-    )
+    """A system with the no-op tool and the sleeping planner on ``journal`` (and ``[executor]
+    max_parallel`` from ``$BENCH_MAX_PARALLEL``, which ``--max-parallel`` sets for the children)."""
+    config: dict[str, Any] = {"journal": {"backend": journal}, "planner": {"max_steps": max(steps, DEFAULT_MAX_STEPS)}}
+    if os.environ.get(MAX_PARALLEL_ENV):
+        config["executor"] = {"max_parallel": int(os.environ[MAX_PARALLEL_ENV])}
+    return make_system(NoopTools(), SleepingPlanner(steps, planner_ms / 1000), principals={"bench": ["bench"]},
+                       config=config)
+
+
+MAX_PARALLEL_ENV = "BENCH_MAX_PARALLEL"
 
 
 async def batch(system: AgentSystem, n: int, steps: int) -> None:
@@ -228,13 +237,18 @@ def main() -> None:
     parser.add_argument("--journal", default="memory,sqlite", help="journal backends (comma-separated)")
     parser.add_argument("--steps", type=int, default=5, help="no-op steps per run")
     parser.add_argument("--planner-ms", type=float, default=10.0, help="the planner's latency (ms)")
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="[executor] max_parallel (default: the configuration's default)")
     args = parser.parse_args()
+    if args.max_parallel is not None:
+        os.environ[MAX_PARALLEL_ENV] = str(args.max_parallel)  # the spawned children read it
     ns = [int(n) for n in args.requests.split(",")]
     journals = args.journal.split(",")
     if not set(journals) <= set(JOURNALS):
         parser.error(f"--journal: choose from {', '.join(JOURNALS)}")
     print(f"python {sys.version.split()[0]}, {args.steps} steps per run, planner latency {args.planner_ms:g} ms, "
-          f"warm-up batch of {WARMUP} requests before each measured batch")
+          f"warm-up batch of {WARMUP} requests before each measured batch"
+          + (f", [executor] max_parallel = {args.max_parallel}" if args.max_parallel is not None else ""))
     print(f"{'journal':>8} {'N':>8} {'wall (s)':>9} {'- floor':>10} {'CPU (s)':>8} {'CPU/req (us)':>12} "
           f"{'peak/req KiB':>12} {'kept/req KiB':>12} {'RSS+/req KiB':>13}")
     for journal in journals:
