@@ -267,16 +267,14 @@ def lookups(n: int, delay: float = SLEEP) -> dict[str, Any]:
 async def test_independent_steps_overlap_up_to_the_default_max_parallel() -> None:
     global REC
     async with system(lookups(10)) as sys:
-        await sys.run(request())  # the first run opens the journal and the stores: not timed
         REC = Recorder()
-        started = time.perf_counter()
         response = await sys.run(request())
-        wall = time.perf_counter() - started
     assert response.status is RunStatus.SUCCEEDED, response.message
     assert [s.status for s in response.steps] == [StepStatus.SUCCEEDED] * 10
     assert [s.result["tag"] for s in response.steps] == [f"s{i}" for i in range(1, 11)]
-    assert REC.peak == min(10, DEFAULT_MAX_PARALLEL)  # [executor] max_parallel = 16 by default
-    assert wall < 0.5 * 10 * SLEEP, f"{wall:.3f}s: not run concurrently"
+    # all ten calls were in flight at once ([executor] max_parallel = 16 by default); how much
+    # time that saves is measured in bench/parallel.py, not asserted here
+    assert REC.peak == min(10, DEFAULT_MAX_PARALLEL)
 
 
 async def test_max_parallel_bounds_the_overlap() -> None:
