@@ -48,7 +48,7 @@ class HeldLease:
         except (FencedError, StoreError):
             if exc is None:
                 raise
-            # an error is already on its way out; the deferred outcomes are retry-safe re-runs
+            # an error is already on its way out; the held-back records are of retry-safe steps
         try:
             self.journal.release(self.lease)
         except FencedError:
@@ -117,12 +117,12 @@ class HeldLease:
             self.journal.outcome(self.lease, record)
 
     def flush(self) -> None:
-        """Commit the deferred outcomes now."""
+        """Commit the held-back records now."""
         if self._deferred:
             self._write(list(self._deferred))
 
     def _write(self, records: list[StepRecord]) -> None:
-        """``records``: the deferred outcomes, maybe one more record after them; one transaction."""
+        """``records``: the held-back records, maybe one more after them; one transaction."""
         deferred = len(self._deferred)
         self.journal.write_steps(self.lease, records)
         del self._deferred[:deferred]  # only once committed: a failed write keeps them for the next
