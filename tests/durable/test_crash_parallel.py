@@ -311,18 +311,24 @@ def test_invariants_catch_a_rollback_out_of_completion_order(tmp_path: Path) -> 
 # --- a resume that stops at a failure journaled beside steps still in flight ---------------------------
 
 
+def crash_beside_a_bounce(tmp_path: Path, kinds: tuple[str, ...], run_id: str) -> tuple[Paths, Any, Any]:
+    """One wave (order_effects = false) killed once the bounce (step 2) has journaled its failure
+    while the other steps are past their effect; then one resume. The paths, the resume, the state."""
+    paths = Paths.under(tmp_path / "harness")
+    paths.write_plan(kinds)
+    paths.write_options({"order_effects": False}, wave_wait="after")
+    assert run_child(paths, "run", run_id, "p0", "finished:2").killed
+    resumed = run_child(paths, "resume", run_id, "p1")
+    assert resumed.returncode == 0, resumed.out
+    return paths, resumed, load_state(paths, run_id)
+
+
 def test_a_refund_in_flight_beside_a_journaled_bounce_is_rolled_back(tmp_path: Path) -> None:
     """One wave (order_effects = false): the bounce (step 2) fails and its outcome is journaled while
     the refund (step 3) has made its refund but not journaled it; then the process dies. The resume
     sees the journaled failure and starts nothing; step 3, started and never finished, is reported
     running, and the rollback undoes its refund by the idempotency key (it was once left "skipped")."""
-    paths = Paths.under(tmp_path / "harness")
-    paths.write_plan(("lookup", "bounce", "refund"))
-    paths.write_options({"order_effects": False}, wave_wait="after")
-    assert run_child(paths, "run", "bug-run", "p0", "finished:2").killed
-    resumed = run_child(paths, "resume", "bug-run", "p1")
-    assert resumed.returncode == 0, resumed.out
-    state = load_state(paths, "bug-run")
+    paths, resumed, state = crash_beside_a_bounce(tmp_path, ("lookup", "bounce", "refund"), "bug-run")
     refunds, _ = read_shop(paths)
     assert [r["status"] for r in refunds if r["idempotency_key"] == "bug-run:3"] == ["cancelled"], refunds
     assert state.run.status == "failed", state.run.detail
@@ -332,13 +338,7 @@ def test_a_refund_in_flight_beside_a_journaled_bounce_is_rolled_back(tmp_path: P
 def test_an_email_in_flight_beside_a_journaled_bounce_leaves_the_run_in_doubt(tmp_path: Path) -> None:
     """The same with an email (never twice) in flight: its effect is unknown, so the resume stops the
     run ``in_doubt`` naming it, and compensates nothing until a human has said what happened."""
-    paths = Paths.under(tmp_path / "harness")
-    paths.write_plan(("refund", "bounce", "email"))
-    paths.write_options({"order_effects": False}, wave_wait="after")
-    assert run_child(paths, "run", "doubt-run", "p0", "finished:2").killed
-    resumed = run_child(paths, "resume", "doubt-run", "p1")
-    assert resumed.returncode == 0, resumed.out
-    state = load_state(paths, "doubt-run")
+    paths, _, state = crash_beside_a_bounce(tmp_path, ("refund", "bounce", "email"), "doubt-run")
     assert state.run.status == "in_doubt", state.run.detail
     assert "step 3 (h_email)" in state.run.detail
     refunds, emails = read_shop(paths)
