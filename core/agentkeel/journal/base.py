@@ -531,7 +531,10 @@ def decode(text: str | None) -> Any:
 def check_records(records: Sequence[StepRecord]) -> None:
     """Check each of ``records`` as ``intent``/``outcome`` would (``write_steps``)."""
     for record in records:
-        check_record(record, record.phase if record.phase in PHASES else PHASES[0])
+        if isinstance(record, StepRecord) and record.phase not in PHASES:
+            raise JournalRecordError(f"step {record.step_id} ({record.kind}): phase must be one of {PHASES}, "
+                                     f"got {record.phase!r}")
+        check_record(record, record.phase if isinstance(record, StepRecord) else PHASES[0])
 
 
 def check_record(record: StepRecord, phase: str) -> None:
